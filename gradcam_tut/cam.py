@@ -1,0 +1,170 @@
+"""Grad-CAM for many layers from one forward and one backward pass; body layers by name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .hooks import HookForwardMany
+
+Layer = str | nn.Module
+Targets = int | Sequence[int] | Tensor | None
+
+# torchvision ResNet children up to the global pool; fastai's `create_body` keeps them unnamed
+RESNET_BODY = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+_RESNET_TYPES = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] + [nn.Sequential] * 4
+_HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
+
+
+def body_layers(learn_or_model) -> dict[str, nn.Module]:
+    """The body's children in order, by name: the layers whose Grad-CAM maps are worth a look.
+
+    For a fastai vision learner (`Sequential(body, head)`) on a resnet these are conv1, bn1,
+    relu, maxpool, layer1..layer4; other fastai bodies are named "0", "1", .... For a plain
+    model (a torchvision resnet) they are its named children before the global pool.
+    """
+    model = getattr(learn_or_model, "model", learn_or_model)
+    first = next(iter(model.children()), None)
+    if isinstance(model, nn.Sequential) and isinstance(first, nn.Sequential):  # fastai
+        mods = list(first.children())
+        names = (RESNET_BODY if [type(m) for m in mods] == _RESNET_TYPES
+                 else [str(i) for i in range(len(mods))])
+        return dict(zip(names, mods))
+    layers = {}
+    for name, m in model.named_children():
+        if isinstance(m, _HEAD_TYPES):
+            break
+        layers[name] = m
+    return layers
+
+
+def resolve_layers(model: nn.Module, layers: Layer | Sequence[Layer]) -> dict[str, nn.Module]:
+    """Turn modules and names into an ordered name -> module mapping.
+
+    A name is one of `body_layers(model)` ("layer4") or a dotted path in `model` ("0.7.2").
+    Raises:
+        ValueError: no layers, or a name that is neither (the message lists the body's names).
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    if len(layers) == 0:
+        raise ValueError("layers is empty: pass modules or names, e.g. list(body_layers(model))")
+    body = body_layers(model)
+    path_of = {id(m): path for path, m in model.named_modules()}
+    name_of = {id(m): name for name, m in body.items()}
+    out = {}
+    for layer in layers:
+        if isinstance(layer, nn.Module):
+            name = name_of.get(id(layer)) or path_of.get(id(layer)) or type(layer).__name__
+            out[name] = layer
+        elif layer in body:
+            out[layer] = body[layer]
+        else:
+            try:
+                out[layer] = model.get_submodule(layer)
+            except AttributeError as exc:
+                raise ValueError(f"no layer named {layer!r}: use one of {list(body)} "
+                                 "or a dotted path from model.named_modules()") from exc
+    return out
+
+
+def class_indices(targets: Targets, logits: Tensor) -> Tensor:
+    """One class index per image, shape (B,): the prediction when `targets` is None.
+
+    Raises:
+        ValueError: targets of the wrong length or out of range for the number of classes.
+    """
+    B, C = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1)
+    idx = torch.as_tensor(targets, device=logits.device).long()
+    if idx.ndim == 0:
+        idx = idx.expand(B)
+    if idx.shape != (B,):
+        raise ValueError(f"got {idx.numel()} targets for a batch of {B} images: "
+                         f"pass one int for all, or exactly {B}")
+    bad = idx[(idx < 0) | (idx >= C)]
+    if len(bad):
+        raise ValueError(f"target {bad[0].item()} is out of range: the model has {C} classes, "
+                         f"so a target is in 0..{C - 1}")
+    return idx
+
+
+@torch.enable_grad()  # also inside a user's `torch.no_grad()` block
+def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
+             targets: Targets = None) -> list[Tensor]:
+    """Grad-CAM maps for several layers from ONE forward and ONE backward pass.
+
+    For a layer with activations A (B, K, h, w) and class score y_c:
+        alpha_k = mean_{i,j} dy_c/dA_k[i,j]        map = ReLU(sum_k alpha_k * A_k)
+    Equal to captum's `LayerGradCam(model, layer).attribute(x, targets, relu_attributions=True)`.
+    The model runs in eval mode, its mode is restored afterwards, every hook is removed (also
+    when the forward raises) and parameters' `.grad` is left untouched.
+
+    Args:
+        model: a classifier returning logits (B, C); fastai's `learn.model`.
+        x: a batch (B, 3, H, W) on the model's device.
+        layers: modules of `model`, or names from `body_layers(model)` or dotted paths.
+        targets: None for each image's predicted class, one int for every image, or B ints.
+
+    Returns:
+        One float32 map per layer, (B, h_l, w_l), on x's device; not normalised or upsampled.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be a batch (B, C, H, W), got shape {tuple(x.shape)}: "
+                         "add the batch dimension with x[None]")
+    named = resolve_layers(model, layers)
+    was_training = model.training
+    try:
+        with HookForwardMany(list(named.values())) as hook:
+            logits = model.eval()(x)
+    finally:
+        model.train(was_training)
+    for name, act in zip(named, hook.stored):
+        if act is None:
+            raise ValueError(f"layer {name!r} did not run in the forward pass: "
+                             "pick a layer of this model, e.g. from body_layers(model)")
+    if logits.ndim != 2:
+        raise ValueError(f"model returned shape {tuple(logits.shape)}; expected logits (B, C)")
+    idx = class_indices(targets, logits)
+    score = logits.float().gather(1, idx[:, None]).sum()  # images are independent: sum is fine
+    grads = torch.autograd.grad(score, hook.stored)  # no parameter .grad is touched
+    maps = []
+    for act, grad in zip(hook.stored, grads):
+        act, grad = act.detach().float(), grad.float()  # float32 also under autocast
+        alpha = grad.mean(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
+        maps.append(F.relu((alpha * act).sum(dim=1)))  # (B, h, w)
+    return maps
+
+
+def upsample(maps: Tensor | Sequence[Tensor], size: int | tuple[int, int],
+             mode: str = "bilinear") -> Tensor:
+    """Resize maps to `size` (H, W) with `F.interpolate`.
+
+    Args:
+        maps: one map batch (B, h, w), or a sequence of L of them, one per layer.
+    Returns:
+        (B, H, W) for one map batch, (B, L, H, W) for a sequence.
+    """
+    def resize(m: Tensor) -> Tensor:
+        corners = False if mode in ("bilinear", "bicubic") else None
+        return F.interpolate(m[:, None], size=size, mode=mode, align_corners=corners)[:, 0]
+
+    if isinstance(maps, Tensor):
+        return resize(maps)
+    return torch.stack([resize(m) for m in maps], dim=1)
+
+
+def normalize_maps(maps: Tensor, shared_scale: bool = False, eps: float = 1e-12) -> Tensor:
+    """Scale maps into [0, 1] by dividing by their max, so 0 still means "no evidence".
+
+    Args:
+        maps: (..., H, W); (B, L, H, W) from `upsample` for L layers.
+        shared_scale: one max per image across the layers (dim -3) instead of one per map.
+    All-zero maps stay zero (no NaN).
+    """
+    dims = (-3, -2, -1) if shared_scale else (-2, -1)
+    return maps / maps.amax(dim=dims, keepdim=True).clamp_min(eps)

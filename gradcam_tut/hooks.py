@@ -1,0 +1,122 @@
+"""Forward and backward hooks that store what a module saw; torch only, so the file can be pasted.
+
+    with HookBwd(body.layer4) as hookg, HookForward(body.layer4) as hook:
+        output = model.eval()(x)
+        act = hook.stored                      # (B, K, h, w)
+    output[0, cls].backward()
+    grad = hookg.stored                        # (B, K, h, w)
+
+Both remove their hooks on exit, also when the block raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class HookForward:
+    """Keep a detached clone of `module`'s output from its latest forward.
+
+    `.stored` is `None` until the module runs, then a tensor shaped like the output,
+    (B, K, h, w) for a conv layer. The clone keeps the value an in-place op that follows
+    (resnet's `ReLU(inplace=True)` after `bn1`) would otherwise overwrite.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.stored: Tensor | None = None
+        self.handle = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self.stored = output.detach().clone()
+
+    def remove(self) -> None:
+        """Remove the hook; safe to call twice."""
+        self.handle.remove()
+
+    def __enter__(self) -> HookForward:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+class HookBwd:
+    """Keep the gradient with respect to `module`'s output from the latest backward.
+
+    `.stored` is `None` until a backward pass reaches the module's output, then a detached
+    tensor shaped like that output, (B, K, h, w) for a conv layer.
+
+    A forward hook registers a tensor hook on the output. Not `register_backward_hook`
+    (deprecated, wrong for modules of several ops) and not `register_full_backward_hook`,
+    which raises when an in-place op such as resnet's ReLU follows (pytorch#61519).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.stored: Tensor | None = None
+        self.handle = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if not output.requires_grad:  # frozen body and an input without grad
+            output.requires_grad_()
+        output.register_hook(self.store)
+        # The rest of the network gets a clone: an in-place op that follows changes the clone,
+        # and the gradient stored is the one for the value this module returned (as in captum).
+        return output.clone()
+
+    def store(self, grad: Tensor) -> None:
+        self.stored = grad.detach()
+
+    def remove(self) -> None:
+        """Remove the hook; safe to call twice."""
+        self.handle.remove()
+
+    def __enter__(self) -> HookBwd:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+class HookForwardMany:
+    """Keep the output of each of `modules` from one forward, indexed like `modules`.
+
+    `.stored[i]` is `None` until `modules[i]` runs, then its output, still attached to the
+    graph (made to require grad if it did not), so `torch.autograd.grad(score, hook.stored)`
+    gives the gradient for every layer in one backward. The network goes on with a clone of
+    each output, so an in-place op that follows leaves the stored tensor intact.
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.stored: list[Tensor | None] = [None] * len(modules)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, idx: int):
+        def hook_fn(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; "
+                                "hook a module whose output is a single tensor")
+            if not output.requires_grad:  # frozen body and an input without grad
+                output.requires_grad_()
+            self.stored[idx] = output
+            return output.clone()
+        return hook_fn
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call twice."""
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self) -> HookForwardMany:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+def hooks_left(model: nn.Module) -> int:
+    """Count the forward, forward-pre and backward hooks still registered anywhere in `model`."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+

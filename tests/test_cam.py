@@ -1,0 +1,177 @@
+import numpy as np
+import pytest
+import torch
+from captum.attr import LayerGradCam
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from gradcam_tut import body_layers, grad_cam, normalize_maps, upsample
+from gradcam_tut.cam import RESNET_BODY
+from gradcam_tut.hooks import hooks_left
+
+TARGETS = [0, 5, 8]  # mixed targets across the batch
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34"])
+def test_equals_captum_at_every_body_layer(arch, batch, request):
+    model = request.getfixturevalue(arch)
+    layers = body_layers(model)
+    assert tuple(layers) == RESNET_BODY
+    maps = grad_cam(model, batch, list(layers.values()), TARGETS)
+    for (name, layer), m in zip(layers.items(), maps):
+        ref = LayerGradCam(model, layer).attribute(batch, TARGETS, relu_attributions=True)[:, 0]
+        assert m.dtype == torch.float32 and m.shape == ref.shape, name
+        assert ref.abs().max() > 0, name  # a real comparison, not zeros against zeros
+        torch.testing.assert_close(m, ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _minmax(m, dims=(-2, -1)):
+    m = m - m.amin(dims, keepdim=True)
+    return m / (1e-7 + m.amax(dims, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["conv1", "relu", "maxpool", "layer1", "layer3", "layer4"])
+def test_equals_pytorch_grad_cam(name, resnet18, batch):
+    """pytorch-grad-cam returns min-max scaled maps, resized to the input and scaled again.
+
+    Skipped layer: bn1. pytorch-grad-cam stores the activation without cloning it, so the
+    in-place ReLU after bn1 overwrites it and its bn1 map is really the map of ReLU(bn1).
+    """
+    layer = body_layers(resnet18)[name]
+    (m,) = grad_cam(resnet18, batch, [layer], TARGETS)
+    with GradCAM(model=resnet18, target_layers=[layer]) as cam:
+        ref = cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in TARGETS])
+    ours = _minmax(upsample(_minmax(m), batch.shape[-2:]))
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5)
+
+
+class Tiny(nn.Module):
+    """conv 1x1 (weights 1, -1) -> global average pool -> linear W: every value by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_hand_computed():
+    # A_0 = x, A_1 = -x; dy_c/dA_k = W[c, k] / 4 everywhere, so alpha_k = W[c, k] / 4 and
+    # map_c = ReLU((W[c, 0] - W[c, 1]) * x / 4): class 0 -> ReLU(-x / 4), class 1 -> ReLU(x)
+    x = torch.tensor([[1.0, 2.0], [3.0, -4.0]]).view(1, 1, 2, 2)
+    model = Tiny()
+    (m0,) = grad_cam(model, x, [model.conv], 0)
+    (m1,) = grad_cam(model, x, [model.conv], 1)
+    torch.testing.assert_close(m0, torch.tensor([[[0.0, 0.0], [0.0, 1.0]]]))
+    torch.testing.assert_close(m1, torch.tensor([[[1.0, 2.0], [3.0, 0.0]]]))
+    # default target is the prediction: logits are (W @ [mean x, -mean x]) = (-0.5, 2.0) -> 1
+    torch.testing.assert_close(grad_cam(model, x, "conv")[0], m1)
+
+
+def test_targets_int_sequence_and_none(resnet18, batch):
+    layer = "layer4"
+    with torch.no_grad():
+        pred = resnet18(batch).argmax(1)
+    torch.testing.assert_close(grad_cam(resnet18, batch, layer)[0],
+                               grad_cam(resnet18, batch, layer, pred.tolist())[0])
+    torch.testing.assert_close(grad_cam(resnet18, batch, layer, 4)[0],
+                               grad_cam(resnet18, batch, layer, [4, 4, 4])[0])
+
+
+def test_names_and_dotted_paths(resnet18, batch):
+    by_name = grad_cam(resnet18, batch, ["layer2", "layer4.1.conv2"], 3)
+    by_module = grad_cam(resnet18, batch, [resnet18.layer2, resnet18.layer4[1].conv2], 3)
+    for a, b in zip(by_name, by_module):
+        torch.testing.assert_close(a, b)
+
+
+def test_leaves_grads_mode_and_hooks_alone(resnet18, batch):
+    for p in resnet18.parameters():
+        p.grad = torch.ones_like(p)  # a user's accumulated gradients
+    resnet18.train()
+    try:
+        grad_cam(resnet18, batch, list(body_layers(resnet18)), TARGETS)
+        assert resnet18.training
+    finally:
+        resnet18.eval()
+    grad_cam(resnet18, batch, "layer4")
+    assert not resnet18.training
+    assert all((p.grad == 1).all() for p in resnet18.parameters())
+    resnet18.zero_grad(set_to_none=True)
+    assert hooks_left(resnet18) == 0
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_forward_raises_leaves_no_hooks_and_restores_mode(resnet18, batch):
+    model = nn.Sequential(resnet18, Boom()).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        grad_cam(model, batch, [resnet18.layer1, resnet18.layer4])
+    assert hooks_left(model) == 0
+    assert model.training and resnet18.training
+    resnet18.eval()
+
+
+def test_frozen_model_and_no_grad_context(resnet18, batch):
+    ref = grad_cam(resnet18, batch, ["bn1", "layer3"], TARGETS)
+    for p in resnet18.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            frozen = grad_cam(resnet18, batch, ["bn1", "layer3"], TARGETS)
+    finally:
+        for p in resnet18.parameters():
+            p.requires_grad_(True)
+    for a, b in zip(ref, frozen):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_maps_are_float32_and_close(resnet18, batch):
+    ref = grad_cam(resnet18, batch, ["layer3", "layer4"], TARGETS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = grad_cam(resnet18, batch, ["layer3", "layer4"], TARGETS)
+    for a, b in zip(ref, low):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cos > 0.95
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layers=[]), "layers is empty"),
+    (dict(layers="nope"), r"no layer named 'nope': use one of \['conv1'"),
+    (dict(layers=nn.Conv2d(3, 3, 1)), "did not run in the forward"),
+    (dict(layers="layer4", targets=9), "out of range: the model has 9 classes"),
+    (dict(layers="layer4", targets=-1), "out of range"),
+    (dict(layers="layer4", targets=[1, 2]), "got 2 targets for a batch of 3"),
+])
+def test_clear_errors(resnet18, batch, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        grad_cam(resnet18, batch, **kwargs)
+    assert hooks_left(resnet18) == 0
+
+
+def test_input_rank_error(resnet18, batch):
+    with pytest.raises(ValueError, match=r"add the batch dimension with x\[None\]"):
+        grad_cam(resnet18, batch[0], "layer4")
+
+
+def test_upsample_and_normalize():
+    maps = [torch.rand(2, 4, 4), torch.zeros(2, 2, 2)]
+    up = upsample(maps, (8, 8))
+    assert up.shape == (2, 2, 8, 8)
+    per_map = normalize_maps(up)
+    assert not per_map.isnan().any() and (per_map[:, 1] == 0).all()
+    torch.testing.assert_close(per_map[:, 0].amax(dim=(-2, -1)), torch.ones(2))
+    shared = normalize_maps(up * torch.tensor([1.0, 0.0]).view(1, 2, 1, 1) + 0.5 * up,
+                            shared_scale=True)
+    assert torch.allclose(shared.amax(dim=(-3, -2, -1)), torch.ones(2))
+    assert upsample(maps[0], (8, 8)).shape == (2, 8, 8)

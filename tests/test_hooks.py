@@ -1,0 +1,92 @@
+import shutil
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from gradcam_tut import HookBwd, HookForward, body_layers, grad_cam
+from gradcam_tut.hooks import hooks_left
+
+
+def article_map(body, layer, model, x, cls):
+    """The source article's usage, unchanged but for the class names."""
+    with HookBwd(body[layer]) as hookg:
+        with HookForward(body[layer]) as hook:
+            output = model.eval()(x)
+            act = hook.stored
+        output[0, cls].backward()
+        grad = hookg.stored
+    w = grad[0].mean(dim=[1, 2], keepdim=True)
+    return (w * act[0]).sum(0).relu()
+
+
+def test_article_usage_matches_grad_cam(resnet18, batch):
+    body = body_layers(resnet18)
+    x = batch[:1]
+    for layer in body:  # bn1 and relu included: an in-place ReLU follows bn1
+        resnet18.zero_grad(set_to_none=True)
+        expected = grad_cam(resnet18, x, layer, 7)[0][0]
+        torch.testing.assert_close(article_map(body, layer, resnet18, x, 7), expected,
+                                   rtol=1e-5, atol=1e-6, msg=layer)
+    resnet18.zero_grad(set_to_none=True)
+    assert hooks_left(resnet18) == 0
+
+
+def test_frozen_body_input_without_grad(resnet18, batch):
+    x = batch[:1]
+    expected = grad_cam(resnet18, x, "bn1", 2)[0][0]
+    for p in resnet18.parameters():
+        p.requires_grad_(False)
+    try:
+        got = article_map(body_layers(resnet18), "bn1", resnet18, x, 2)
+    finally:
+        for p in resnet18.parameters():
+            p.requires_grad_(True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_values_survive_inplace_relu():
+    bn = nn.BatchNorm2d(2).eval()
+    model = nn.Sequential(bn, nn.ReLU(inplace=True))
+    x = torch.tensor([-1.0, 2.0]).view(1, 2, 1, 1)
+    with HookBwd(bn) as hookg, HookForward(bn) as hook:
+        assert hook.stored is None and hookg.stored is None
+        out = model(x)
+        out.sum().backward()
+    # the stored activation is bn's output, before the ReLU overwrote it in place
+    torch.testing.assert_close(hook.stored.flatten(), torch.tensor([-1.0, 2.0]), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(hookg.stored.flatten(), torch.tensor([0.0, 1.0]))
+
+
+def test_hooks_removed_when_block_raises(resnet18):
+    try:
+        with HookBwd(resnet18.layer1), HookForward(resnet18.layer1):
+            raise KeyError("inside the block")
+    except KeyError:
+        pass
+    assert hooks_left(resnet18) == 0
+    h = HookForward(resnet18.layer1)
+    h.remove()
+    h.remove()  # twice is fine
+    assert hooks_left(resnet18) == 0
+
+
+def test_hooks_file_is_standalone(tmp_path):
+    import gradcam_tut.hooks as hooks
+
+    shutil.copy(hooks.__file__, tmp_path / "hooks.py")
+    code = (
+        "import sys, torch\n"
+        "from hooks import HookBwd, HookForward\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True))\n"
+        "with HookBwd(m[0]) as g, HookForward(m[0]) as f:\n"
+        "    m(torch.randn(1, 3, 8, 8)).sum().backward()\n"
+        "assert f.stored.shape == g.stored.shape == (1, 4, 6, 6)\n"
+        "assert not [k for k in sys.modules if k.startswith(('gradcam_tut', 'fastai'))]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "ok"
