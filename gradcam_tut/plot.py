@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
 from fastcore.basics import patch
 from matplotlib.axes import Axes
@@ -110,8 +111,8 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     xb = dl.one_batch()[0].to(next(learn.model.parameters()).device)
     vocab = learn.dls.vocab
     with torch.no_grad():
-        probs = learn.model.eval()(xb).float().softmax(dim=1)[0]
-    pred = int(probs.argmax())
+        probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
+    pred = int(np.argmax(probs))
     cls = pred if target is None else class_index(vocab, target)
     named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
     maps = grad_cam(learn.model, xb, list(named.values()), cls)
@@ -125,3 +126,36 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
 def gradcam(self: Learner, img, layers=None, target=None, **kwargs) -> Figure:
     """`gradcam_grid(learn, img, ...)` as a method: `learn.gradcam(img, target="Trout")`."""
     return gradcam_grid(self, img, layers=layers, target=target, **kwargs)
+
+
+@patch
+def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
+                            layer: Layer = "layer4", save: str | Path | None = None) -> Figure:
+    """The k validation images with the highest loss: the image, then the Grad-CAM maps of the
+    predicted and of the true class on one colour scale (one pass per image for both).
+
+    Where the two maps differ is where the network found evidence for the wrong class.
+    """
+    learn, vocab = self.learn, self.vocab
+    device = next(learn.model.parameters()).device
+    losses, idxs = self.top_losses(k)
+    fig = Figure(figsize=(7.8, 2.3 * len(idxs)), layout="constrained")
+    for row, loss, i in zip(fig.subplots(len(idxs), 3, squeeze=False), losses, idxs):
+        item, true = self.dl.items[int(i)], int(self.dl.dataset[int(i)][1])
+        dl = learn.dls.test_dl([item])
+        xb = dl.one_batch()[0].to(device)
+        with torch.no_grad():
+            probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
+        pred = int(np.argmax(probs))
+        (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
+        heat = normalize_maps(upsample(maps.cpu(), xb.shape[-2:]), shared_scale=True)
+        image = dl.decode((xb.cpu(),))[0][0]
+        row[0].imshow(image_hwc(image))
+        row[0].set_axis_off()
+        row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)
+        for ax, m, c, what in zip(row[1:], heat, (pred, true), ("pred", "true")):
+            overlay(ax, image, m)
+            ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f})", fontsize=9)
+    if save is not None:
+        fig.savefig(save, dpi=110)
+    return fig

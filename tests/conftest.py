@@ -19,3 +19,31 @@ def resnet34():
 def batch():
     torch.manual_seed(2)
     return torch.randn(3, 3, 64, 64)
+
+
+@pytest.fixture(scope="session")
+def mini_dest(tmp_path_factory):
+    """A small mini fish set (6 per class, 64x48), made once per test session."""
+    from gradcam_tut.mini_fish import MiniFishSpec, make_mini_fish
+
+    dest = tmp_path_factory.mktemp("mini") / "mini_fish"
+    make_mini_fish(dest, MiniFishSpec(per_class=6, width=64, height=48), progress=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def mini_root(mini_dest):
+    return mini_dest / "Fish_Dataset" / "Fish_Dataset"
+
+
+@pytest.fixture(scope="session")
+def tiny_learner(mini_root, tmp_path_factory):
+    """A resnet18 trained one epoch on the mini set at 32 px, exported and loaded back."""
+    from torchvision.models import resnet18
+
+    from gradcam_tut.train import load_fish_learner, train_fish
+
+    model_file = tmp_path_factory.mktemp("model") / "fish.pkl"
+    train_fish(mini_root, arch=resnet18, epochs=1, size=32, bs=8, pretrained=False,
+               export_to=model_file, num_workers=0)
+    return load_fish_learner(model_file)

@@ -1,0 +1,93 @@
+"""Per-layer Grad-CAM for all 8 resnet34 body layers: one pass against one pass per layer.
+
+    python benchmarks/bench_gradcam.py [--batch 8] [--size 224] [--repeats 3]
+
+Prints the median seconds of each way, measured side by side in this run, and their ratios:
+(a) one forward + backward, (b) the source article's loop (hooks on one layer, one forward and
+backward per layer), (c) pytorch-grad-cam's GradCAM once per layer, (d) `grad_cam` over all
+layers in one pass.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from gradcam_tut import HookBwd, HookForward, body_layers, grad_cam
+
+
+def one_pass(model, x, cls):
+    out = model(x)
+    out[torch.arange(len(x)), cls].sum().backward()
+
+
+def article_loop(model, x, cls):
+    maps = []
+    for layer in body_layers(model).values():
+        with HookBwd(layer) as hookg:
+            with HookForward(layer) as hook:
+                output = model(x)
+                act = hook.stored
+            output[torch.arange(len(x)), cls].sum().backward()
+            grad = hookg.stored
+        w = grad.mean(dim=(2, 3), keepdim=True)
+        maps.append((w * act).sum(1).relu())
+    return maps
+
+
+def pytorch_grad_cam_per_layer(model, x, cls):
+    targets = [ClassifierOutputTarget(int(c)) for c in cls]
+    for layer in body_layers(model).values():
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            cam(input_tensor=x, targets=targets)
+
+
+def single_pass(model, x, cls):
+    return grad_cam(model, x, list(body_layers(model).values()), cls)
+
+
+def median_seconds(fn, repeats, *args):
+    fn(*args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet34(num_classes=9).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    cls = torch.arange(args.batch) % 9
+    ways = {
+        "(a) one forward + backward": one_pass,
+        "(b) article loop, 8 passes": article_loop,
+        "(c) pytorch-grad-cam x 8 layers": pytorch_grad_cam_per_layer,
+        "(d) grad_cam, 8 layers, 1 pass": single_pass,
+    }
+    print(f"resnet34, batch {args.batch} x 3x{args.size}x{args.size}, {torch.get_num_threads()}"
+          f" threads, torch {torch.__version__}, median of {args.repeats}")
+    secs = {}
+    for name, fn in ways.items():
+        secs[name[:3]] = s = median_seconds(fn, args.repeats, model, x, cls)
+        model.zero_grad(set_to_none=True)
+        print(f"{name:34s} {s:8.3f} s")
+    a, b, c, d = (secs[k] for k in ("(a)", "(b)", "(c)", "(d)"))
+    print(f"(d)/(a) = {d / a:.2f}x  (target <= 1.0)")
+    print(f"(b)/(d) = {b / d:.2f}x  (target >= 8)")
+    print(f"(c)/(d) = {c / d:.2f}x  (target >= 8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The `gradcam-tut` command: run the notebooks, make the mini fish set, draw a grid."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .data import DATA_DIR
+from .settings import RUNS_DIR, SMOKE_ENV
+
+NOTEBOOKS = DATA_DIR.parent / "notebooks"
+
+
+def run_notebooks(out: Path = RUNS_DIR, smoke: bool | None = None,
+                  parameters: dict | None = None) -> list[Path]:
+    """Execute every notebook top to bottom with papermill into `out/notebooks/`.
+
+    Figures land in `out/figures/`. Returns the executed notebooks' paths.
+    Raises papermill's PapermillExecutionError, naming the failing cell, if one fails.
+    """
+    import papermill as pm
+
+    if smoke is not None:
+        os.environ[SMOKE_ENV] = "1" if smoke else "0"
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    params = {"out_dir": str(out.resolve()), **(parameters or {})}
+    done = []
+    for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
+        print(f"running {nb.name}", flush=True)
+        target = out / "notebooks" / nb.name
+        pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS, progress_bar=False)
+        done.append(target)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gradcam-tut", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run every notebook; figures go to OUT/figures")
+    run.add_argument("--out", type=Path, default=RUNS_DIR)
+    run.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
+                     help="force smoke (or full) mode; default: decide from GPU, data, weights")
+    mini = sub.add_parser("mini-fish", help="write the synthetic mini fish set")
+    mini.add_argument("dest", type=Path)
+    mini.add_argument("--full", action="store_true", help="1000 per class at 590x445")
+    grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
+    grid.add_argument("model", type=Path, help="a learner exported by learn.export")
+    grid.add_argument("image", type=Path)
+    grid.add_argument("--target", help="class name; default the predicted class")
+    grid.add_argument("--out", type=Path, default=Path("gradcam_grid.png"))
+    args = p.parse_args(argv)
+
+    if args.cmd == "run":
+        run_notebooks(args.out, args.smoke)
+        figures = sorted((args.out / "figures").glob("*.png"))
+        print(f"{len(figures)} figures in {args.out / 'figures'}:")
+        print("\n".join(f"  {f.name}" for f in figures))
+    elif args.cmd == "mini-fish":
+        from .mini_fish import FULL, MiniFishSpec, make_mini_fish
+
+        print(make_mini_fish(args.dest, FULL if args.full else MiniFishSpec()))
+    else:
+        from .plot import gradcam_grid
+        from .train import load_fish_learner
+
+        gradcam_grid(load_fish_learner(args.model), args.image, target=args.target,
+                     save=args.out)
+        print(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Mini fish: a deterministic synthetic stand-in for the Kaggle Fish Dataset, with masks.
+
+Each image shows one fish of one of the 9 classes (the real names) on a cluttered background.
+The classes differ only in the fish: body shape, colour and pattern. Clutter, position, size,
+rotation and flip are drawn the same way for every class, so they carry no class information
+and a model that learns the task must look at the fish. The GT mask is the fish's silhouette.
+
+    python -m gradcam_tut.mini_fish data/mini_fish            # small, for a CPU
+    python -m gradcam_tut.mini_fish data/mini_fish_full --full  # 1000 per class at 590x445
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from fastcore.parallel import parallel
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from .data import CLASSES, mask_file
+
+MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
+
+
+@dataclass(frozen=True)
+class FishLook:
+    """What tells a class apart: body colour, length/height, pattern and its colour."""
+
+    color: tuple[int, int, int]
+    aspect: float
+    pattern: str  # plain, back, line, band, spots, stripes, shrimp
+    accent: tuple[int, int, int] = (0, 0, 0)
+
+
+LOOKS = {
+    "Black Sea Sprat": FishLook((175, 190, 205), 4.6, "back", (50, 75, 125)),
+    "Gilt-Head Bream": FishLook((185, 185, 175), 2.1, "band", (225, 185, 40)),
+    "Hourse Mackerel": FishLook((115, 160, 170), 3.6, "line", (35, 45, 55)),
+    "Red Mullet": FishLook((230, 120, 110), 3.0, "plain"),
+    "Red Sea Bream": FishLook((235, 145, 155), 2.2, "spots", (80, 150, 235)),
+    "Sea Bass": FishLook((150, 150, 150), 3.2, "back", (60, 60, 70)),
+    "Shrimp": FishLook((245, 150, 95), 0.0, "shrimp", (200, 90, 60)),
+    "Striped Red Mullet": FishLook((215, 105, 85), 3.0, "stripes", (245, 215, 60)),
+    "Trout": FishLook((140, 130, 80), 3.4, "spots", (45, 35, 25)),
+}
+
+
+@dataclass(frozen=True)
+class MiniFishSpec:
+    """What the generator is asked for; stored in the marker file."""
+
+    per_class: int = 40
+    width: int = 128
+    height: int = 96
+    seed: int = 42
+
+
+FULL = MiniFishSpec(per_class=1000, width=590, height=445)
+
+
+def _jitter(rng, color, amount=18):
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
+
+
+def _background(rng, w, h) -> Image.Image:
+    """Sky-to-sand gradient, random clutter shapes and noise, the same for every class."""
+    top, bottom = rng.integers(40, 220, 3), rng.integers(40, 220, 3)
+    t = np.linspace(0, 1, h)[:, None, None]
+    arr = np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).copy()
+    img = Image.fromarray(arr.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(4, 10)):
+        x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
+        x1, y1 = x0 + rng.uniform(0.05, 0.4) * w, y0 + rng.uniform(0.05, 0.4) * h
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.line((x0, y0, x1, y1), fill=fill, width=max(1, int(rng.uniform(0.005, 0.03) * w)))
+    noise = rng.normal(0, 10, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+
+
+def _draw_fish(rng, look: FishLook, length: int) -> tuple[Image.Image, Image.Image]:
+    """The fish facing left on a square canvas: (RGB image, L mask with 255 on the fish)."""
+    s = int(length * 1.3)
+    rgb, mask = Image.new("RGB", (s, s)), Image.new("L", (s, s))
+    color, accent = _jitter(rng, look.color), _jitter(rng, look.accent)
+    c = s / 2
+    if look.pattern == "shrimp":  # a curled chain of shrinking segments with antennae
+        draw, dmask = ImageDraw.Draw(rgb), ImageDraw.Draw(mask)
+        r0 = length * 0.14
+        for k in range(8):
+            a = np.pi * (0.15 + 0.11 * k)
+            x, y = c + length * 0.32 * np.cos(a), c - length * 0.05 + length * 0.32 * np.sin(a)
+            r = r0 * (1 - 0.08 * k)
+            box = (x - r, y - r, x + r, y + r)
+            draw.ellipse(box, fill=color if k % 2 else accent)
+            dmask.ellipse(box, fill=255)
+        for dy in (-0.06, 0.0):
+            line = (c + length * 0.3, c + length * dy, c + length * 0.62, c - length * 0.25)
+            draw.line(line, fill=accent, width=max(1, length // 40))
+            dmask.line(line, fill=255, width=max(1, length // 40))
+        return rgb, mask
+    body_h = length / look.aspect
+    body = (c - length / 2, c - body_h / 2, c + length * 0.3, c + body_h / 2)
+    tail = [(c + length * 0.22, c), (c + length / 2, c - body_h * 0.45),
+            (c + length / 2, c + body_h * 0.45)]
+    for d, fill in ((ImageDraw.Draw(rgb), color), (ImageDraw.Draw(mask), 255)):
+        d.ellipse(body, fill=fill)
+        d.polygon(tail, fill=fill)
+    pattern = Image.new("L", (s, s))  # where the accent colour goes, clipped to the body
+    p = ImageDraw.Draw(pattern)
+    x0, y0, x1, y1 = body
+    if look.pattern == "back":
+        p.rectangle((x0, y0, x1, c - body_h * 0.1), fill=255)
+    elif look.pattern == "line":
+        p.line((x0, c, x1, c), fill=255, width=max(1, int(body_h * 0.12)))
+    elif look.pattern == "band":
+        p.rectangle((x0 + length * 0.12, y0, x0 + length * 0.2, y1), fill=255)
+    elif look.pattern == "stripes":
+        for f in (-0.25, 0.0, 0.25):
+            p.line((x0, c + f * body_h, x1, c + f * body_h), fill=255,
+                   width=max(1, int(body_h * 0.08)))
+    elif look.pattern == "spots":
+        for _ in range(12):
+            x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+            r = body_h * 0.07
+            p.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    rgb.paste(Image.new("RGB", (s, s), accent), mask=ImageChops.multiply(pattern, mask))
+    eye = (x0 + length * 0.1, c - body_h * 0.15)
+    r = max(1.0, body_h * 0.07)
+    ImageDraw.Draw(rgb).ellipse((eye[0] - r, eye[1] - r, eye[0] + r, eye[1] + r), fill=(15,) * 3)
+    return rgb, mask
+
+
+def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image.Image]:
+    """Image `index` of class `cls`: (RGB image, L mask). Depends on (seed, class, index) only."""
+    rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index])
+    w, h = spec.width, spec.height
+    img = _background(rng, w, h)
+    length = int(rng.uniform(0.4, 0.7) * min(w, h * 1.3))
+    fish, mask = _draw_fish(rng, LOOKS[cls], length)
+    angle = rng.uniform(-35, 35)
+    fish, mask = fish.rotate(angle, Image.BILINEAR), mask.rotate(angle, Image.BILINEAR)
+    if rng.random() < 0.5:
+        fish, mask = fish.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+    mask = mask.point(lambda v: 255 if v > 127 else 0)
+    box = mask.getbbox()
+    fish, mask = fish.crop(box), mask.crop(box)
+    fw, fh = fish.size
+    x, y = int(rng.uniform(0, max(1, w - fw))), int(rng.uniform(0, max(1, h - fh)))
+    img.paste(fish, (x, y), mask.filter(ImageFilter.GaussianBlur(0.6)))
+    full_mask = Image.new("L", (w, h))
+    full_mask.paste(mask, (x, y))
+    return img, full_mask
+
+
+def image_file(root: Path, cls: str, index: int) -> Path:
+    """Where image `index` of `cls` lives: `<root>/<Class>/<Class>/00001.png` as in Kaggle."""
+    return root / cls / cls / f"{index + 1:05d}.png"
+
+
+def _write(item: tuple[str, int], root: Path, spec: MiniFishSpec) -> None:
+    cls, index = item
+    img, mask = render(cls, index, spec)
+    f = image_file(root, cls, index)
+    img.save(f)
+    mask.save(mask_file(f))
+
+
+def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
+                   n_workers: int = 0, progress: bool = True) -> Path:
+    """Write the mini fish set under `dest` and return its class root.
+
+    The layout is Kaggle's: `dest/Fish_Dataset/Fish_Dataset/<Class>/<Class>/*.png` and
+    `.../<Class>/<Class> GT/*.png`. `dest` must be empty, missing, or a folder this function
+    made before (its marker file says so); a complete set made with the same spec is reused.
+
+    Raises:
+        FileExistsError: `dest` holds anything else, or a mini set made with another spec.
+    """
+    dest = Path(dest)
+    root = dest / "Fish_Dataset" / "Fish_Dataset"
+    marker = dest / MARKER
+    wanted = {**asdict(spec), "complete": True}
+    if marker.exists():
+        made = json.loads(marker.read_text())
+        if made == wanted:
+            return root
+        if {**made, "complete": True} != wanted:
+            raise FileExistsError(f"{dest} holds a mini fish set made with {made}; pass another "
+                                  f"folder for {asdict(spec)}, or delete {dest} yourself")
+    elif dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty and was not made by make_mini_fish: "
+                              "pass a new or empty folder; nothing was written")
+    dest.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({**wanted, "complete": False}))
+    for cls in CLASSES:
+        (root / cls / cls).mkdir(parents=True, exist_ok=True)
+        (root / cls / f"{cls} GT").mkdir(exist_ok=True)
+    items = [(cls, i) for cls in CLASSES for i in range(spec.per_class)]
+    parallel(_write, items, root=root, spec=spec, n_workers=n_workers, progress=progress)
+    marker.write_text(json.dumps(wanted))
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write the synthetic mini fish set.")
+    p.add_argument("dest", type=Path)
+    p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
+    p.add_argument("--per-class", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=0)
+    args = p.parse_args(argv)
+    spec = FULL if args.full else MiniFishSpec()
+    spec = MiniFishSpec(args.per_class or spec.per_class, spec.width, spec.height, args.seed)
+    print(make_mini_fish(args.dest, spec, n_workers=args.workers))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Full or smoke settings for a notebook run, decided once and printed.
+
+Full: the real dataset, 224 px, pretrained resnet34, `to_fp16` on a CUDA GPU. Smoke: small
+images, few epochs, random weights, the mini fish set unless the real one is there; chosen by
+`smoke=True`, by `GRADCAM_TUT_SMOKE=1`, or automatically when there is no CUDA GPU, no dataset
+or no pretrained weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.request import urlopen
+
+import torch
+from torchvision.models import ResNet34_Weights
+
+from .data import DATA_DIR, find_fish_dataset, fish_dataloaders, is_mini_fish
+from .mini_fish import FULL, make_mini_fish
+from .train import load_fish_learner, train_fish
+
+SMOKE_ENV = "GRADCAM_TUT_SMOKE"
+RUNS_DIR = DATA_DIR.parent / "runs"
+
+
+def pretrained_weights_available(timeout: float = 3.0) -> bool:
+    """ImageNet resnet34 weights in torch's cache, or their URL answering within `timeout`."""
+    url = ResNet34_Weights.DEFAULT.url
+    if (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]).is_file():
+        return True
+    try:
+        with urlopen(url, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class RunSettings:
+    """What a notebook runs with; `out` holds the exported model and the figures."""
+
+    smoke: bool
+    reason: str
+    data: Path
+    size: int
+    bs: int
+    epochs: int
+    pretrained: bool
+    max_per_class: int | None = None
+    seed: int = 42
+    out: Path = field(default=RUNS_DIR)
+
+    @property
+    def model_file(self) -> Path:
+        return self.out / "models" / "fish_resnet34.pkl"
+
+    def figure(self, name: str) -> Path:
+        """Path of a PNG under `out/figures/` (folder made)."""
+        (self.out / "figures").mkdir(parents=True, exist_ok=True)
+        return self.out / "figures" / name
+
+    def dataloaders(self, **kwargs):
+        """`fish_dataloaders` with these settings (the same split as training)."""
+        kwargs = {"size": self.size, "bs": self.bs, "seed": self.seed,
+                  "max_per_class": self.max_per_class, **kwargs}
+        return fish_dataloaders(self.data, **kwargs)
+
+    def train(self, **kwargs):
+        """`train_fish` with these settings, exported to `model_file`."""
+        return train_fish(self.data, epochs=self.epochs, size=self.size, bs=self.bs,
+                          pretrained=self.pretrained, seed=self.seed,
+                          max_per_class=self.max_per_class, export_to=self.model_file, **kwargs)
+
+    def learner(self):
+        """The learner notebook 01 exported, with its data; trained now if there is none."""
+        if not self.model_file.is_file():
+            print(f"no exported model at {self.model_file}: training one first")
+            self.train()
+        return load_fish_learner(self.model_file, self.dataloaders())
+
+
+def run_settings(smoke: bool | None = None, data: str | Path | None = None,
+                 out: str | Path | None = None, **overrides) -> RunSettings:
+    """Decide full or smoke settings, print which and why, and return them.
+
+    Args:
+        smoke: force a mode; None reads `GRADCAM_TUT_SMOKE`, then decides automatically.
+        data: the dataset folder; None searches as `find_fish_dataset` does.
+        out: where models and figures go; default the repository's `runs/`.
+        overrides: any field of RunSettings (size, epochs, ...); None keeps the mode's value.
+    """
+    if smoke is None and os.environ.get(SMOKE_ENV, "") != "":
+        smoke = os.environ[SMOKE_ENV].lower() not in ("0", "false", "no")
+    try:
+        real = find_fish_dataset(data)
+    except FileNotFoundError:
+        if data is not None:
+            raise
+        real = None
+    real = None if real is not None and is_mini_fish(real) else real
+    dataset = real or (Path(data) if data is not None else None)
+    reasons = []
+    if smoke is None:
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA GPU")
+        if real is None:
+            reasons.append("no Fish Dataset found")
+        if not reasons and not pretrained_weights_available():
+            reasons.append("no pretrained weights")
+        smoke = bool(reasons)
+    else:
+        reasons.append(f"asked for {'smoke' if smoke else 'full'}")
+    if smoke:
+        smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish")
+        s = RunSettings(True, ", ".join(reasons), smoke_data, size=64, bs=16, epochs=6,
+                        pretrained=False, max_per_class=40 if real is not None else None)
+    else:
+        s = RunSettings(False, ", ".join(reasons) or "GPU, dataset and weights found",
+                        dataset or make_mini_fish(DATA_DIR / "mini_fish_full", FULL),
+                        size=224, bs=64, epochs=5, pretrained=True)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    s = replace(s, out=Path(out) if out is not None else RUNS_DIR, **overrides)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"mode: {'smoke' if s.smoke else 'full'} ({s.reason}); data: {s.data}; {s.size} px, "
+          f"{s.epochs} epochs, {'pretrained' if s.pretrained else 'random'} weights; {device}")
+    return s

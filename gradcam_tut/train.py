@@ -1,0 +1,99 @@
+"""Train a fastai vision learner on the Fish Dataset: resnet34, `to_fp16` on CUDA, export."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from urllib.error import URLError
+
+import fastai.callback.fp16  # noqa: F401  adds Learner.to_fp16
+import fastai.callback.progress  # noqa: F401  progress bars while training
+import fastai.callback.schedule  # noqa: F401  adds fine_tune and fit_one_cycle
+import torch
+from fastai.learner import Learner, load_learner
+from fastai.metrics import accuracy, error_rate
+from fastai.vision.learner import vision_learner
+from torchvision.models import resnet34
+
+from .data import fish_dataloaders
+
+
+def fp16_wanted(fp16: bool | str = "auto") -> bool:
+    """Whether to train with `to_fp16`: on CUDA only, since on a CPU it is a silent no-op.
+
+    Raises:
+        ValueError: `fp16=True` without a CUDA GPU.
+    """
+    if fp16 == "auto":
+        return torch.cuda.is_available()
+    if fp16 and not torch.cuda.is_available():
+        raise ValueError("fp16=True needs a CUDA GPU: on a CPU to_fp16 changes nothing; "
+                         "pass fp16='auto' or False")
+    return bool(fp16)
+
+
+def fish_learner(dls, arch=resnet34, pretrained: bool = True) -> tuple[Learner, bool]:
+    """`vision_learner(dls, arch, metrics=[accuracy, error_rate])`, and whether it is pretrained.
+
+    When the ImageNet weights cannot be downloaded (offline), warns and starts from random
+    weights instead of failing.
+    """
+    try:
+        return vision_learner(dls, arch, metrics=[accuracy, error_rate],
+                              pretrained=pretrained), pretrained
+    except (URLError, OSError, RuntimeError) as exc:
+        if not pretrained:
+            raise
+        warnings.warn(f"could not load pretrained {arch.__name__} weights ({exc}); training "
+                      "from random weights (pretrained=False) with twice the epochs", stacklevel=2)
+        return vision_learner(dls, arch, metrics=[accuracy, error_rate], pretrained=False), False
+
+
+def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224, bs: int = 64,
+               pretrained: bool = True, fp16: bool | str = "auto", lr: float | None = None,
+               export_to: str | Path | None = None, **dls_kwargs) -> Learner:
+    """Train `arch` on the Fish Dataset at `path` and return the Learner.
+
+    Pretrained: `fine_tune(epochs)` (one frozen epoch, then the whole network). From random
+    weights there is nothing to keep frozen: `fit_one_cycle` (twice the epochs when the
+    pretrained weights could not be had). `to_fp16()` runs on CUDA; on a CPU it would change
+    nothing, so training says fp32.
+
+    Args:
+        export_to: where `learn.export` writes the learner for `load_learner` (folders made).
+        dls_kwargs: passed to `fish_dataloaders` (seed, max_per_class, num_workers, ...).
+    """
+    dls = fish_dataloaders(path, size=size, bs=bs, **dls_kwargs)
+    learn, was_pretrained = fish_learner(dls, arch, pretrained)
+    if fp16_wanted(fp16):
+        learn = learn.to_fp16()
+        print("precision: mixed, to_fp16 (autocast + GradScaler) on", torch.cuda.get_device_name())
+    else:
+        print("precision: fp32 (no CUDA GPU: to_fp16 would be a silent no-op here)")
+    if was_pretrained:
+        learn.fine_tune(epochs, base_lr=lr or 2e-3)
+    else:
+        learn.fit_one_cycle(2 * epochs if pretrained else epochs, lr or 2e-3)  # 2x: fell back
+    if export_to is not None:
+        export_to = Path(export_to).resolve()
+        export_to.parent.mkdir(parents=True, exist_ok=True)
+        learn.export(export_to)
+    return learn
+
+
+def load_fish_learner(model_file: str | Path, dls=None) -> Learner:
+    """`load_learner` on the exported file, on the GPU when there is one.
+
+    With `dls` (from `fish_dataloaders` with the training seed) the learner gets its data back,
+    for `ClassificationInterpretation` and validation images; exported learners carry none.
+    """
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"no exported learner at {model_file}: run notebook 01 "
+                                "(or train_fish(..., export_to=...)) first")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*insecure pickle.*")  # our own file
+        learn = load_learner(model_file, cpu=not torch.cuda.is_available())
+    if dls is not None:
+        learn.dls = dls
+    return learn

@@ -1,0 +1,93 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from gradcam_tut.data import CLASSES, fish_image_files, mask_file
+from gradcam_tut.mini_fish import MARKER, MiniFishSpec, make_mini_fish, render
+
+SPEC = MiniFishSpec(per_class=2, width=48, height=36)
+
+
+def digest(dest):
+    files = sorted(p for p in dest.rglob("*.png"))
+    return [(p.relative_to(dest).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in files]
+
+
+def test_same_seed_identical_files(tmp_path):
+    a = make_mini_fish(tmp_path / "a", SPEC, progress=False).parents[1]
+    b = make_mini_fish(tmp_path / "b", SPEC, progress=False, n_workers=2).parents[1]
+    assert digest(a) == digest(b) and len(digest(a)) == 2 * 9 * 2
+    other = MiniFishSpec(per_class=2, width=48, height=36, seed=7)
+    c = make_mini_fish(tmp_path / "c", other, progress=False).parents[1]
+    assert digest(c) != digest(a)
+
+
+def test_render_depends_on_class_and_index_only():
+    img, mask = render("Trout", 3, SPEC)
+    img2, mask2 = render("Trout", 3, SPEC)
+    assert np.array_equal(np.asarray(img), np.asarray(img2))
+    assert img.size == mask.size == (48, 36) and img.mode == "RGB" and mask.mode == "L"
+    assert not np.array_equal(np.asarray(img), np.asarray(render("Trout", 4, SPEC)[0]))
+
+
+def test_fish_is_where_the_mask_is():
+    """The classes differ in the fish: their mean colour inside the mask differs by class."""
+    inside = {}
+    for cls in ("Red Mullet", "Sea Bass"):
+        img, mask = render(cls, 0, MiniFishSpec(width=128, height=96))
+        m = np.asarray(mask) > 0
+        assert 0.02 < m.mean() < 0.6
+        inside[cls] = np.asarray(img)[m].mean(0)
+    # Red Mullet is red, Sea Bass grey: red minus blue tells them apart
+    assert inside["Red Mullet"][0] - inside["Red Mullet"][2] > 50
+    assert abs(inside["Sea Bass"][0] - inside["Sea Bass"][2]) < 40
+
+
+def test_layout_and_marker(tmp_path):
+    root = make_mini_fish(tmp_path / "m", SPEC, progress=False)
+    files = fish_image_files(root)
+    assert len(files) == 18 and all(mask_file(f).is_file() for f in files)
+    assert sorted(d.name for d in root.iterdir()) == sorted(CLASSES)
+    assert json.loads((tmp_path / "m" / MARKER).read_text())["complete"] is True
+
+
+def test_reuses_its_own_complete_set(tmp_path):
+    dest = tmp_path / "m"
+    make_mini_fish(dest, SPEC, progress=False)
+    f = fish_image_files(dest)[0]
+    before = f.stat().st_mtime_ns
+    make_mini_fish(dest, SPEC, progress=False)
+    assert f.stat().st_mtime_ns == before  # nothing rewritten
+
+
+def test_finishes_an_interrupted_set(tmp_path):
+    dest = tmp_path / "m"
+    make_mini_fish(dest, SPEC, progress=False)
+    expected = digest(dest)
+    marker = json.loads((dest / MARKER).read_text())
+    (dest / MARKER).write_text(json.dumps({**marker, "complete": False}))
+    fish_image_files(dest)[0].unlink()
+    make_mini_fish(dest, SPEC, progress=False)
+    assert digest(dest) == expected
+
+
+def test_refuses_a_folder_it_did_not_make(tmp_path):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match="not empty and was not made by make_mini_fish"):
+        make_mini_fish(dest, SPEC, progress=False)
+    assert [p.name for p in dest.iterdir()] == ["notes.txt"]
+    assert (dest / "notes.txt").read_text() == "my notes"
+
+
+def test_refuses_its_own_set_with_another_spec(tmp_path):
+    dest = tmp_path / "m"
+    make_mini_fish(dest, SPEC, progress=False)
+    before = digest(dest)
+    with pytest.raises(FileExistsError, match="made with"):
+        make_mini_fish(dest, MiniFishSpec(per_class=3, width=48, height=36), progress=False)
+    assert digest(dest) == before

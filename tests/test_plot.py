@@ -1,0 +1,70 @@
+import matplotlib
+import pytest
+import torch
+from fastai.interpret import ClassificationInterpretation
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+
+from gradcam_tut import grad_cam
+from gradcam_tut.plot import class_index, gradcam_grid, plot_layer_grid
+
+matplotlib.use("Agg")
+
+
+def test_layer_grid_figure_and_png(tmp_path):
+    image = torch.rand(3, 40, 60)
+    maps = [torch.rand(20, 30), torch.rand(5, 8), torch.zeros(3, 3)]  # one map all zero
+    fig = plot_layer_grid(image, maps, titles=["a", "b", "c"], ncols=2, save=tmp_path / "g.png")
+    assert isinstance(fig, Figure) and plt.get_fignums() == []  # nothing left in pyplot
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["image", "a", "b", "c"]
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    heat = panels[3].get_images()[1].get_array()
+    assert heat.shape == (40, 60) and float(heat.max()) == 0.0  # zero map: no NaN
+
+
+def test_shared_scale_keeps_relative_strength():
+    image = torch.rand(3, 8, 8)
+    maps = [torch.ones(4, 4), 0.5 * torch.ones(4, 4)]
+    shared = plot_layer_grid(image, maps, shared_scale=True, colorbar=False)
+    own = plot_layer_grid(image, maps, colorbar=False)
+    top = [float(ax.get_images()[1].get_array().max()) for ax in shared.axes[1:3]]
+    assert top == [1.0, 0.5]
+    assert [float(ax.get_images()[1].get_array().max()) for ax in own.axes[1:3]] == [1.0, 1.0]
+
+
+def test_class_index():
+    vocab = ["Shrimp", "Trout"]
+    assert class_index(vocab, "Trout") == 1 and class_index(vocab, 0) == 0
+    with pytest.raises(ValueError, match=r"no class named 'Tuna': use one of \['Shrimp'"):
+        class_index(vocab, "Tuna")
+    with pytest.raises(ValueError, match="out of range"):
+        class_index(vocab, 2)
+
+
+def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
+    img = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
+    fig = tiny_learner.gradcam(img, target="Trout", save=tmp_path / "grid.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "conv1", "bn1", "relu", "maxpool",
+                      "layer1", "layer2", "layer3", "layer4"]
+    assert "map for Trout" in fig._suptitle.get_text()
+    # the layer4 panel shows grad_cam's map for Trout, upsampled and scaled to its max
+    x = tiny_learner.dls.test_dl([img]).one_batch()[0]
+    (m,) = grad_cam(tiny_learner.model, x, "layer4", tiny_learner.dls.vocab.o2i["Trout"])
+    shown = torch.as_tensor(fig.axes[8].get_images()[1].get_array())
+    assert shown.shape == x.shape[-2:] and (m.max() == 0 or float(shown.max()) == 1.0)
+    with pytest.raises(ValueError, match="no class named"):
+        gradcam_grid(tiny_learner, img, target="Tuna")
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_top_losses_gradcam(tiny_learner, mini_root):
+    from gradcam_tut.data import fish_dataloaders
+
+    tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
+    interp = ClassificationInterpretation.from_learner(tiny_learner)
+    fig = interp.plot_top_losses_gradcam(k=3)
+    assert len(fig.axes) == 9
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("true ") and titles[1].startswith("pred ")
