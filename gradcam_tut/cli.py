@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .data import DATA_DIR
-from .settings import RUNS_DIR, SMOKE_ENV
+from .settings import RUNS_DIR
 
 NOTEBOOKS = DATA_DIR.parent / "notebooks"
 
@@ -22,10 +21,10 @@ def run_notebooks(out: Path = RUNS_DIR, smoke: bool | None = None,
     """
     import papermill as pm
 
-    if smoke is not None:
-        os.environ[SMOKE_ENV] = "1" if smoke else "0"
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     params = {"out_dir": str(out.resolve()), **(parameters or {})}
+    if smoke is not None:
+        params["smoke"] = smoke
     done = []
     for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         print(f"running {nb.name}", flush=True)

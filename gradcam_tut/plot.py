@@ -20,14 +20,15 @@ from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers, u
 def image_hwc(image) -> np.ndarray:
     """An image as a float array (H, W, 3) in [0, 1], for matplotlib.
 
-    Accepts a tensor (3, H, W) or (1, 3, H, W) as fastai decodes it (0..255 or 0..1),
-    or anything `np.asarray` takes in (H, W, 3) layout (a PIL image).
+    Accepts a tensor (3, H, W) or (1, 3, H, W), or anything `np.asarray` takes in (H, W, 3)
+    layout (a PIL image). Integer pixels (fastai's decoded images, PIL) are 0..255.
     """
     if isinstance(image, Tensor):
         image = image.detach().cpu().squeeze(0)
         image = image.permute(1, 2, 0) if image.shape[0] in (1, 3) else image
-    arr = np.asarray(image, dtype=np.float32)
-    return arr / 255 if arr.max() > 1 else arr
+    arr = np.asarray(image)
+    scale = 255 if np.issubdtype(arr.dtype, np.integer) else 1
+    return arr.astype(np.float32) / scale
 
 
 def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", alpha: float = 0.5,
@@ -96,6 +97,19 @@ def class_index(vocab: Sequence[str], target: int | str) -> int:
     return int(target)
 
 
+def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float]]:
+    """`img` as the model sees it (1, 3, H, W), decoded for display, and class probabilities."""
+    dl = learn.dls.test_dl([img])
+    xb = dl.one_batch()[0].to(next(learn.model.parameters()).device)
+    was_training = learn.model.training
+    try:
+        with torch.no_grad():
+            probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
+    finally:
+        learn.model.train(was_training)
+    return xb, dl.decode((xb.cpu(),))[0][0], probs
+
+
 def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = None,
                  target: int | str | None = None, **kwargs) -> Figure:
     """Per-layer Grad-CAM grid for one image through a fastai vision Learner, in one pass.
@@ -107,18 +121,14 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
         target: class name or index; default the predicted class.
         **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...).
     """
-    dl = learn.dls.test_dl([img])
-    xb = dl.one_batch()[0].to(next(learn.model.parameters()).device)
+    xb, image, probs = _one_image(learn, img)
     vocab = learn.dls.vocab
-    with torch.no_grad():
-        probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
     pred = int(np.argmax(probs))
     cls = pred if target is None else class_index(vocab, target)
     named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
     maps = grad_cam(learn.model, xb, list(named.values()), cls)
     kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · "
                                   f"map for {vocab[cls]} ({probs[cls]:.2f})")
-    image = dl.decode((xb.cpu(),))[0][0]
     return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
 
 
@@ -137,19 +147,14 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
     Where the two maps differ is where the network found evidence for the wrong class.
     """
     learn, vocab = self.learn, self.vocab
-    device = next(learn.model.parameters()).device
     losses, idxs = self.top_losses(k)
     fig = Figure(figsize=(7.8, 2.3 * len(idxs)), layout="constrained")
     for row, loss, i in zip(fig.subplots(len(idxs), 3, squeeze=False), losses, idxs):
         item, true = self.dl.items[int(i)], int(self.dl.dataset[int(i)][1])
-        dl = learn.dls.test_dl([item])
-        xb = dl.one_batch()[0].to(device)
-        with torch.no_grad():
-            probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
+        xb, image, probs = _one_image(learn, item)
         pred = int(np.argmax(probs))
         (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
         heat = normalize_maps(upsample(maps.cpu(), xb.shape[-2:]), shared_scale=True)
-        image = dl.decode((xb.cpu(),))[0][0]
         row[0].imshow(image_hwc(image))
         row[0].set_axis_off()
         row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from urllib.error import URLError
 
 import fastai.callback.fp16  # noqa: F401  adds Learner.to_fp16
 import fastai.callback.progress  # noqa: F401  progress bars while training
@@ -41,7 +40,7 @@ def fish_learner(dls, arch=resnet34, pretrained: bool = True) -> tuple[Learner, 
     try:
         return vision_learner(dls, arch, metrics=[accuracy, error_rate],
                               pretrained=pretrained), pretrained
-    except (URLError, OSError, RuntimeError) as exc:
+    except OSError as exc:  # URLError and failed downloads
         if not pretrained:
             raise
         warnings.warn(f"could not load pretrained {arch.__name__} weights ({exc}); training "

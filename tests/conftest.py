@@ -37,13 +37,20 @@ def mini_root(mini_dest):
 
 
 @pytest.fixture(scope="session")
-def tiny_learner(mini_root, tmp_path_factory):
-    """A resnet18 trained one epoch on the mini set at 32 px, exported and loaded back."""
+def tiny_model_file(mini_root, tmp_path_factory):
+    """A resnet18 trained one epoch on the mini set at 32 px, exported."""
     from torchvision.models import resnet18
 
-    from gradcam_tut.train import load_fish_learner, train_fish
+    from gradcam_tut.train import train_fish
 
     model_file = tmp_path_factory.mktemp("model") / "fish.pkl"
     train_fish(mini_root, arch=resnet18, epochs=1, size=32, bs=8, pretrained=False,
                export_to=model_file, num_workers=0)
-    return load_fish_learner(model_file)
+    return model_file
+
+
+@pytest.fixture(scope="session")
+def tiny_learner(tiny_model_file):
+    from gradcam_tut.train import load_fish_learner
+
+    return load_fish_learner(tiny_model_file)

@@ -1,4 +1,5 @@
 import matplotlib
+import numpy as np
 import pytest
 import torch
 from fastai.interpret import ClassificationInterpretation
@@ -6,7 +7,7 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
 from gradcam_tut import grad_cam
-from gradcam_tut.plot import class_index, gradcam_grid, plot_layer_grid
+from gradcam_tut.plot import class_index, gradcam_grid, image_hwc, plot_layer_grid
 
 matplotlib.use("Agg")
 
@@ -33,6 +34,12 @@ def test_shared_scale_keeps_relative_strength():
     assert [float(ax.get_images()[1].get_array().max()) for ax in own.axes[1:3]] == [1.0, 1.0]
 
 
+def test_image_hwc_scales_by_dtype():
+    dark = np.ones((4, 4, 3), dtype=np.uint8)  # a dark 0..255 image, max 1
+    assert image_hwc(dark).max() == pytest.approx(1 / 255)
+    assert image_hwc(torch.ones(1, 3, 4, 4)).shape == (4, 4, 3)
+
+
 def test_class_index():
     vocab = ["Shrimp", "Trout"]
     assert class_index(vocab, "Trout") == 1 and class_index(vocab, 0) == 0
@@ -57,6 +64,21 @@ def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
     with pytest.raises(ValueError, match="no class named"):
         gradcam_grid(tiny_learner, img, target="Tuna")
     assert (tmp_path / "grid.png").is_file()
+    tiny_learner.model.train()
+    gradcam_grid(tiny_learner, img, layers=["layer4"])
+    assert tiny_learner.model.training  # the learner's mode is left as it was
+    tiny_learner.model.eval()
+
+
+def test_cli_grid_and_mini_fish(tiny_model_file, mini_root, tmp_path, capsys):
+    from gradcam_tut.cli import main
+
+    img = sorted((mini_root / "Shrimp" / "Shrimp").iterdir())[0]
+    main(["grid", str(tiny_model_file), str(img), "--target", "Shrimp",
+          "--out", str(tmp_path / "g.png")])
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    with pytest.raises(FileExistsError):
+        main(["mini-fish", str(mini_root)])  # not a folder it may write into
 
 
 def test_top_losses_gradcam(tiny_learner, mini_root):
