@@ -16,7 +16,25 @@ from typing import Any
 from torch import Tensor, nn
 
 
-class HookForward:
+class Hooks:
+    """Context-manager plumbing shared by the hooks below: leaving the `with` block, also by an
+    exception, removes every handle in `self.handles`."""
+
+    handles: list
+
+    def remove(self) -> None:
+        """Remove the hooks; safe to call twice."""
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+class HookForward(Hooks):
     """Keep a detached clone of `module`'s output from its latest forward.
 
     `.stored` is `None` until the module runs, then a tensor shaped like the output,
@@ -26,23 +44,13 @@ class HookForward:
 
     def __init__(self, module: nn.Module):
         self.stored: Tensor | None = None
-        self.handle = module.register_forward_hook(self.hook_fn)
+        self.handles = [module.register_forward_hook(self.hook_fn)]
 
     def hook_fn(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         self.stored = output.detach().clone()
 
-    def remove(self) -> None:
-        """Remove the hook; safe to call twice."""
-        self.handle.remove()
 
-    def __enter__(self) -> HookForward:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()
-
-
-class HookBwd:
+class HookBwd(Hooks):
     """Keep the gradient with respect to `module`'s output from the latest backward.
 
     `.stored` is `None` until a backward pass reaches the module's output, then a detached
@@ -55,7 +63,7 @@ class HookBwd:
 
     def __init__(self, module: nn.Module):
         self.stored: Tensor | None = None
-        self.handle = module.register_forward_hook(self.hook_fn)
+        self.handles = [module.register_forward_hook(self.hook_fn)]
 
     def hook_fn(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         if not output.requires_grad:  # frozen body and an input without grad
@@ -68,18 +76,8 @@ class HookBwd:
     def store(self, grad: Tensor) -> None:
         self.stored = grad.detach()
 
-    def remove(self) -> None:
-        """Remove the hook; safe to call twice."""
-        self.handle.remove()
 
-    def __enter__(self) -> HookBwd:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()
-
-
-class HookForwardMany:
+class HookForwardMany(Hooks):
     """Keep the output of each of `modules` from one forward, indexed like `modules`.
 
     `.stored[i]` is `None` until `modules[i]` runs, then its output, still attached to the
@@ -102,17 +100,6 @@ class HookForwardMany:
             self.stored[idx] = output
             return output.clone()
         return hook_fn
-
-    def remove(self) -> None:
-        """Remove every hook; safe to call twice."""
-        for h in self.handles:
-            h.remove()
-
-    def __enter__(self) -> HookForwardMany:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.remove()
 
 
 def hooks_left(model: nn.Module) -> int:
