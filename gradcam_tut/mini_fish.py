@@ -52,7 +52,7 @@ LOOKS = {
 class MiniFishSpec:
     """What the generator is asked for; stored in the marker file."""
 
-    per_class: int = 40
+    per_class: int = 80
     width: int = 128
     height: int = 96
     seed: int = 42
@@ -73,8 +73,8 @@ def _background(rng, w, h) -> Image.Image:
     img = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(4, 10)):
-        x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
-        x1, y1 = x0 + rng.uniform(0.05, 0.4) * w, y0 + rng.uniform(0.05, 0.4) * h
+        x0, y0 = rng.uniform(-0.05, 1.0) * w, rng.uniform(-0.05, 1.0) * h
+        x1, y1 = x0 + rng.uniform(0.03, 0.15) * w, y0 + rng.uniform(0.03, 0.15) * h
         fill = tuple(int(c) for c in rng.integers(0, 256, 3))
         kind = rng.integers(3)
         if kind == 0:
@@ -145,7 +145,7 @@ def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image
     rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index])
     w, h = spec.width, spec.height
     img = _background(rng, w, h)
-    length = int(rng.uniform(0.4, 0.7) * min(w, h * 1.3))
+    length = int(rng.uniform(0.5, 0.8) * min(w, h * 1.3))
     fish, mask = _draw_fish(rng, LOOKS[cls], length)
     angle = rng.uniform(-35, 35)
     fish, mask = fish.rotate(angle, Image.BILINEAR), mask.rotate(angle, Image.BILINEAR)

@@ -113,8 +113,8 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
         reasons.append(f"asked for {'smoke' if smoke else 'full'}")
     if smoke:
         smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish")
-        s = RunSettings(True, ", ".join(reasons), smoke_data, size=64, bs=16, epochs=6,
-                        pretrained=False, max_per_class=40 if real is not None else None)
+        s = RunSettings(True, ", ".join(reasons), smoke_data, size=64, bs=32, epochs=6,
+                        pretrained=False, max_per_class=80 if real is not None else None)
     else:
         s = RunSettings(False, ", ".join(reasons) or "GPU, dataset and weights found",
                         dataset or make_mini_fish(DATA_DIR / "mini_fish_full", FULL),
