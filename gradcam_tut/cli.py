@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import mini_fish
 from .data import DATA_DIR
 from .settings import RUNS_DIR
 
@@ -41,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", type=Path, default=RUNS_DIR)
     run.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
                      help="force smoke (or full) mode; default: decide from GPU, data, weights")
-    mini = sub.add_parser("mini-fish", help="write the synthetic mini fish set")
-    mini.add_argument("dest", type=Path)
-    mini.add_argument("--full", action="store_true", help="1000 per class at 590x445")
+    mini_fish.add_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
     grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")
     grid.add_argument("image", type=Path)
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(figures)} figures in {args.out / 'figures'}:")
         print("\n".join(f"  {f.name}" for f in figures))
     elif args.cmd == "mini-fish":
-        from .mini_fish import FULL, MiniFishSpec, make_mini_fish
-
-        print(make_mini_fish(args.dest, FULL if args.full else MiniFishSpec()))
+        mini_fish.run(args)
     else:
         from .plot import gradcam_grid
         from .train import load_fish_learner

@@ -9,6 +9,7 @@ out of 9 classes: the source article trained on both. Here images and masks are 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import partial
 from pathlib import Path
@@ -141,7 +142,7 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
         root = dataset_root(explicit)
     elif (DATA_DIR / "Fish_Dataset").is_dir():
         root = dataset_root(DATA_DIR / "Fish_Dataset")
-    elif download and _kaggle_credentials() and _has_kagglehub():
+    elif download and _kaggle_credentials() and importlib.util.find_spec("kagglehub"):
         import kagglehub
 
         root = dataset_root(kagglehub.dataset_download(KAGGLE_HANDLE))
@@ -153,14 +154,6 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
         raise FileNotFoundError(f"no Fish Dataset found. {HOW_TO_GET}")
     validate_layout(root)
     return root
-
-
-def _has_kagglehub() -> bool:
-    try:
-        import kagglehub  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def is_mini_fish(path: str | Path) -> bool:

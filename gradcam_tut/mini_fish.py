@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -211,17 +211,28 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic mini fish set.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command-line options, shared by `python -m gradcam_tut.mini_fish` and `gradcam-tut`."""
     p.add_argument("dest", type=Path)
     p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
     p.add_argument("--per-class", type=int)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=0)
-    args = p.parse_args(argv)
-    spec = FULL if args.full else MiniFishSpec()
-    spec = MiniFishSpec(args.per_class or spec.per_class, spec.width, spec.height, args.seed)
-    print(make_mini_fish(args.dest, spec, n_workers=args.workers))
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Write the set the parsed options ask for and print where its classes are."""
+    spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed)
+    spec = replace(spec, per_class=args.per_class) if args.per_class else spec
+    root = make_mini_fish(args.dest, spec, n_workers=args.workers)
+    print(root)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write the synthetic mini fish set.")
+    add_arguments(p)
+    run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -37,15 +37,17 @@ def fish_learner(dls, arch=resnet34, pretrained: bool = True) -> tuple[Learner, 
     When the ImageNet weights cannot be downloaded (offline), warns and starts from random
     weights instead of failing.
     """
+    def learner(weights: bool) -> Learner:
+        return vision_learner(dls, arch, metrics=[accuracy, error_rate], pretrained=weights)
+
     try:
-        return vision_learner(dls, arch, metrics=[accuracy, error_rate],
-                              pretrained=pretrained), pretrained
+        return learner(pretrained), pretrained
     except OSError as exc:  # URLError and failed downloads
         if not pretrained:
             raise
         warnings.warn(f"could not load pretrained {arch.__name__} weights ({exc}); training "
                       "from random weights (pretrained=False) with twice the epochs", stacklevel=2)
-        return vision_learner(dls, arch, metrics=[accuracy, error_rate], pretrained=False), False
+        return learner(False), False
 
 
 def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224, bs: int = 64,
@@ -67,6 +69,8 @@ def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224
     if fp16_wanted(fp16):
         learn = learn.to_fp16()
         print("precision: mixed, to_fp16 (autocast + GradScaler) on", torch.cuda.get_device_name())
+    elif torch.cuda.is_available():
+        print("precision: fp32 (fp16=False)")
     else:
         print("precision: fp32 (no CUDA GPU: to_fp16 would be a silent no-op here)")
     if was_pretrained:
