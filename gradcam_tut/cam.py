@@ -80,6 +80,8 @@ def class_indices(targets: Targets, logits: Tensor) -> Tensor:
     B, C = logits.shape
     if targets is None:
         return logits.argmax(dim=1)
+    if isinstance(targets, Tensor):
+        targets = targets.as_subclass(Tensor)  # fastai's TensorCategory from a batch
     idx = torch.as_tensor(targets, device=logits.device).long()
     if idx.ndim == 0:
         idx = idx.expand(B)
@@ -106,16 +108,19 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
 
     Args:
         model: a classifier returning logits (B, C); fastai's `learn.model`.
-        x: a batch (B, 3, H, W) on the model's device.
+        x: a batch (B, 3, H, W) on the model's device; fastai's `TensorImage` too.
         layers: modules of `model`, or names from `body_layers(model)` or dotted paths.
-        targets: None for each image's predicted class, one int for every image, or B ints.
+        targets: None for each image's predicted class, one int for every image, or B ints
+            (a list, a tensor, or fastai's `TensorCategory` from `dls.one_batch()`).
 
     Returns:
-        One float32 map per layer, (B, h_l, w_l), on x's device; not normalised or upsampled.
+        One float32 map per layer, plain `torch.Tensor` (B, h_l, w_l), on x's device; not
+        normalised or upsampled.
     """
     if x.ndim != 4:
         raise ValueError(f"x must be a batch (B, C, H, W), got shape {tuple(x.shape)}: "
                          "add the batch dimension with x[None]")
+    x = x.as_subclass(Tensor)  # a plain tensor: fastai's types would follow into every map
     named = resolve_layers(model, layers)
     was_training = model.training
     try:

@@ -6,19 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import mini_fish
-from .data import DATA_DIR
-from .settings import RUNS_DIR
-
-NOTEBOOKS = DATA_DIR.parent / "notebooks"
+# torch and fastai are imported where a command needs them: `--help` answers at once
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+RUNS_DIR = REPO / "runs"
 
 
 def run_notebooks(out: Path = RUNS_DIR, smoke: bool | None = None,
                   parameters: dict | None = None) -> list[Path]:
-    """Execute every notebook top to bottom with papermill into `out/notebooks/`.
+    """Execute every notebook top to bottom with papermill into `out/notebooks/`, in order
+    (01 trains and exports the model the others load).
 
-    Figures land in `out/figures/`. Returns the executed notebooks' paths.
-    Raises papermill's PapermillExecutionError, naming the failing cell, if one fails.
+    Figures land in `out/figures/`. Returns the executed notebooks' paths. Raises papermill's
+    PapermillExecutionError, naming the failing cell, if one fails. (Running two notebooks at
+    once was measured slower on 2 cores: their torch threads fight over the same cores.)
     """
     import papermill as pm
 
@@ -26,13 +27,14 @@ def run_notebooks(out: Path = RUNS_DIR, smoke: bool | None = None,
     params = {"out_dir": str(out.resolve()), **(parameters or {})}
     if smoke is not None:
         params["smoke"] = smoke
-    done = []
-    for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
+
+    def execute(nb: Path) -> Path:
         print(f"running {nb.name}", flush=True)
         target = out / "notebooks" / nb.name
         pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS, progress_bar=False)
-        done.append(target)
-    return done
+        return target
+
+    return [execute(nb) for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", type=Path, default=RUNS_DIR)
     run.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
                      help="force smoke (or full) mode; default: decide from GPU, data, weights")
+    from . import mini_fish
+
     mini_fish.add_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
     grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")

@@ -23,6 +23,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from .data import CLASSES, mask_file
 
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
+GENERATOR = 2  # bumped when the drawing changes, so that an older set is drawn again
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,21 @@ class FishLook:
 
     color: tuple[int, int, int]
     aspect: float
-    pattern: str  # plain, back, line, band, spots, stripes, shrimp
+    pattern: str  # plain, back, belly, line, band, spots, stripes, shrimp
     accent: tuple[int, int, int] = (0, 0, 0)
 
 
 LOOKS = {
-    "Black Sea Sprat": FishLook((175, 190, 205), 4.6, "back", (50, 75, 125)),
-    "Gilt-Head Bream": FishLook((185, 185, 175), 2.1, "band", (225, 185, 40)),
-    "Hourse Mackerel": FishLook((115, 160, 170), 3.6, "line", (35, 45, 55)),
-    "Red Mullet": FishLook((230, 120, 110), 3.0, "plain"),
-    "Red Sea Bream": FishLook((235, 145, 155), 2.2, "spots", (80, 150, 235)),
-    "Sea Bass": FishLook((150, 150, 150), 3.2, "back", (60, 60, 70)),
-    "Shrimp": FishLook((245, 150, 95), 0.0, "shrimp", (200, 90, 60)),
-    "Striped Red Mullet": FishLook((215, 105, 85), 3.0, "stripes", (245, 215, 60)),
-    "Trout": FishLook((140, 130, 80), 3.4, "spots", (45, 35, 25)),
+    "Black Sea Sprat": FishLook((170, 190, 215), 4.6, "back", (30, 50, 110)),
+    "Gilt-Head Bream": FishLook((195, 195, 185), 2.0, "band", (240, 190, 20)),
+    "Hourse Mackerel": FishLook((90, 170, 150), 3.6, "line", (20, 30, 40)),
+    "Red Mullet": FishLook((225, 75, 60), 3.0, "plain"),
+    "Red Sea Bream": FishLook((245, 150, 195), 2.2, "spots", (40, 110, 245)),
+    "Sea Bass": FishLook((100, 105, 110), 3.2, "belly", (215, 215, 210)),
+    "Shrimp": FishLook((235, 190, 175), 0.0, "shrimp", (210, 115, 95)),
+    "Striped Red Mullet": FishLook((225, 75, 60), 3.0, "stripes", (250, 225, 40)),
+    "Trout": FishLook((150, 125, 70), 3.4, "spots", (40, 30, 20)),
 }
-
 
 @dataclass(frozen=True)
 class MiniFishSpec:
@@ -61,20 +61,23 @@ class MiniFishSpec:
 FULL = MiniFishSpec(per_class=1000, width=590, height=445)
 
 
-def _jitter(rng, color, amount=18):
+def _jitter(rng, color, amount=14):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
 
 def _background(rng, w, h) -> Image.Image:
-    """Sky-to-sand gradient, random clutter shapes and noise, the same for every class."""
-    top, bottom = rng.integers(40, 220, 3), rng.integers(40, 220, 3)
+    """Muted water (a gradient between two greyish colours), clutter shapes and noise.
+
+    Drawn the same way for every class. The clutter takes any colour, a fish's included.
+    """
+    top, bottom = (_muted(rng.integers(30, 210, 3)) for _ in range(2))
     t = np.linspace(0, 1, h)[:, None, None]
     arr = np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).copy()
     img = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(4, 10)):
+    for _ in range(rng.integers(3, 8)):
         x0, y0 = rng.uniform(-0.05, 1.0) * w, rng.uniform(-0.05, 1.0) * h
-        x1, y1 = x0 + rng.uniform(0.03, 0.15) * w, y0 + rng.uniform(0.03, 0.15) * h
+        x1, y1 = x0 + rng.uniform(0.03, 0.12) * w, y0 + rng.uniform(0.03, 0.12) * h
         fill = tuple(int(c) for c in rng.integers(0, 256, 3))
         kind = rng.integers(3)
         if kind == 0:
@@ -83,8 +86,13 @@ def _background(rng, w, h) -> Image.Image:
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:
             draw.line((x0, y0, x1, y1), fill=fill, width=max(1, int(rng.uniform(0.005, 0.03) * w)))
-    noise = rng.normal(0, 10, (h, w, 3))
+    noise = rng.normal(0, 8, (h, w, 3))
     return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+
+
+def _muted(color: np.ndarray) -> np.ndarray:
+    """Halfway between a colour and its grey: water is dull, the fish stand out."""
+    return (color + color.mean()) / 2
 
 
 def _draw_fish(rng, look: FishLook, length: int) -> tuple[Image.Image, Image.Image]:
@@ -120,18 +128,20 @@ def _draw_fish(rng, look: FishLook, length: int) -> tuple[Image.Image, Image.Ima
     x0, y0, x1, y1 = body
     if look.pattern == "back":
         p.rectangle((x0, y0, x1, c - body_h * 0.1), fill=255)
+    elif look.pattern == "belly":
+        p.rectangle((x0, c + body_h * 0.15, x1, y1), fill=255)
     elif look.pattern == "line":
-        p.line((x0, c, x1, c), fill=255, width=max(1, int(body_h * 0.12)))
+        p.line((x0, c, x1, c), fill=255, width=max(1, int(body_h * 0.14)))
     elif look.pattern == "band":
-        p.rectangle((x0 + length * 0.12, y0, x0 + length * 0.2, y1), fill=255)
+        p.rectangle((x0 + length * 0.1, y0, x0 + length * 0.22, y1), fill=255)
     elif look.pattern == "stripes":
         for f in (-0.25, 0.0, 0.25):
             p.line((x0, c + f * body_h, x1, c + f * body_h), fill=255,
-                   width=max(1, int(body_h * 0.08)))
+                   width=max(1, int(body_h * 0.11)))
     elif look.pattern == "spots":
         for _ in range(12):
             x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
-            r = body_h * 0.07
+            r = body_h * 0.08
             p.ellipse((x - r, y - r, x + r, y + r), fill=255)
     rgb.paste(Image.new("RGB", (s, s), accent), mask=ImageChops.multiply(pattern, mask))
     eye = (x0 + length * 0.1, c - body_h * 0.15)
@@ -145,7 +155,7 @@ def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image
     rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index])
     w, h = spec.width, spec.height
     img = _background(rng, w, h)
-    length = int(rng.uniform(0.5, 0.8) * min(w, h * 1.3))
+    length = int(rng.uniform(0.55, 0.85) * min(w, h * 1.3))
     fish, mask = _draw_fish(rng, LOOKS[cls], length)
     angle = rng.uniform(-35, 35)
     fish, mask = fish.rotate(angle, Image.BILINEAR), mask.rotate(angle, Image.BILINEAR)
@@ -181,7 +191,8 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
 
     The layout is Kaggle's: `dest/Fish_Dataset/Fish_Dataset/<Class>/<Class>/*.png` and
     `.../<Class>/<Class> GT/*.png`. `dest` must be empty, missing, or a folder this function
-    made before (its marker file says so); a complete set made with the same spec is reused.
+    made before (its marker file says so); a complete set made with the same spec is reused,
+    and an unfinished one, or one an older version of this generator drew, is drawn again.
 
     Raises:
         FileExistsError: `dest` holds anything else, or a mini set made with another spec.
@@ -189,14 +200,15 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     dest = Path(dest)
     root = dest / "Fish_Dataset" / "Fish_Dataset"
     marker = dest / MARKER
-    wanted = {**asdict(spec), "complete": True}
+    wanted = {**asdict(spec), "generator": GENERATOR, "complete": True}
     if marker.exists():
         made = json.loads(marker.read_text())
         if made == wanted:
             return root
-        if {**made, "complete": True} != wanted:
+        if {k: made.get(k) for k in asdict(spec)} != asdict(spec):
             raise FileExistsError(f"{dest} holds a mini fish set made with {made}; pass another "
                                   f"folder for {asdict(spec)}, or delete {dest} yourself")
+        # its own set, unfinished or drawn by an older generator: drawn again, file by file
     elif dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty and was not made by make_mini_fish: "
                               "pass a new or empty folder; nothing was written")

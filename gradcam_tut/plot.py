@@ -1,4 +1,5 @@
-"""Heat maps over images: an overlay, a per-layer grid, the one-call grid for a Learner."""
+"""Heat maps over images: an overlay, a per-layer grid, the one-call grid for a Learner, and
+the localization charts (per-layer bars, hits and misses)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
 from fastcore.basics import patch
+from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers, upsample
+from .data import fish_mask, mask_file
+from .metrics import mask_dl, peak_points, pointing_game
 
 
 def image_hwc(image) -> np.ndarray:
@@ -31,20 +37,60 @@ def image_hwc(image) -> np.ndarray:
     return arr.astype(np.float32) / scale
 
 
-def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", alpha: float = 0.5,
-            vmax: float = 1.0):
-    """Draw `image` with `heatmap` (H, W) on top; returns the heat map's AxesImage."""
+def new_figure(**kwargs) -> Figure:
+    """A pyplot figure, closed at once: nothing piles up in pyplot over a loop, and creating it
+    through pyplot loads the backend, so Jupyter shows the returned figure inline."""
+    fig = plt.figure(**kwargs)
+    plt.close(fig)
+    return fig
+
+
+def saved(fig: Figure, save: str | Path | None) -> Figure:
+    """Write `fig` to the PNG path `save`, if given, and return it."""
+    if save is not None:
+        fig.savefig(save, dpi=100)
+    return fig
+
+
+def heat_cmap(name: str = "magma", max_alpha: float = 0.85) -> ListedColormap:
+    """`name` with an opacity that follows the value: 0 is transparent, the top `max_alpha`.
+
+    The overlay then shows the image where there is no evidence, and a colour bar drawn with
+    the same colormap shows the colours as they look over the image.
+    """
+    colors = plt.get_cmap(name)(np.linspace(0, 1, 256))
+    colors[:, 3] = np.linspace(0, max_alpha, 256)
+    return ListedColormap(colors, name=f"{name}_fade")
+
+
+def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", vmax: float = 1.0,
+            mask=None):
+    """Draw `image` with `heatmap` (H, W) on top, and the mask's outline when given.
+
+    Returns the heat map's AxesImage (for a colour bar).
+    """
     ax.imshow(image_hwc(image))
-    im = ax.imshow(heatmap.detach().cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=vmax)
+    im = ax.imshow(heatmap.detach().cpu().numpy(), cmap=heat_cmap(cmap), vmin=0, vmax=vmax)
+    if mask is not None:
+        ax.contour(np.asarray(mask, dtype=np.float32), levels=[0.5], colors="cyan",
+                   linewidths=0.8)
     ax.set_axis_off()
     return im
 
 
+def map_title(name: str, m: Tensor) -> str:
+    """A panel's title: the layer, its native map size and its raw maximum."""
+    return f"{name} · {'x'.join(map(str, m.shape[-2:]))} · max {float(m.max()):.2g}"
+
+
 def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None = None,
                     shared_scale: bool = False, ncols: int = 5, colorbar: bool = True,
-                    cmap: str = "magma", alpha: float = 0.5, suptitle: str | None = None,
+                    cmap: str = "magma", mask=None, suptitle: str | None = None,
                     save: str | Path | None = None) -> Figure:
     """The image, then one panel per layer with that layer's Grad-CAM map over it.
+
+    Each panel's title gives the layer, the map's native size and its raw maximum, so small
+    maps stay readable on a shared scale.
 
     Args:
         image: (3, H, W) tensor or (H, W, 3) array/PIL image.
@@ -52,28 +98,32 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
         titles: one per map (layer names).
         shared_scale: one colour scale for all layers (compare strengths across layers)
             instead of each map scaled to its own max (compare where each layer looks).
+        mask: (H, W), nonzero on the object: its outline is drawn on every panel.
         save: write the figure to this PNG path as well.
 
     Returns:
-        A matplotlib Figure not registered with pyplot: shown once in a notebook, nothing leaks.
+        The Figure; not left open in pyplot, and shown inline when it ends a notebook cell.
     """
     img = image_hwc(image)
     H, W = img.shape[:2]
-    heat = upsample([m.detach().float().cpu()[None] for m in maps], (H, W))[0]  # (L, H, W)
-    heat = normalize_maps(heat, shared_scale)
-    titles = list(titles) if titles is not None else [f"map {i}" for i in range(len(maps))]
+    maps = [m.detach().float().cpu() for m in maps]
+    heat = normalize_maps(upsample([m[None] for m in maps], (H, W))[0], shared_scale)
+    names = list(titles) if titles is not None else [f"map {i}" for i in range(len(maps))]
     n = len(maps) + 1
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(2.6 * ncols + 0.6 * colorbar, 2.6 * nrows * H / W + 0.4),
-                 layout="constrained")
+    fig = new_figure(figsize=(2.2 * ncols + 0.6 * colorbar, 2.3 * nrows * H / W + 0.4),
+                     layout="constrained")
     axs = fig.subplots(nrows, ncols, squeeze=False).ravel()
     axs[0].imshow(img)
-    axs[0].set_title("image")
+    if mask is not None:
+        axs[0].contour(np.asarray(mask, dtype=np.float32), levels=[0.5], colors="cyan",
+                       linewidths=0.8)
+    axs[0].set_title("image" + (" · mask outline" if mask is not None else ""), fontsize=9)
     axs[0].set_axis_off()
-    for ax, m, title in zip(axs[1:], heat, titles):
-        im = overlay(ax, img, m, cmap=cmap, alpha=alpha)
-        ax.set_title(title)
+    for ax, h, m, name in zip(axs[1:], heat, maps, names):
+        im = overlay(ax, img, h, cmap=cmap, mask=mask)
+        ax.set_title(map_title(name, m), fontsize=9)
     for ax in axs[n:]:
         ax.remove()
     if colorbar:
@@ -81,9 +131,7 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
         fig.colorbar(im, ax=list(axs[:n]), shrink=0.8, label=label)
     if suptitle:
         fig.suptitle(suptitle)
-    if save is not None:
-        fig.savefig(save, dpi=110)
-    return fig
+    return saved(fig, save)
 
 
 def class_index(vocab: Sequence[str], target: int | str) -> int:
@@ -97,8 +145,9 @@ def class_index(vocab: Sequence[str], target: int | str) -> int:
     return int(target)
 
 
-def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float]]:
-    """`img` as the model sees it (1, 3, H, W), decoded for display, and class probabilities."""
+def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor | None]:
+    """`img` as the model sees it (1, 3, H, W), decoded for display, class probabilities, and
+    its GT mask (H, W) through the same transforms, or None when it has no mask file."""
     dl = learn.dls.test_dl([img])
     xb = dl.one_batch()[0].to(next(learn.model.parameters()).device)
     was_training = learn.model.training
@@ -107,7 +156,11 @@ def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float]]:
             probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
     finally:
         learn.model.train(was_training)
-    return xb, dl.decode((xb.cpu(),))[0][0], probs
+    mask = None
+    if isinstance(img, (str, Path)) and mask_file(img).is_file():
+        (mask,) = dl.after_item((fish_mask(Path(img)),))  # Resize as for the image
+        mask = mask.as_subclass(Tensor)
+    return xb, dl.decode((xb.cpu(),))[0][0], probs, mask
 
 
 def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = None,
@@ -117,11 +170,12 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     Args:
         learn: a trained (or loaded) vision Learner.
         img: a path or PIL image, transformed by `learn.dls.test_dl` like validation items.
+            A Fish Dataset image gets its GT mask's outline on every panel.
         layers: modules or names; default every layer of `body_layers(learn)`.
         target: class name or index; default the predicted class.
         **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...).
     """
-    xb, image, probs = _one_image(learn, img)
+    xb, image, probs, mask = _one_image(learn, img)
     vocab = learn.dls.vocab
     pred = int(np.argmax(probs))
     cls = pred if target is None else class_index(vocab, target)
@@ -129,6 +183,7 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     maps = grad_cam(learn.model, xb, list(named.values()), cls)
     kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · "
                                   f"map for {vocab[cls]} ({probs[cls]:.2f})")
+    kwargs.setdefault("mask", mask)
     return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
 
 
@@ -141,26 +196,90 @@ def gradcam(self: Learner, img, layers=None, target=None, **kwargs) -> Figure:
 @patch
 def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
                             layer: Layer = "layer4", save: str | Path | None = None) -> Figure:
-    """The k validation images with the highest loss: the image, then the Grad-CAM maps of the
-    predicted and of the true class on one colour scale (one pass per image for both).
+    """The k validation images with the highest loss: the image, then the Grad-CAM maps at
+    `layer` of the predicted and of the true class (one pass per image for both).
 
-    Where the two maps differ is where the network found evidence for the wrong class.
+    The two maps of a row share one colour scale (divided by the larger maximum, printed in
+    the titles), so a row compares the strength of the evidence for the two classes. Where
+    they differ is where the network found evidence for the wrong class.
     """
     learn, vocab = self.learn, self.vocab
     losses, idxs = self.top_losses(k)
-    fig = Figure(figsize=(7.8, 2.3 * len(idxs)), layout="constrained")
-    for row, loss, i in zip(fig.subplots(len(idxs), 3, squeeze=False), losses, idxs):
+    fig = new_figure(figsize=(8.4, 2.3 * len(idxs) + 0.5), layout="constrained")
+    axs = fig.subplots(len(idxs), 3, squeeze=False)
+    for row, loss, i in zip(axs, losses, idxs):
         item, true = self.dl.items[int(i)], int(self.dl.dataset[int(i)][1])
-        xb, image, probs = _one_image(learn, item)
+        xb, image, probs, mask = _one_image(learn, item)
         pred = int(np.argmax(probs))
         (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
         heat = normalize_maps(upsample(maps.cpu(), xb.shape[-2:]), shared_scale=True)
         row[0].imshow(image_hwc(image))
         row[0].set_axis_off()
         row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)
-        for ax, m, c, what in zip(row[1:], heat, (pred, true), ("pred", "true")):
-            overlay(ax, image, m)
-            ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f})", fontsize=9)
-    if save is not None:
-        fig.savefig(save, dpi=110)
-    return fig
+        for ax, h, m, c, what in zip(row[1:], heat, maps, (pred, true), ("pred", "true")):
+            im = overlay(ax, image, h, mask=mask)
+            ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
+                         fontsize=9)
+    name = layer if isinstance(layer, str) else type(layer).__name__
+    fig.suptitle(f"Grad-CAM at {name}: predicted class beside true class", fontsize=10)
+    fig.colorbar(im, ax=axs[:, 1:].ravel().tolist(), shrink=0.6,
+                 label="Grad-CAM / larger max of the row")
+    return saved(fig, save)
+
+
+def plot_localization(report: pd.DataFrame, title: str | None = None,
+                      save: str | Path | None = None) -> Figure:
+    """Bar charts of a `localization_report`: pointing game and energy in mask per layer,
+    with the chance and centre baselines drawn across."""
+    fig = new_figure(figsize=(10, 3.4), layout="constrained")
+    axs = fig.subplots(1, 2)
+    labels = [f"{name}\n{size}" for name, size in zip(report.index, report["map"])]
+    for ax, col, what in zip(axs, ("pointing", "energy"),
+                             ("pointing game: peak inside the mask", "energy inside the mask")):
+        ax.bar(labels, report[col], color="tab:orange")
+        ax.axhline(report["chance"].iloc[0], color="k", ls="--", lw=1, label="chance")
+        if col == "pointing":
+            ax.axhline(report["centre"].iloc[0], color="tab:blue", ls=":", lw=1.5,
+                       label="centre point")
+        ax.set_ylim(0, 1)
+        ax.set_title(what, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or f"Grad-CAM against the GT masks, {report['images'].iloc[0]} images")
+    return saved(fig, save)
+
+
+def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, dl=None,
+                          save: str | Path | None = None) -> Figure:
+    """Up to `n` hits and `n` misses of the pointing game at `layer`, true class's map.
+
+    Each panel shows the map over the image, the mask's outline and the map's peak (a green
+    dot on a hit, a red cross on a miss). `dl` gives (image, class, mask) batches; default
+    `mask_dl(learn)`, the validation set.
+    """
+    dl = mask_dl(learn) if dl is None else dl
+    vocab, found = learn.dls.vocab, {True: [], False: []}
+    for xb, yb, mb in dl:
+        (maps,) = grad_cam(learn.model, xb, layer, yb)
+        masks = mb.as_subclass(Tensor).cpu().bool()
+        heat = normalize_maps(upsample(maps.cpu(), masks.shape[-2:]))
+        hits, (py, px) = pointing_game(heat, masks), peak_points(heat)
+        images = dl.decode((xb.cpu(),))[0]
+        for i, hit in enumerate(hits.tolist()):
+            if len(found[hit]) < n:
+                found[hit].append((images[i], heat[i], masks[i], (py[i], px[i]), int(yb[i])))
+        if all(len(v) == n for v in found.values()):
+            break
+    fig = new_figure(figsize=(2.3 * n, 5.0), layout="constrained")
+    for row, hit in zip(fig.subplots(2, n, squeeze=False), (True, False)):
+        for ax, shown in zip(row, found[hit] + [None] * n):
+            if shown is None:
+                ax.set_axis_off()
+                continue
+            image, h, mask, (y, x), cls = shown
+            overlay(ax, image, h, mask=mask)
+            ax.plot(x, y, "o" if hit else "x", color="lime" if hit else "red", ms=8, mew=2)
+            ax.set_title(f"{'hit' if hit else 'miss'} · {vocab[cls]}", fontsize=9)
+    name = layer if isinstance(layer, str) else type(layer).__name__
+    fig.suptitle(f"Pointing game at {name}: peaks inside the mask (top) and outside (bottom)")
+    return saved(fig, save)

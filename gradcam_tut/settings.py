@@ -1,7 +1,8 @@
 """Full or smoke settings for a notebook run, decided once and printed.
 
-Full: the real dataset, 224 px, pretrained resnet34, `to_fp16` on a CUDA GPU. Smoke: small
-images, few epochs, random weights, the mini fish set unless the real one is there; chosen by
+Full: the real dataset, 224 px, pretrained resnet34, `to_fp16` on a CUDA GPU. Smoke: 128 px
+images, a few epochs, random weights, the mini fish set unless the real one is there (a recipe
+measured to pass 0.9 validation accuracy on it within minutes on 2 CPU cores); chosen by
 `smoke=True`, by `GRADCAM_TUT_SMOKE=1`, or automatically when there is no CUDA GPU, no dataset
 or no pretrained weights.
 """
@@ -21,6 +22,7 @@ from .mini_fish import FULL, make_mini_fish
 from .train import load_fish_learner, train_fish
 
 SMOKE_ENV = "GRADCAM_TUT_SMOKE"
+SMOKE_SIZE = 128  # the smallest size at which layer4's map (size / 32) is 4x4
 RUNS_DIR = DATA_DIR.parent / "runs"
 
 
@@ -47,6 +49,7 @@ class RunSettings:
     bs: int
     epochs: int
     pretrained: bool
+    lr: float | None = None
     max_per_class: int | None = None
     seed: int = 42
     out: Path = field(default=RUNS_DIR)
@@ -69,7 +72,7 @@ class RunSettings:
     def train(self, **kwargs):
         """`train_fish` with these settings, exported to `model_file`."""
         return train_fish(self.data, epochs=self.epochs, size=self.size, bs=self.bs,
-                          pretrained=self.pretrained, seed=self.seed,
+                          pretrained=self.pretrained, lr=self.lr, seed=self.seed,
                           max_per_class=self.max_per_class, export_to=self.model_file, **kwargs)
 
     def learner(self):
@@ -112,9 +115,10 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
     else:
         reasons.append(f"asked for {'smoke' if smoke else 'full'}")
     if smoke:
-        smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish")
-        s = RunSettings(True, ", ".join(reasons), smoke_data, size=64, bs=32, epochs=6,
-                        pretrained=False, max_per_class=80 if real is not None else None)
+        smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish", n_workers=os.cpu_count())
+        s = RunSettings(True, ", ".join(reasons), smoke_data, size=SMOKE_SIZE, bs=16, epochs=4,
+                        pretrained=False, lr=5e-3,
+                        max_per_class=80 if real is not None else None)
     else:
         s = RunSettings(False, ", ".join(reasons) or "GPU, dataset and weights found",
                         dataset or make_mini_fish(DATA_DIR / "mini_fish_full", FULL),

@@ -91,3 +91,15 @@ def test_refuses_its_own_set_with_another_spec(tmp_path):
     with pytest.raises(FileExistsError, match="made with"):
         make_mini_fish(dest, MiniFishSpec(per_class=3, width=48, height=36), progress=False)
     assert digest(dest) == before
+
+
+def test_redraws_its_own_set_from_an_older_generator(tmp_path):
+    dest = tmp_path / "m"
+    make_mini_fish(dest, SPEC, progress=False)
+    expected = digest(dest)
+    marker = json.loads((dest / MARKER).read_text())
+    (dest / MARKER).write_text(json.dumps({**marker, "generator": 1}))
+    f = fish_image_files(dest)[0]
+    f.write_bytes(b"drawn by an older generator")
+    make_mini_fish(dest, SPEC, progress=False)
+    assert digest(dest) == expected and json.loads((dest / MARKER).read_text()) == marker

@@ -11,6 +11,7 @@ FIGURES = {
     "02": ["02_layer4_by_hand.png"],
     "03": ["03_layer_grid_pred.png", "03_layer_grid_runner_up.png", "03_layer_grid_shared.png"],
     "04": ["04_top_losses_gradcam.png"],
+    "05": ["05_localization_by_layer.png", "05_pointing_gallery.png"],
 }
 
 
@@ -20,7 +21,19 @@ def out(tmp_path_factory):
 
 
 def test_all_notebooks_found():
-    assert [n[:2] for n in NAMES] == ["01", "02", "03", "04"]
+    assert [n[:2] for n in NAMES] == ["01", "02", "03", "04", "05"]
+
+
+def assert_figures_shown(nb):
+    """Every cell that saves a figure shows it inline, and no figure is left as bare text."""
+    for cell in nb.cells:
+        outputs = cell.get("outputs", [])
+        data = [o.get("data", {}) for o in outputs]
+        for d in data:
+            text = "".join(d.get("text/plain", ""))
+            assert "image/png" in d or "<Figure size" not in text, f"figure as text: {cell.source}"
+        if cell.cell_type == "code" and "s.figure(" in cell.source:
+            assert any("image/png" in d for d in data), f"no image shown by: {cell.source}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -32,8 +45,11 @@ def test_notebook_runs(name, out, mini_dest):
     assert "mode: smoke (asked for smoke)" in printed
     for fig in FIGURES[name[:2]]:
         assert (out / "figures" / fig).stat().st_size > 1000, fig
+    assert_figures_shown(nb)
     if name.startswith("02"):
         assert "equals grad_cam: True" in printed and "bn1 equals grad_cam: True" in printed
         assert "hooks left: 0" in printed
     if name.startswith("03"):
-        assert "same maps: True" in printed
+        assert "same maps: True" in printed and "peak on the fish: conv1 " in printed
+    if name.startswith("05"):
+        assert "best layer by the pointing game: " in printed

@@ -7,7 +7,7 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
 from gradcam_tut import grad_cam
-from gradcam_tut.plot import class_index, gradcam_grid, image_hwc, plot_layer_grid
+from gradcam_tut.plot import class_index, gradcam_grid, heat_cmap, image_hwc, plot_layer_grid
 
 matplotlib.use("Agg")
 
@@ -18,7 +18,9 @@ def test_layer_grid_figure_and_png(tmp_path):
     fig = plot_layer_grid(image, maps, titles=["a", "b", "c"], ncols=2, save=tmp_path / "g.png")
     assert isinstance(fig, Figure) and plt.get_fignums() == []  # nothing left in pyplot
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == ["image", "a", "b", "c"]
+    assert [ax.get_title() for ax in panels] == [
+        "image", f"a · 20x30 · max {maps[0].max():.2g}", f"b · 5x8 · max {maps[1].max():.2g}",
+        "c · 3x3 · max 0"]
     assert (tmp_path / "g.png").stat().st_size > 1000
     heat = panels[3].get_images()[1].get_array()
     assert heat.shape == (40, 60) and float(heat.max()) == 0.0  # zero map: no NaN
@@ -52,9 +54,11 @@ def test_class_index():
 def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
     img = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
     fig = tiny_learner.gradcam(img, target="Trout", save=tmp_path / "grid.png")
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    titles = [ax.get_title().split(" · ")[0] for ax in fig.axes if ax.get_title()]
     assert titles == ["image", "conv1", "bn1", "relu", "maxpool",
                       "layer1", "layer2", "layer3", "layer4"]
+    assert fig.axes[8].get_title().startswith("layer4 · 1x1 · max ")  # 32 px input
+    assert all(ax.collections for ax in fig.axes[:9])  # a mini fish image: its mask outline
     assert "map for Trout" in fig._suptitle.get_text()
     # the layer4 panel shows grad_cam's map for Trout, upsampled and scaled to its max
     x = tiny_learner.dls.test_dl([img]).one_batch()[0]
@@ -87,6 +91,22 @@ def test_top_losses_gradcam(tiny_learner, mini_root):
     tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
     interp = ClassificationInterpretation.from_learner(tiny_learner)
     fig = interp.plot_top_losses_gradcam(k=3)
-    assert len(fig.axes) == 9
+    assert len(fig.axes) == 10 and fig.axes[-1].get_label() == "<colorbar>"
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0].startswith("true ") and titles[1].startswith("pred ")
+    assert " · max " in titles[1] and "at layer4" in fig._suptitle.get_text()
+
+
+def test_overlay_is_transparent_where_the_map_is_zero():
+    cmap = heat_cmap()
+    assert cmap(0.0)[3] == 0.0 and cmap(1.0)[3] == pytest.approx(0.85)
+    assert cmap(0.5)[3] == pytest.approx(0.85 * 128 / 255, abs=0.01)
+
+
+def test_mask_outline_on_every_panel():
+    image, mask = torch.rand(3, 16, 16), torch.zeros(16, 16)
+    mask[4:10, 4:12] = 1
+    fig = plot_layer_grid(image, [torch.rand(4, 4), torch.rand(2, 2)], mask=mask, colorbar=False)
+    assert [len(ax.collections) for ax in fig.axes] == [1, 1, 1]
+    assert fig.axes[0].get_title() == "image · mask outline"
+

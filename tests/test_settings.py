@@ -14,7 +14,7 @@ def test_auto_mode_says_why(mini_dest, tmp_path, capsys):
         pytest.skip("checks the CPU decision")
     s = run_settings(data=mini_dest, out=tmp_path)
     assert s.smoke and "no CUDA GPU" in s.reason and "no Fish Dataset found" in s.reason
-    assert (s.size, s.pretrained) == (64, False) and s.model_file.parent.parent == tmp_path
+    assert (s.size, s.pretrained) == (128, False) and s.model_file.parent.parent == tmp_path
     assert capsys.readouterr().out.startswith("mode: smoke (no CUDA GPU, no Fish Dataset found)")
 
 
@@ -29,7 +29,7 @@ def test_env_and_argument(mini_dest, monkeypatch):
 
 def test_overrides(mini_dest):
     s = run_settings(smoke=True, data=mini_dest, epochs=1, size=None)
-    assert (s.epochs, s.size) == (1, 64)  # None keeps the mode's value
+    assert (s.epochs, s.size) == (1, 128)  # None keeps the mode's value
     with pytest.raises(TypeError):
         run_settings(smoke=True, data=mini_dest, epoch=1)
 

@@ -44,3 +44,17 @@ def test_pretrained_falls_back_to_random_weights_offline(mini_root):
 def test_load_missing_model_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run notebook 01"):
         load_fish_learner(tmp_path / "none.pkl")
+
+
+def test_training_is_reproducible(mini_root, tmp_path):
+    """Seeded: the same data, seed and settings train the same weights (so the same maps)."""
+    from gradcam_tut.train import train_fish
+
+    def weights(seed):
+        learn = train_fish(mini_root, arch=resnet18, epochs=1, size=32, bs=8, pretrained=False,
+                           seed=seed, num_workers=0)
+        return torch.cat([p.detach().flatten() for p in learn.model.parameters()])
+
+    first = weights(42)
+    assert torch.equal(first, weights(42))
+    assert not torch.equal(first, weights(7))

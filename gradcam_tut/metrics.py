@@ -1,0 +1,163 @@
+"""Does a map land on the object? Pointing game and energy in the GT mask, per layer.
+
+Maps and masks are (B, H, W) at the image's size: upsample Grad-CAM maps with `upsample` and
+carry the masks through the same transforms as the images (`fish_dataloaders(with_masks=True)`,
+or `mask_dl(learn)`). Two baselines say what a map that knows nothing scores: *chance*, the
+mask's share of the image (a random point, or a flat map's energy), and *centre*, a map whose
+peak is the image centre (objects are often near the middle).
+"""
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+import torch
+from fastai.data.core import Datasets, TfmdDL
+from fastai.data.transforms import Categorize, parent_label
+from fastai.learner import Learner
+from fastai.vision.core import PILImage
+from fastprogress.fastprogress import progress_bar
+from torch import Tensor
+
+from .cam import Layer, body_layers, grad_cam, resolve_layers, upsample
+from .data import fish_mask
+
+
+def _check(maps: Tensor, masks: Tensor) -> None:
+    if maps.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be "
+                         "(B, H, W): upsample the maps to the masks' size first")
+    if (maps < 0).any():
+        raise ValueError("maps must be non-negative (Grad-CAM after its ReLU)")
+
+
+def peak_points(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column of each map's maximum, (B,) each.
+
+    Upsampling a coarse map copies its border cells into flat bands, so the maximum can be a
+    plateau; the peak is then the plateau's pixel nearest its centroid, not its first pixel.
+    """
+    B, H, W = maps.shape
+    flat = maps.flatten(1)  # (B, H*W)
+    tied = flat == flat.amax(dim=1, keepdim=True)
+    rows = torch.arange(H, device=maps.device).repeat_interleave(W).float()
+    cols = torch.arange(W, device=maps.device).repeat(H).float()
+    n = tied.sum(dim=1, keepdim=True)
+    cy, cx = (tied * rows).sum(1, keepdim=True) / n, (tied * cols).sum(1, keepdim=True) / n
+    dist = ((rows - cy) ** 2 + (cols - cx) ** 2).masked_fill(~tied, float("inf"))
+    idx = dist.argmin(dim=1)
+    return idx // W, idx % W
+
+
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
+    """Whether each map's peak lies in its mask, or within `tolerance` pixels of it.
+
+    The pointing game (Zhang et al., 2018) uses a 15 px tolerance on full-size images.
+
+    Args:
+        maps: (B, H, W), non-negative. An all-zero map points nowhere: a miss.
+        masks: (B, H, W), nonzero on the object.
+        tolerance: the largest distance, in pixels, from the peak to the mask for a hit.
+
+    Returns:
+        (B,) bool; its mean is the pointing-game score.
+    """
+    _check(maps, masks)
+    B, H, W = maps.shape
+    y, x = peak_points(maps)
+    masks = masks.bool()
+    rows = torch.arange(H, device=maps.device)[None, :, None]
+    cols = torch.arange(W, device=maps.device)[None, None, :]
+    near = (rows - y[:, None, None]) ** 2 + (cols - x[:, None, None]) ** 2 <= tolerance**2
+    hit = (near & masks).flatten(1).any(dim=1)  # tolerance 0: the peak pixel itself
+    return hit & (maps.flatten(1).amax(dim=1) > 0)
+
+
+def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
+    """The share of each map's mass inside its mask, (B,) in [0, 1]; 0 for an all-zero map."""
+    _check(maps, masks)
+    total = maps.flatten(1).sum(dim=1)
+    inside = (maps * masks.bool()).flatten(1).sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
+
+
+def chance(masks: Tensor) -> Tensor:
+    """The mask's share of the image, (B,): a random point's pointing hit rate, and the energy
+    in mask of a flat map."""
+    return masks.bool().flatten(1).float().mean(dim=1)
+
+
+def centre_map(H: int, W: int) -> Tensor:
+    """A map (H, W) that knows nothing but peaks at the image centre: 1 minus the distance."""
+    rows = torch.arange(H).float()[:, None] - (H - 1) / 2
+    cols = torch.arange(W).float()[None, :] - (W - 1) / 2
+    dist = (rows**2 + cols**2).sqrt()
+    return 1 - dist / dist.max()
+
+
+def mask_dl(learn: Learner, items: Sequence | None = None,
+            get_mask: Callable = fish_mask, bs: int | None = None) -> TfmdDL:
+    """(image, class, mask) batches with the validation transforms of `learn.dls`.
+
+    The masks go through the same Resize as the images (nearest-neighbour for masks), so
+    they line up with maps upsampled to the input size.
+
+    Args:
+        items: image files, labelled by their parent folder; default the validation set.
+        get_mask: file -> `PILMask` (0 background, 1 object); default the Fish GT mask.
+    """
+    items = learn.dls.valid_ds.items if items is None else items
+    if len(items) == 0:
+        raise ValueError("no images to measure: the learner has no validation items; attach "
+                         "DataLoaders (learn.dls = ...) or pass items=")
+    tfms = [[PILImage.create], [parent_label, Categorize(vocab=learn.dls.vocab)], [get_mask]]
+    dsets = Datasets(items, tfms, n_inp=1, split_idx=1)  # 1: validation transforms only
+    return learn.dls.valid.new(dsets, bs=bs or learn.dls.valid.bs, shuffle=False,
+                               drop_last=False)
+
+
+def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None = None,
+                        targets: str = "true", tolerance: float = 0) -> pd.DataFrame:
+    """Per-layer localization of the Grad-CAM maps against the GT masks.
+
+    One `grad_cam` pass per batch gives every layer's map; each is upsampled to the image and
+    scored with `pointing_game` and `energy_in_mask`.
+
+    Args:
+        learn: a vision Learner.
+        dl: batches of (image, class, mask); default `mask_dl(learn)`, the validation set.
+        layers: modules or names; default `body_layers(learn)`.
+        targets: "true" for the labelled class's map, "pred" for the predicted class's.
+        tolerance: the pointing game's tolerance in pixels.
+
+    Returns:
+        One row per layer: its native map size, pointing game, energy in mask, the share of
+        all-zero maps, the chance and centre baselines, and the number of images.
+    """
+    if targets not in ("true", "pred"):
+        raise ValueError(f"targets={targets!r}: use 'true' (the label) or 'pred' (prediction)")
+    dl = mask_dl(learn) if dl is None else dl
+    named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
+    L = len(named)
+    points, energy, zero = torch.zeros(L), torch.zeros(L), torch.zeros(L)
+    sizes, base_chance, base_centre, n = [""] * L, 0.0, 0.0, 0
+    for xb, yb, mb in progress_bar(dl, leave=False):
+        maps = grad_cam(learn.model, xb, list(named.values()), yb if targets == "true" else None)
+        masks = mb.as_subclass(Tensor).cpu().bool()  # (B, H, W)
+        B, H, W = masks.shape
+        heat = upsample([m.cpu() for m in maps], (H, W))  # (B, L, H, W)
+        for i, m in enumerate(maps):
+            sizes[i] = "x".join(map(str, m.shape[1:]))
+            points[i] += pointing_game(heat[:, i], masks, tolerance).sum()
+            energy[i] += energy_in_mask(heat[:, i], masks).sum()
+            zero[i] += (heat[:, i].flatten(1).amax(dim=1) <= 0).sum()
+        base_chance += chance(masks).sum().item()
+        centre = centre_map(H, W).expand(B, H, W)
+        base_centre += pointing_game(centre, masks, tolerance).sum().item()
+        n += B
+    if n == 0:
+        raise ValueError("the DataLoader gave no batches: nothing to measure")
+    return pd.DataFrame({
+        "map": sizes, "pointing": (points / n).tolist(), "energy": (energy / n).tolist(),
+        "zero_maps": (zero / n).tolist(), "chance": base_chance / n,
+        "centre": base_centre / n, "images": n,
+    }, index=pd.Index(list(named), name="layer"))
