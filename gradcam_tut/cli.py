@@ -37,6 +37,15 @@ def run_notebooks(out: Path = RUNS_DIR, smoke: bool | None = None,
     return [execute(nb) for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
 
 
+def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `gradcam-tut mini-fish`, and of `python -m gradcam_tut.mini_fish`."""
+    p.add_argument("dest", type=Path)
+    p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
+    p.add_argument("--per-class", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="gradcam-tut", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -44,9 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", type=Path, default=RUNS_DIR)
     run.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
                      help="force smoke (or full) mode; default: decide from GPU, data, weights")
-    from . import mini_fish
-
-    mini_fish.add_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
+    add_mini_fish_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
     grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")
     grid.add_argument("image", type=Path)
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(figures)} figures in {args.out / 'figures'}:")
         print("\n".join(f"  {f.name}" for f in figures))
     elif args.cmd == "mini-fish":
+        from . import mini_fish
+
         mini_fish.run(args)
     else:
         from .plot import gradcam_grid

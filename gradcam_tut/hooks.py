@@ -1,15 +1,14 @@
 """Forward and backward hooks that store what a module saw; torch only, so the file can be pasted.
 
-    with HookBwd(body.layer4) as hookg, HookForward(body.layer4) as hook:
-        output = model.eval()(x)
+    layer = learn.model[0][7]                  # fastai resnet: [0] is the body, [7] its layer4
+    with HookBwd(layer) as hookg, HookForward(layer) as hook:
+        output = learn.model.eval()(x)
         act = hook.stored                      # (B, K, h, w)
     output[0, cls].backward()
     grad = hookg.stored                        # (B, K, h, w)
 
 Both remove their hooks on exit, also when the block raises.
 """
-
-from __future__ import annotations
 
 from typing import Any
 
@@ -83,7 +82,8 @@ class HookForwardMany(Hooks):
     `.stored[i]` is `None` until `modules[i]` runs, then its output, still attached to the
     graph (made to require grad if it did not), so `torch.autograd.grad(score, hook.stored)`
     gives the gradient for every layer in one backward. The network goes on with a clone of
-    each output, so an in-place op that follows leaves the stored tensor intact.
+    each output, so an in-place op that follows leaves the stored tensor intact. A module that
+    runs twice in the forward raises ValueError rather than give an ambiguous map.
     """
 
     def __init__(self, modules: list[nn.Module]):
@@ -95,6 +95,10 @@ class HookForwardMany(Hooks):
             if not isinstance(output, Tensor):
                 raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; "
                                 "hook a module whose output is a single tensor")
+            if self.stored[idx] is not None:  # resnet's BasicBlock runs its `relu` twice
+                raise ValueError(f"{type(module).__name__} ran twice in one forward, so its "
+                                 "activation and gradient would not pair up: hook a module that "
+                                 "runs once (the block, or one of its convs)")
             if not output.requires_grad:  # frozen body and an input without grad
                 output.requires_grad_()
             self.stored[idx] = output

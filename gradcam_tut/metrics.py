@@ -127,7 +127,8 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         dl: batches of (image, class, mask); default `mask_dl(learn)`, the validation set.
         layers: modules or names; default `body_layers(learn)`.
         targets: "true" for the labelled class's map, "pred" for the predicted class's.
-        tolerance: the pointing game's tolerance in pixels.
+        tolerance: when > 0, the pointing game and its centre baseline are also scored with
+            this tolerance in pixels, in the same pass (columns `pointing_tol`, `centre_tol`).
 
     Returns:
         One row per layer: its native map size, pointing game, energy in mask, the share of
@@ -137,9 +138,10 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         raise ValueError(f"targets={targets!r}: use 'true' (the label) or 'pred' (prediction)")
     dl = mask_dl(learn) if dl is None else dl
     named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
-    L = len(named)
-    points, energy, zero = torch.zeros(L), torch.zeros(L), torch.zeros(L)
-    sizes, base_chance, base_centre, n = [""] * L, 0.0, 0.0, 0
+    tols = (0, tolerance) if tolerance > 0 else (0,)
+    L, T = len(named), len(tols)
+    points, energy, zero = torch.zeros(T, L), torch.zeros(L), torch.zeros(L)
+    centre, sizes, base_chance, n = torch.zeros(T), [""] * L, 0.0, 0
     for xb, yb, mb in progress_bar(dl, leave=False):
         maps = grad_cam(learn.model, xb, list(named.values()), yb if targets == "true" else None)
         masks = mb.as_subclass(Tensor).cpu().bool()  # (B, H, W)
@@ -147,17 +149,22 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         heat = upsample([m.cpu() for m in maps], (H, W))  # (B, L, H, W)
         for i, m in enumerate(maps):
             sizes[i] = "x".join(map(str, m.shape[1:]))
-            points[i] += pointing_game(heat[:, i], masks, tolerance).sum()
             energy[i] += energy_in_mask(heat[:, i], masks).sum()
             zero[i] += (heat[:, i].flatten(1).amax(dim=1) <= 0).sum()
+            for t, tol in enumerate(tols):
+                points[t, i] += pointing_game(heat[:, i], masks, tol).sum()
         base_chance += chance(masks).sum().item()
-        centre = centre_map(H, W).expand(B, H, W)
-        base_centre += pointing_game(centre, masks, tolerance).sum().item()
+        for t, tol in enumerate(tols):
+            centre[t] += pointing_game(centre_map(H, W).expand(B, H, W), masks, tol).sum()
         n += B
     if n == 0:
         raise ValueError("the DataLoader gave no batches: nothing to measure")
-    return pd.DataFrame({
-        "map": sizes, "pointing": (points / n).tolist(), "energy": (energy / n).tolist(),
-        "zero_maps": (zero / n).tolist(), "chance": base_chance / n,
-        "centre": base_centre / n, "images": n,
-    }, index=pd.Index(list(named), name="layer"))
+    columns = {"map": sizes, "pointing": (points[0] / n).tolist()}
+    if tolerance > 0:
+        columns["pointing_tol"] = (points[1] / n).tolist()
+    columns |= {"energy": (energy / n).tolist(), "zero_maps": (zero / n).tolist(),
+                "chance": base_chance / n, "centre": centre[0].item() / n}
+    if tolerance > 0:
+        columns["centre_tol"] = centre[1].item() / n
+    columns["images"] = n
+    return pd.DataFrame(columns, index=pd.Index(list(named), name="layer"))

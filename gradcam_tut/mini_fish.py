@@ -23,7 +23,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from .data import CLASSES, mask_file
 
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
-GENERATOR = 2  # bumped when the drawing changes, so that an older set is drawn again
+GENERATOR = 3  # bumped when the drawing changes, so that an older set is drawn again
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ LOOKS = {
 class MiniFishSpec:
     """What the generator is asked for; stored in the marker file."""
 
-    per_class: int = 80
+    per_class: int = 72
     width: int = 128
     height: int = 96
     seed: int = 42
@@ -192,7 +192,8 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     The layout is Kaggle's: `dest/Fish_Dataset/Fish_Dataset/<Class>/<Class>/*.png` and
     `.../<Class>/<Class> GT/*.png`. `dest` must be empty, missing, or a folder this function
     made before (its marker file says so); a complete set made with the same spec is reused,
-    and an unfinished one, or one an older version of this generator drew, is drawn again.
+    an unfinished one is finished, and one that an older version of this generator drew is
+    replaced (its files removed, nothing else, and the set drawn anew).
 
     Raises:
         FileExistsError: `dest` holds anything else, or a mini set made with another spec.
@@ -205,10 +206,17 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
         made = json.loads(marker.read_text())
         if made == wanted:
             return root
-        if {k: made.get(k) for k in asdict(spec)} != asdict(spec):
+        older = made.get("generator", 1) < GENERATOR
+        if not older and {k: made.get(k) for k in asdict(spec)} != asdict(spec):
             raise FileExistsError(f"{dest} holds a mini fish set made with {made}; pass another "
                                   f"folder for {asdict(spec)}, or delete {dest} yourself")
-        # its own set, unfinished or drawn by an older generator: drawn again, file by file
+        if older:  # drawn by an older generator: remove the files it wrote, and only those
+            for cls in CLASSES:
+                for i in range(made["per_class"]):
+                    f = image_file(root, cls, i)
+                    f.unlink(missing_ok=True)
+                    mask_file(f).unlink(missing_ok=True)
+        # its own set, unfinished or outdated: drawn (again) file by file
     elif dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty and was not made by make_mini_fish: "
                               "pass a new or empty folder; nothing was written")
@@ -223,15 +231,6 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     return root
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The command-line options, shared by `python -m gradcam_tut.mini_fish` and `gradcam-tut`."""
-    p.add_argument("dest", type=Path)
-    p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
-    p.add_argument("--per-class", type=int)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int, default=0)
-
-
 def run(args: argparse.Namespace) -> Path:
     """Write the set the parsed options ask for and print where its classes are."""
     spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed)
@@ -242,8 +241,10 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import add_mini_fish_arguments
+
     p = argparse.ArgumentParser(description="Write the synthetic mini fish set.")
-    add_arguments(p)
+    add_mini_fish_arguments(p)
     run(p.parse_args(argv))
 
 

@@ -230,21 +230,27 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
 def plot_localization(report: pd.DataFrame, title: str | None = None,
                       save: str | Path | None = None) -> Figure:
     """Bar charts of a `localization_report`: pointing game and energy in mask per layer,
-    with the chance and centre baselines drawn across."""
+    with the chance and centre baselines drawn across (and, when the report has them, the
+    pointing game within its tolerance as lighter bars behind)."""
     fig = new_figure(figsize=(10, 3.4), layout="constrained")
     axs = fig.subplots(1, 2)
     labels = [f"{name}\n{size}" for name, size in zip(report.index, report["map"])]
+    if "pointing_tol" in report:
+        axs[0].bar(labels, report["pointing_tol"], color="navajowhite", label="within tolerance")
+        axs[0].axhline(report["centre_tol"].iloc[0], color="tab:blue", ls=":", lw=1,
+                       alpha=0.5, label="centre, within tolerance")
     for ax, col, what in zip(axs, ("pointing", "energy"),
                              ("pointing game: peak inside the mask", "energy inside the mask")):
-        ax.bar(labels, report[col], color="tab:orange")
+        ax.bar(labels, report[col], color="tab:orange", label=col)
         ax.axhline(report["chance"].iloc[0], color="k", ls="--", lw=1, label="chance")
         if col == "pointing":
             ax.axhline(report["centre"].iloc[0], color="tab:blue", ls=":", lw=1.5,
                        label="centre point")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.25)
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_title(what, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", ncols=3)
     fig.suptitle(title or f"Grad-CAM against the GT masks, {report['images'].iloc[0]} images")
     return saved(fig, save)
 

@@ -118,7 +118,7 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
         smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish", n_workers=os.cpu_count())
         s = RunSettings(True, ", ".join(reasons), smoke_data, size=SMOKE_SIZE, bs=16, epochs=4,
                         pretrained=False, lr=5e-3,
-                        max_per_class=80 if real is not None else None)
+                        max_per_class=72 if real is not None else None)
     else:
         s = RunSettings(False, ", ".join(reasons) or "GPU, dataset and weights found",
                         dataset or make_mini_fish(DATA_DIR / "mini_fish_full", FULL),

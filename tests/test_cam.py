@@ -152,6 +152,7 @@ def test_autocast_maps_are_float32_and_close(resnet18, batch):
     (dict(layers="layer4", targets=9), "out of range: the model has 9 classes"),
     (dict(layers="layer4", targets=-1), "out of range"),
     (dict(layers="layer4", targets=[1, 2]), "got 2 targets for a batch of 3"),
+    (dict(layers="layer1.0.relu"), "ReLU ran twice in one forward"),  # BasicBlock's relu
 ])
 def test_clear_errors(resnet18, batch, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -175,3 +176,20 @@ def test_upsample_and_normalize():
                             shared_scale=True)
     assert torch.allclose(shared.amax(dim=(-3, -2, -1)), torch.ones(2))
     assert upsample(maps[0], (8, 8)).shape == (2, 8, 8)
+
+
+def test_fastai_batch_in_plain_tensors_out(tiny_learner, mini_root):
+    """Straight from `dls.one_batch()`: TensorImage in, TensorCategory targets, plain maps out."""
+    from fastai.torch_core import TensorBase
+
+    from gradcam_tut.data import fish_dataloaders
+
+    dls = fish_dataloaders(mini_root, size=32, bs=4, num_workers=0)
+    xb, yb = dls.one_batch()
+    assert isinstance(xb, TensorBase) and isinstance(yb, TensorBase)
+    maps = grad_cam(tiny_learner.model, xb, ["layer3", "layer4"], targets=yb)
+    assert all(type(m) is torch.Tensor for m in maps)
+    plain = torch.from_numpy(xb.cpu().numpy())
+    plain = grad_cam(tiny_learner.model, plain, ["layer3", "layer4"], targets=yb.tolist())
+    assert all(torch.equal(a, b) for a, b in zip(maps, plain))
+    assert f"{maps[1].max():.3f}"  # formats like any tensor

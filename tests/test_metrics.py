@@ -108,5 +108,11 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
     assert report.loc["layer1", "pointing"] == pytest.approx((hits / total).item())
     pred = localization_report(tiny_learner, layers=["layer4"], targets="pred")
     assert pred["images"].item() == n
+    tol = localization_report(tiny_learner, layers=["layer1", "layer4"], tolerance=4)
+    assert list(tol.columns) == ["map", "pointing", "pointing_tol", "energy", "zero_maps",
+                                 "chance", "centre", "centre_tol", "images"]
+    assert tol["pointing"].tolist() == report["pointing"].tolist()
+    assert (tol["pointing_tol"] >= tol["pointing"]).all()
+    assert (tol["centre_tol"] >= tol["centre"]).all()
     with pytest.raises(ValueError, match="'true'"):
         localization_report(tiny_learner, targets="label")

@@ -93,13 +93,15 @@ def test_refuses_its_own_set_with_another_spec(tmp_path):
     assert digest(dest) == before
 
 
-def test_redraws_its_own_set_from_an_older_generator(tmp_path):
+def test_replaces_its_own_set_from_an_older_generator(tmp_path):
+    expected = digest(make_mini_fish(tmp_path / "new", SPEC, progress=False).parents[1])
     dest = tmp_path / "m"
-    make_mini_fish(dest, SPEC, progress=False)
-    expected = digest(dest)
+    older = MiniFishSpec(per_class=3, width=48, height=36)  # another spec, an older generator
+    make_mini_fish(dest, older, progress=False)
     marker = json.loads((dest / MARKER).read_text())
-    (dest / MARKER).write_text(json.dumps({**marker, "generator": 1}))
-    f = fish_image_files(dest)[0]
-    f.write_bytes(b"drawn by an older generator")
+    (dest / MARKER).write_text(json.dumps({**marker, "generator": marker["generator"] - 1}))
+    mine = dest / "Fish_Dataset" / "Fish_Dataset" / "Trout" / "notes.txt"
+    mine.write_text("not the generator's")
     make_mini_fish(dest, SPEC, progress=False)
-    assert digest(dest) == expected and json.loads((dest / MARKER).read_text()) == marker
+    assert digest(dest) == expected  # 2 per class now, none of the 3rd left over
+    assert mine.read_text() == "not the generator's"  # what it did not write stays
