@@ -63,6 +63,13 @@ def heat_cmap(name: str = "magma", max_alpha: float = 0.85) -> ListedColormap:
     return ListedColormap(colors, name=f"{name}_fade")
 
 
+def outline(ax: Axes, mask) -> None:
+    """Draw the outline of `mask` (H, W), nonzero on the object, in cyan; nothing for None."""
+    if mask is not None:
+        ax.contour(np.asarray(mask, dtype=np.float32), levels=[0.5], colors="cyan",
+                   linewidths=0.8)
+
+
 def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", vmax: float = 1.0,
             mask=None):
     """Draw `image` with `heatmap` (H, W) on top, and the mask's outline when given.
@@ -71,9 +78,7 @@ def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", vmax: float =
     """
     ax.imshow(image_hwc(image))
     im = ax.imshow(heatmap.detach().cpu().numpy(), cmap=heat_cmap(cmap), vmin=0, vmax=vmax)
-    if mask is not None:
-        ax.contour(np.asarray(mask, dtype=np.float32), levels=[0.5], colors="cyan",
-                   linewidths=0.8)
+    outline(ax, mask)
     ax.set_axis_off()
     return im
 
@@ -116,9 +121,7 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
                      layout="constrained")
     axs = fig.subplots(nrows, ncols, squeeze=False).ravel()
     axs[0].imshow(img)
-    if mask is not None:
-        axs[0].contour(np.asarray(mask, dtype=np.float32), levels=[0.5], colors="cyan",
-                       linewidths=0.8)
+    outline(axs[0], mask)
     axs[0].set_title("image" + (" · mask outline" if mask is not None else ""), fontsize=9)
     axs[0].set_axis_off()
     for ax, h, m, name in zip(axs[1:], heat, maps, names):
@@ -220,7 +223,7 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
             im = overlay(ax, image, h, mask=mask)
             ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
                          fontsize=9)
-    name = layer if isinstance(layer, str) else type(layer).__name__
+    name = next(iter(resolve_layers(learn.model, layer)))
     fig.suptitle(f"Grad-CAM at {name}: predicted class beside true class", fontsize=10)
     fig.colorbar(im, ax=axs[:, 1:].ravel().tolist(), shrink=0.6,
                  label="Grad-CAM / larger max of the row")
@@ -286,6 +289,6 @@ def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, d
             overlay(ax, image, h, mask=mask)
             ax.plot(x, y, "o" if hit else "x", color="lime" if hit else "red", ms=8, mew=2)
             ax.set_title(f"{'hit' if hit else 'miss'} · {vocab[cls]}", fontsize=9)
-    name = layer if isinstance(layer, str) else type(layer).__name__
+    name = next(iter(resolve_layers(learn.model, layer)))
     fig.suptitle(f"Pointing game at {name}: peaks inside the mask (top) and outside (bottom)")
     return saved(fig, save)

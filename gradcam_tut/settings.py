@@ -38,6 +38,18 @@ def pretrained_weights_available(timeout: float = 3.0) -> bool:
         return False
 
 
+def env_flag(name: str) -> bool:
+    """An environment variable read as a yes/no flag: 1/0, true/false, yes/no, on/off.
+
+    Raises:
+        ValueError: any other value (a typo must not pick a mode silently).
+    """
+    value = os.environ[name].strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{name}={os.environ[name]!r}: use 1/0, true/false, yes/no or on/off")
+    return value in ("1", "true", "yes", "on")
+
+
 @dataclass
 class RunSettings:
     """What a notebook runs with; `out` holds the exported model and the figures."""
@@ -94,7 +106,7 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
         overrides: any field of RunSettings (size, epochs, ...); None keeps the mode's value.
     """
     if smoke is None and os.environ.get(SMOKE_ENV, "") != "":
-        smoke = os.environ[SMOKE_ENV].lower() not in ("0", "false", "no")
+        smoke = env_flag(SMOKE_ENV)
     try:
         real = find_fish_dataset(data)
     except FileNotFoundError:

@@ -90,3 +90,20 @@ def test_hooks_file_is_standalone(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_readme_snippet_runs_as_printed(tiny_learner, mini_root):
+    """The README's "Copy the hooks" block, on a fresh learner, gives grad_cam's map."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Copy the hooks"):]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    img = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
+    scope = {"learn": tiny_learner, "HookBwd": HookBwd, "HookForward": HookForward}
+    exec(code.replace("some_fish.png", str(img)), scope)
+    expected = grad_cam(tiny_learner.model, scope["x"], "layer4", scope["cls"])[0][0]
+    torch.testing.assert_close(scope["cam"], expected.cpu(), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None or not p.grad.any() for p in tiny_learner.model.parameters())
+    assert hooks_left(tiny_learner.model) == 0

@@ -27,6 +27,20 @@ def test_env_and_argument(mini_dest, monkeypatch):
     assert run_settings(smoke=True, data=mini_dest).smoke  # the argument wins
 
 
+@pytest.mark.parametrize("value, smoke", [("1", True), ("TRUE", True), ("yes", True),
+                                          ("on", True), ("0", False), ("False", False),
+                                          ("no", False), ("off", False)])
+def test_env_spellings(mini_dest, monkeypatch, value, smoke):
+    monkeypatch.setenv(SMOKE_ENV, value)
+    assert run_settings(data=mini_dest).smoke is smoke
+
+
+def test_env_typo_is_an_error(mini_dest, monkeypatch):
+    monkeypatch.setenv(SMOKE_ENV, "of")
+    with pytest.raises(ValueError, match="GRADCAM_TUT_SMOKE='of': use 1/0, true/false"):
+        run_settings(data=mini_dest)
+
+
 def test_overrides(mini_dest):
     s = run_settings(smoke=True, data=mini_dest, epochs=1, size=None)
     assert (s.epochs, s.size) == (1, 128)  # None keeps the mode's value
