@@ -97,12 +97,14 @@ def class_indices(targets: Targets, logits: Tensor) -> Tensor:
 
 @torch.enable_grad()  # also inside a user's `torch.no_grad()` block
 def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
-             targets: Targets = None) -> list[Tensor]:
+             targets: Targets = None, contrast: Targets = None) -> list[Tensor]:
     """Grad-CAM maps for several layers from ONE forward and ONE backward pass.
 
-    For a layer with activations A (B, K, h, w) and class score y_c:
+    For a layer with activations A (B, K, h, w) and class score y_c (the logit):
         alpha_k = mean_{i,j} dy_c/dA_k[i,j]        map = ReLU(sum_k alpha_k * A_k)
     Equal to captum's `LayerGradCam(model, layer).attribute(x, targets, relu_attributions=True)`.
+    With `contrast` the score is y_c - y_d, "why c rather than d": the map shows where the
+    evidence for c exceeds that for d (the same pass; the gradient is linear in the score).
     The model runs in eval mode, its mode is restored afterwards, every hook is removed (also
     when the forward raises) and parameters' `.grad` is left untouched.
 
@@ -112,6 +114,7 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         layers: modules of `model`, or names from `body_layers(model)` or dotted paths.
         targets: None for each image's predicted class, one int for every image, or B ints
             (a list, a tensor, or fastai's `TensorCategory` from `dls.one_batch()`).
+        contrast: the class d to contrast with, in the same forms; None for plain Grad-CAM.
 
     Returns:
         One float32 map per layer, plain `torch.Tensor` (B, h_l, w_l), on x's device; not
@@ -136,6 +139,8 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         raise ValueError(f"model returned shape {tuple(logits.shape)}; expected logits (B, C)")
     idx = class_indices(targets, logits)
     score = logits.float().gather(1, idx[:, None]).sum()  # images are independent: sum is fine
+    if contrast is not None:
+        score = score - logits.float().gather(1, class_indices(contrast, logits)[:, None]).sum()
     grads = torch.autograd.grad(score, hook.stored)  # no parameter .grad is touched
     maps = []
     for act, grad in zip(hook.stored, grads):

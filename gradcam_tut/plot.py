@@ -167,7 +167,8 @@ def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor
 
 
 def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = None,
-                 target: int | str | None = None, **kwargs) -> Figure:
+                 target: int | str | None = None, contrast: int | str | None = None,
+                 **kwargs) -> Figure:
     """Per-layer Grad-CAM grid for one image through a fastai vision Learner, in one pass.
 
     Args:
@@ -176,6 +177,8 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
             A Fish Dataset image gets its GT mask's outline on every panel.
         layers: modules or names; default every layer of `body_layers(learn)`.
         target: class name or index; default the predicted class.
+        contrast: a class name or index to contrast with: the maps of "why `target` rather
+            than `contrast`" (Grad-CAM of the difference of the two logits).
         **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...).
     """
     xb, image, probs, mask = _one_image(learn, img)
@@ -183,17 +186,20 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     pred = int(np.argmax(probs))
     cls = pred if target is None else class_index(vocab, target)
     named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
-    maps = grad_cam(learn.model, xb, list(named.values()), cls)
-    kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · "
-                                  f"map for {vocab[cls]} ({probs[cls]:.2f})")
+    other = None if contrast is None else class_index(vocab, contrast)
+    maps = grad_cam(learn.model, xb, list(named.values()), cls, other)
+    what = f"map for {vocab[cls]} ({probs[cls]:.2f})"
+    if other is not None:
+        what += f" rather than {vocab[other]} ({probs[other]:.2f})"
+    kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · {what}")
     kwargs.setdefault("mask", mask)
     return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
 
 
 @patch
-def gradcam(self: Learner, img, layers=None, target=None, **kwargs) -> Figure:
+def gradcam(self: Learner, img, layers=None, target=None, contrast=None, **kwargs) -> Figure:
     """`gradcam_grid(learn, img, ...)` as a method: `learn.gradcam(img, target="Trout")`."""
-    return gradcam_grid(self, img, layers=layers, target=target, **kwargs)
+    return gradcam_grid(self, img, layers=layers, target=target, contrast=contrast, **kwargs)
 
 
 @patch

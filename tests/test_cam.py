@@ -26,6 +26,25 @@ def test_equals_captum_at_every_body_layer(arch, batch, request):
         torch.testing.assert_close(m, ref, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_contrastive_equals_captum_on_the_logit_difference(resnet18, batch):
+    """"Why A rather than B" is Grad-CAM of y_A - y_B: captum on a model returning that."""
+    A, B = [3, 0, 5], [1, 1, 2]
+    layers = body_layers(resnet18)
+    maps = grad_cam(resnet18, batch, list(layers.values()), A, contrast=B)
+
+    def difference(x):  # (B, 1): y_A - y_B per image
+        logits = resnet18(x)
+        rows = torch.arange(len(x))
+        return (logits[rows, A] - logits[rows, B])[:, None]
+
+    for (name, layer), m in zip(layers.items(), maps):
+        ref = LayerGradCam(difference, layer).attribute(batch, 0, relu_attributions=True)[:, 0]
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(m, ref, rtol=1e-5, atol=1e-6, msg=name)
+    plain = grad_cam(resnet18, batch, "layer4", A)[0]
+    assert not torch.allclose(maps[-1], plain)  # the contrast changes the map
+
+
 def _minmax(m, dims=(-2, -1)):
     m = m - m.amin(dims, keepdim=True)
     return m / (1e-7 + m.amax(dims, keepdim=True))

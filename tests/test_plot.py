@@ -67,6 +67,9 @@ def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
     assert shown.shape == x.shape[-2:] and (m.max() == 0 or float(shown.max()) == 1.0)
     with pytest.raises(ValueError, match="no class named"):
         gradcam_grid(tiny_learner, img, target="Tuna")
+    why = tiny_learner.gradcam(img, layers=["layer3"], target="Trout", contrast="Shrimp")
+    assert "map for Trout" in why._suptitle.get_text()
+    assert "rather than Shrimp" in why._suptitle.get_text()
     assert (tmp_path / "grid.png").is_file()
     tiny_learner.model.train()
     gradcam_grid(tiny_learner, img, layers=["layer4"])
