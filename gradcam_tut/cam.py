@@ -46,7 +46,8 @@ def resolve_layers(model: nn.Module, layers: Layer | Sequence[Layer]) -> dict[st
 
     A name is one of `body_layers(model)` ("layer4") or a dotted path in `model` ("0.7.2").
     Raises:
-        ValueError: no layers, or a name that is neither (the message lists the body's names).
+        ValueError: no layers, a name that is neither (the message lists the body's names), or
+            the same layer twice.
     """
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -58,16 +59,19 @@ def resolve_layers(model: nn.Module, layers: Layer | Sequence[Layer]) -> dict[st
     out = {}
     for layer in layers:
         if isinstance(layer, nn.Module):
-            name = name_of.get(id(layer)) or path_of.get(id(layer)) or type(layer).__name__
-            out[name] = layer
+            name, module = name_of.get(id(layer)) or path_of.get(id(layer)), layer
+            name = name or type(layer).__name__
         elif layer in body:
-            out[layer] = body[layer]
+            name, module = layer, body[layer]
         else:
             try:
-                out[layer] = model.get_submodule(layer)
+                name, module = layer, model.get_submodule(layer)
             except AttributeError as exc:
                 raise ValueError(f"no layer named {layer!r}: use one of {list(body)} "
                                  "or a dotted path from model.named_modules()") from exc
+        if name in out or any(m is module for m in out.values()):
+            raise ValueError(f"layer {name!r} is asked for twice: pass each layer once")
+        out[name] = module
     return out
 
 
@@ -82,7 +86,15 @@ def class_indices(targets: Targets, logits: Tensor) -> Tensor:
         return logits.argmax(dim=1)
     if isinstance(targets, Tensor):
         targets = targets.as_subclass(Tensor)  # fastai's TensorCategory from a batch
-    idx = torch.as_tensor(targets, device=logits.device).long()
+    try:
+        idx = torch.as_tensor(targets, device=logits.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"targets {targets!r} are not class indices: pass ints; for a class "
+                         "name use learn.dls.vocab.o2i[name]") from exc
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"targets must be integer class indices, got {idx.dtype}: "
+                         "for a class name use learn.dls.vocab.o2i[name]")
+    idx = idx.long()
     if idx.ndim == 0:
         idx = idx.expand(B)
     if idx.shape != (B,):
@@ -123,20 +135,34 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     if x.ndim != 4:
         raise ValueError(f"x must be a batch (B, C, H, W), got shape {tuple(x.shape)}: "
                          "add the batch dimension with x[None]")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("grad_cam needs autograd, which torch.inference_mode() switches "
+                           "off: call it outside that block (torch.no_grad() is fine)")
+    param = next(model.parameters(), None)
+    if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled():
+        raise ValueError(f"x is {x.dtype} but the model's weights are {param.dtype}: pass "
+                         f"x.to({param.dtype}) (images as floats, normalised as in training)")
     x = x.as_subclass(Tensor)  # a plain tensor: fastai's types would follow into every map
     named = resolve_layers(model, layers)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each one: frozen BatchNorms included
     try:
         with HookForwardMany(list(named.values())) as hook:
             logits = model.eval()(x)
     finally:
-        model.train(was_training)
-    for name, act in zip(named, hook.stored):
-        if act is None:
+        for m, training in modes.items():
+            m.training = training
+    for name, out in zip(named, hook.stored):
+        if out is None:
             raise ValueError(f"layer {name!r} did not run in the forward pass: "
                              "pick a layer of this model, e.g. from body_layers(model)")
-    if logits.ndim != 2:
-        raise ValueError(f"model returned shape {tuple(logits.shape)}; expected logits (B, C)")
+        if out.ndim != 4:
+            raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}, not "
+                             "(B, C, h, w): Grad-CAM needs a spatial layer, e.g. from "
+                             "body_layers(model), not one of the head")
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"model returned {got}; expected logits (B, C): wrap the model so "
+                         "that it returns the class scores as one tensor")
     idx = class_indices(targets, logits)
     score = logits.float().gather(1, idx[:, None]).sum()  # images are independent: sum is fine
     if contrast is not None:

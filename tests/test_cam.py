@@ -172,11 +172,56 @@ def test_autocast_maps_are_float32_and_close(resnet18, batch):
     (dict(layers="layer4", targets=-1), "out of range"),
     (dict(layers="layer4", targets=[1, 2]), "got 2 targets for a batch of 3"),
     (dict(layers="layer1.0.relu"), "ReLU ran twice in one forward"),  # BasicBlock's relu
+    (dict(layers=["layer4", "layer4"]), "'layer4' is asked for twice"),
+    (dict(layers=["layer4", "layer4.1.conv2", "layer3"]), None),  # distinct: fine
+    (dict(layers="fc"), r"'fc' outputs shape \(3, 9\), not \(B, C, h, w\)"),
+    (dict(layers="layer4", targets=2.7), "must be integer class indices, got torch.float32"),
+    (dict(layers="layer4", targets=True), "must be integer class indices, got torch.bool"),
+    (dict(layers="layer4", targets="Trout"), r"not class indices: .*vocab.o2i\[name\]"),
 ])
 def test_clear_errors(resnet18, batch, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    if match is None:
         grad_cam(resnet18, batch, **kwargs)
+    else:
+        with pytest.raises(ValueError, match=match):
+            grad_cam(resnet18, batch, **kwargs)
     assert hooks_left(resnet18) == 0
+
+
+def test_more_clear_errors(resnet18, batch):
+    with pytest.raises(ValueError, match="'layer4' is asked for twice"):
+        grad_cam(resnet18, batch, ["layer4", resnet18.layer4])  # a name and its module
+    with pytest.raises(ValueError, match=r"x is torch.float64 .* pass x.to\(torch.float32\)"):
+        grad_cam(resnet18, batch.double(), "layer4")
+    with pytest.raises(ValueError, match="x is torch.uint8"):
+        grad_cam(resnet18, (batch * 50).clamp(0, 255).to(torch.uint8), "layer4")
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside that block"):
+        grad_cam(resnet18, batch, "layer4")
+
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = resnet18
+
+        def forward(self, x):
+            return self.net(x), x
+
+    with pytest.raises(ValueError, match="model returned tuple; expected logits"):
+        grad_cam(TupleOut(), batch, "net.layer4")
+    assert hooks_left(resnet18) == 0
+
+
+def test_restores_every_submodule_mode(resnet18, batch):
+    """A model in train mode whose BatchNorms are frozen in eval stays exactly so."""
+    resnet18.train()
+    bns = [m for m in resnet18.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.eval()
+    try:
+        grad_cam(resnet18, batch, "layer4")
+        assert resnet18.training and not any(bn.training for bn in bns)
+    finally:
+        resnet18.eval()
 
 
 def test_input_rank_error(resnet18, batch):
