@@ -1,8 +1,16 @@
 """Grad-CAM by doing it: hooks, per-layer maps in one pass, and plots for fastai learners."""
 
-from .cam import body_layers, grad_cam, normalize_maps, resolve_layers, upsample
-from .hooks import HookBwd, HookForward, HookForwardMany
+from importlib import import_module
 
-__all__ = ["HookBwd", "HookForward", "HookForwardMany", "body_layers", "grad_cam",
-           "normalize_maps", "resolve_layers", "upsample"]
 __version__ = "0.1.0"
+_WHERE = {"HookBwd": "hooks", "HookForward": "hooks", "HookForwardMany": "hooks",
+          "body_layers": "cam", "grad_cam": "cam", "normalize_maps": "cam",
+          "resolve_layers": "cam", "upsample": "cam"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    """Import torch only when a name that needs it is used: `gradcam-tut --help` stays fast."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

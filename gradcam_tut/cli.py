@@ -1,40 +1,98 @@
-"""The `gradcam-tut` command: run the notebooks, make the mini fish set, draw a grid."""
+"""The `gradcam-tut` command: run the notebooks, make the mini fish set, draw a grid.
+
+A user error (a wrong path, a file that would be overwritten, a bad value) prints one line,
+`gradcam-tut: error: ...`, and exits with 2; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 # torch and fastai are imported where a command needs them: `--help` answers at once
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-RUNS_DIR = REPO / "runs"
+RUNS_DIR = Path("runs")  # under the current folder, never inside an installed package
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+               ValueError)
 
 
-def run_notebooks(out: Path = RUNS_DIR, smoke: bool | None = None,
+class NotebookFailed(RuntimeError):
+    """A notebook raised while `gradcam-tut run` executed it."""
+
+
+def new_run_dir(root: Path, name: str | None = None) -> Path:
+    """A new folder for one run under `root`, named `name` or by the time; `root/latest` is
+    pointed at it. An existing run is never reused.
+
+    Raises:
+        FileExistsError: `root/name` exists.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if name:
+        run = root / name
+        if run.exists() or run.is_symlink():
+            raise FileExistsError(f"{run} exists and a run is never replaced: pick another "
+                                  "--name")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run, i = root / stamp, 2
+        while run.exists():
+            run, i = root / f"{stamp}-{i}", i + 1
+    run.mkdir()
+    latest = root / "latest"
+    if latest.is_symlink() or not latest.exists():  # a folder of yours named latest stays
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run.name, target_is_directory=True)
+    return run
+
+
+def notebook_files() -> list[Path]:
+    """The numbered notebooks, in order.
+
+    Raises:
+        FileNotFoundError: none (a package installed without its repository).
+    """
+    notebooks = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks in {NOTEBOOKS}: the installed package does not "
+                                "carry them; run `make run` in a clone of the repository")
+    return notebooks
+
+
+def run_notebooks(out: Path, smoke: bool | None = None,
                   parameters: dict | None = None) -> list[Path]:
     """Execute every notebook top to bottom with papermill into `out/notebooks/`, in order
     (01 trains and exports the model the others load).
 
-    Figures land in `out/figures/`. Returns the executed notebooks' paths. Raises papermill's
-    PapermillExecutionError, naming the failing cell, if one fails. (Running two notebooks at
-    once was measured slower on 2 cores: their torch threads fight over the same cores.)
+    Figures land in `out/figures/`. Returns the executed notebooks' paths. (Running two
+    notebooks at once was measured slower on 2 cores: their torch threads fight over them.)
+
+    Raises:
+        FileNotFoundError: no notebooks (a package installed without its repository).
+        NotebookFailed: a cell raised; says which notebook, which cell and what.
     """
     import papermill as pm
 
+    notebooks = notebook_files()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     params = {"out_dir": str(out.resolve()), **(parameters or {})}
     if smoke is not None:
         params["smoke"] = smoke
-
-    def execute(nb: Path) -> Path:
+    done = []
+    for nb in notebooks:
         print(f"running {nb.name}", flush=True)
         target = out / "notebooks" / nb.name
-        pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS, progress_bar=False)
-        return target
-
-    return [execute(nb) for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
+        try:
+            pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
+                                progress_bar=False)
+        except pm.PapermillExecutionError as exc:
+            raise NotebookFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
+                                 f"{exc.evalue} (the executed notebook: {target})") from exc
+        done.append(target)
+    return done
 
 
 def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,37 +104,92 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="gradcam-tut", description=__doc__)
+def grid_path(out: Path, image: Path, force: bool = False) -> Path:
+    """Where `grid` writes: `out` (".png" added when it has no suffix), or
+    `out/<image>_gradcam.png` when `out` is a folder.
+
+    Raises:
+        FileExistsError: that is the input image, or a file that exists (without `force`).
+        ValueError: `out` names another format than PNG.
+    """
+    if out.is_dir():
+        out = out / f"{image.stem}_gradcam.png"
+    elif not out.suffix:
+        out = out.with_name(out.name + ".png")
+    elif out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the grid is written as PNG, name it *.png")
+    if out.resolve() == image.resolve():
+        raise FileExistsError(f"--out {out} is the input image: pick another name")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists: pick another --out, or add --force to replace it")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradcam-tut", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run every notebook; figures go to OUT/figures")
-    run.add_argument("--out", type=Path, default=RUNS_DIR)
+    run = sub.add_parser("run", help="run every notebook into a new folder OUT/<time>")
+    run.add_argument("--out", type=Path, default=RUNS_DIR,
+                     help="where run folders go (default ./runs; OUT/latest is the newest)")
+    run.add_argument("--name", help="the run folder's name instead of the time")
     run.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
                      help="force smoke (or full) mode; default: decide from GPU, data, weights")
     add_mini_fish_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
     grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")
     grid.add_argument("image", type=Path)
-    grid.add_argument("--target", help="class name; default the predicted class")
-    grid.add_argument("--out", type=Path, default=Path("gradcam_grid.png"))
-    args = p.parse_args(argv)
+    grid.add_argument("--target", help="class name or index; default the predicted class")
+    grid.add_argument("--out", type=Path, default=Path("gradcam_grid.png"),
+                      help="a .png file, or a folder for <image>_gradcam.png")
+    grid.add_argument("--force", action="store_true", help="replace an existing --out file")
+    return p
 
-    if args.cmd == "run":
-        run_notebooks(args.out, args.smoke)
-        figures = sorted((args.out / "figures").glob("*.png"))
-        print(f"{len(figures)} figures in {args.out / 'figures'}:")
-        print("\n".join(f"  {f.name}" for f in figures))
-    elif args.cmd == "mini-fish":
-        from . import mini_fish
 
-        mini_fish.run(args)
-    else:
-        from .plot import gradcam_grid
-        from .train import load_fish_learner
+def run(args: argparse.Namespace) -> None:
+    notebook_files()  # before making a run folder: fails at once from an installed package
+    folder = new_run_dir(args.out, args.name)
+    print(f"run folder: {folder}", flush=True)
+    run_notebooks(folder, args.smoke)
+    figures = sorted((folder / "figures").glob("*.png"))
+    print(f"{len(figures)} figures in {folder / 'figures'}:")
+    print("\n".join(f"  {f.name}" for f in figures))
 
-        gradcam_grid(load_fish_learner(args.model), args.image, target=args.target,
-                     save=args.out)
-        print(args.out)
+
+def grid(args: argparse.Namespace) -> None:
+    from .plot import gradcam_grid
+    from .train import load_fish_learner
+
+    if not args.image.is_file():
+        raise FileNotFoundError(f"no image at {args.image}")
+    out = grid_path(args.out, args.image, args.force)
+    learn = load_fish_learner(args.model)
+    target = args.target
+    if target is not None and target not in learn.dls.vocab and target.isdigit():
+        target = int(target)
+    gradcam_grid(learn, args.image, target=target, save=out)
+    print(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 on success, 2 on a user error (one line), 1 on a failed notebook."""
+    args = parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            run(args)
+        elif args.cmd == "mini-fish":
+            from . import mini_fish
+
+            mini_fish.run(args)
+        else:
+            grid(args)
+    except (*USER_ERRORS, NotebookFailed) as exc:
+        if args.debug:
+            raise
+        print(f"gradcam-tut: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1 if isinstance(exc, NotebookFailed) else 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -77,17 +77,6 @@ def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
     tiny_learner.model.eval()
 
 
-def test_cli_grid_and_mini_fish(tiny_model_file, mini_root, tmp_path, capsys):
-    from gradcam_tut.cli import main
-
-    img = sorted((mini_root / "Shrimp" / "Shrimp").iterdir())[0]
-    main(["grid", str(tiny_model_file), str(img), "--target", "Shrimp",
-          "--out", str(tmp_path / "g.png")])
-    assert (tmp_path / "g.png").stat().st_size > 1000
-    with pytest.raises(FileExistsError):
-        main(["mini-fish", str(mini_root)])  # not a folder it may write into
-
-
 def test_top_losses_gradcam(tiny_learner, mini_root):
     from gradcam_tut.data import fish_dataloaders
 

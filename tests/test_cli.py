@@ -1,0 +1,92 @@
+"""`gradcam-tut`: one-line errors with exit code 2, nothing of the user's overwritten."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gradcam_tut import cli
+from gradcam_tut.cli import main, new_run_dir
+
+
+@pytest.fixture
+def fish(mini_root):
+    return sorted((mini_root / "Shrimp" / "Shrimp").iterdir())[0]
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gradcam-tut: error: "), err
+    return err
+
+
+def test_grid_writes_where_it_says(tiny_model_file, fish, tmp_path, capsys):
+    assert main(["grid", str(tiny_model_file), str(fish), "--target", "Shrimp",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    assert main(["grid", str(tiny_model_file), str(fish), "--out", str(tmp_path / "noext")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "noext.png")
+    assert main(["grid", str(tiny_model_file), str(fish), "--out", str(tmp_path),
+                 "--target", "3"]) == 0  # a folder, and a class index
+    assert capsys.readouterr().out.strip() == str(tmp_path / f"{fish.stem}_gradcam.png")
+
+
+def test_grid_never_overwrites(tiny_model_file, fish, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(fish.read_bytes())
+    before = photo.read_bytes()
+    assert main(["grid", str(tiny_model_file), str(photo), "--out", str(photo)]) == 2
+    assert "is the input image" in error_line(capsys)
+    assert main(["grid", str(tiny_model_file), str(photo), "--out", str(photo), "--force"]) == 2
+    assert "is the input image" in error_line(capsys) and photo.read_bytes() == before
+    other = tmp_path / "mine.png"
+    other.write_bytes(b"my picture")
+    assert main(["grid", str(tiny_model_file), str(fish), "--out", str(other)]) == 2
+    assert "exists: pick another --out, or add --force" in error_line(capsys)
+    assert other.read_bytes() == b"my picture"
+    assert main(["grid", str(tiny_model_file), str(fish), "--out", str(other), "--force"]) == 0
+    assert other.stat().st_size > 1000
+
+
+def test_user_errors_are_one_line(tiny_model_file, fish, mini_root, tmp_path, capsys):
+    assert main(["grid", str(tiny_model_file), str(tmp_path / "none.png")]) == 2
+    assert "no image at" in error_line(capsys)
+    assert main(["grid", str(tmp_path / "none.pkl"), str(fish), "--out", str(tmp_path)]) == 2
+    assert "run notebook 01" in error_line(capsys)
+    assert main(["grid", str(tiny_model_file), str(fish), "--out", str(tmp_path / "g.jpg")]) == 2
+    assert "name it *.png" in error_line(capsys)
+    assert main(["grid", str(tiny_model_file), str(fish), "--target", "Tuna",
+                 "--out", str(tmp_path)]) == 2
+    assert "no class named 'Tuna'" in error_line(capsys)
+    assert main(["mini-fish", str(mini_root)]) == 2  # not a folder it may write into
+    assert "was not made by make_mini_fish" in error_line(capsys)
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "grid", str(tiny_model_file), str(tmp_path / "none.png")])
+
+
+def test_each_run_gets_a_new_folder(tmp_path):
+    first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert (tmp_path / "latest").resolve() == second.resolve()
+    named = new_run_dir(tmp_path, "baseline")
+    assert (tmp_path / "latest").resolve() == named.resolve()
+    with pytest.raises(FileExistsError, match="never replaced"):
+        new_run_dir(tmp_path, "baseline")
+    mine = tmp_path / "other"
+    (mine / "latest").mkdir(parents=True)  # a folder of the user's named latest
+    new_run_dir(mine)
+    assert (mine / "latest").is_dir() and not (mine / "latest").is_symlink()
+
+
+def test_run_without_notebooks_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "NOTEBOOKS", tmp_path / "site-packages" / "notebooks")
+    assert main(["run", "--out", str(tmp_path / "runs")]) == 2
+    assert "run `make run` in a clone" in error_line(capsys)
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, gradcam_tut.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
