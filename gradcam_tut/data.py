@@ -63,6 +63,11 @@ def mask_file(image_file: str | Path) -> Path:
     return f.parent.parent / f"{f.parent.name} GT" / f.name
 
 
+def class_folders(root: Path) -> list[str]:
+    """The names of the folders in `root`, sorted; hidden ones (`.ipynb_checkpoints`) skipped."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def fish_image_files(path: str | Path, max_per_class: int | None = None) -> L:
     """The images, sorted, masks excluded: files in `<Class>/<Class>/`, none in `<Class> GT/`.
 
@@ -70,7 +75,7 @@ def fish_image_files(path: str | Path, max_per_class: int | None = None) -> L:
     """
     root = dataset_root(path)
     files = L()
-    for cls in sorted(d.name for d in root.iterdir() if d.is_dir()):
+    for cls in class_folders(root):
         files += sorted(get_image_files(root / cls / cls))[:max_per_class]
     return files
 
@@ -86,7 +91,7 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
         DatasetLayoutError: what is wrong and where; FileNotFoundError: no folder at `path`.
     """
     root = dataset_root(path)
-    found = {d.name for d in root.iterdir() if d.is_dir()}
+    found = set(class_folders(root))
     missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
     if missing or extra:
         raise DatasetLayoutError(

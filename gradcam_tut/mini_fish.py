@@ -57,6 +57,13 @@ class MiniFishSpec:
     height: int = 96
     seed: int = 42
 
+    def __post_init__(self):
+        if self.per_class < 1:
+            raise ValueError(f"per_class={self.per_class}: ask for at least 1 image per class")
+        if min(self.width, self.height) < 16:
+            raise ValueError(f"{self.width}x{self.height} is too small for a fish: use at "
+                             "least 16x16 pixels")
+
 
 FULL = MiniFishSpec(per_class=1000, width=590, height=445)
 
@@ -198,6 +205,8 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     Raises:
         FileExistsError: `dest` holds anything else, or a mini set made with another spec.
     """
+    if n_workers < 0:
+        raise ValueError(f"n_workers={n_workers}: use 0 (this process) or more worker processes")
     dest = Path(dest)
     root = dest / "Fish_Dataset" / "Fish_Dataset"
     marker = dest / MARKER
@@ -234,7 +243,7 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
 def run(args: argparse.Namespace) -> Path:
     """Write the set the parsed options ask for and print where its classes are."""
     spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed)
-    spec = replace(spec, per_class=args.per_class) if args.per_class else spec
+    spec = replace(spec, per_class=args.per_class) if args.per_class is not None else spec
     root = make_mini_fish(args.dest, spec, n_workers=args.workers)
     print(root)
     return root

@@ -121,3 +121,10 @@ def test_dataloaders_with_masks(mini_root):
     gt = torch.from_numpy(np.array(Image.open(mask_file(f)).resize((32, 32), Image.NEAREST)))
     agree = ((gt > 127) == (m[0].cpu() > 0)).float().mean()
     assert agree > 0.95
+
+
+def test_hidden_folders_are_not_classes(broken):
+    """Jupyter leaves `.ipynb_checkpoints` wherever a notebook opened a file."""
+    (broken / ".ipynb_checkpoints").mkdir()
+    assert validate_layout(broken) == dict.fromkeys(CLASSES, 6)
+    assert len(fish_image_files(broken)) == 9 * 6
