@@ -47,7 +47,8 @@ def fish_learner(dls, arch=resnet34, pretrained: bool = True) -> tuple[Learner, 
     except OSError as exc:  # URLError and failed downloads
         if not pretrained:
             raise
-        warnings.warn(f"could not load pretrained {arch.__name__} weights ({exc}); training "
+        name = getattr(arch, "__name__", arch)  # a timm name is a string; a partial has none
+        warnings.warn(f"could not load pretrained {name} weights ({exc}); training "
                       "from random weights (pretrained=False) with twice the epochs", stacklevel=2)
         return learner(False), False
 

@@ -1,4 +1,5 @@
 import warnings
+from functools import partial
 from urllib.error import URLError
 
 import pytest
@@ -35,6 +36,8 @@ def test_pretrained_falls_back_to_random_weights_offline(mini_root):
     with pytest.warns(UserWarning, match="training from random weights"):
         learn, pretrained = fish_learner(dls, offline_resnet18, pretrained=True)
     assert pretrained is False and learn.model is not None
+    with pytest.warns(UserWarning, match="pretrained functools.partial"):  # no __name__
+        fish_learner(dls, partial(offline_resnet18), pretrained=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning when random weights were asked for
         _, pretrained = fish_learner(dls, offline_resnet18, pretrained=False)
