@@ -41,14 +41,17 @@ def body_layers(learn_or_model) -> dict[str, nn.Module]:
     return layers
 
 
-def resolve_layers(model: nn.Module, layers: Layer | Sequence[Layer]) -> dict[str, nn.Module]:
-    """Turn modules and names into an ordered name -> module mapping.
+def resolve_layers(model: nn.Module,
+                   layers: Layer | Sequence[Layer] | None) -> dict[str, nn.Module]:
+    """Turn modules and names into an ordered name -> module mapping; None: every body layer.
 
     A name is one of `body_layers(model)` ("layer4") or a dotted path in `model` ("0.7.2").
     Raises:
         ValueError: no layers, a name that is neither (the message lists the body's names), or
             the same layer twice.
     """
+    if layers is None:
+        return body_layers(model)
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
     if len(layers) == 0:

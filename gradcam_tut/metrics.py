@@ -18,7 +18,7 @@ from fastai.vision.core import PILImage
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
-from .cam import Layer, body_layers, grad_cam, resolve_layers, upsample
+from .cam import Layer, grad_cam, resolve_layers, upsample
 from .data import fish_mask
 
 
@@ -137,7 +137,7 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
     if targets not in ("true", "pred"):
         raise ValueError(f"targets={targets!r}: use 'true' (the label) or 'pred' (prediction)")
     dl = mask_dl(learn) if dl is None else dl
-    named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
+    named = resolve_layers(learn.model, layers)
     tols = (0, tolerance) if tolerance > 0 else (0,)
     L, T = len(named), len(tols)
     points, energy, zero = torch.zeros(T, L), torch.zeros(L), torch.zeros(L)

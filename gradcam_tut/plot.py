@@ -18,7 +18,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers, upsample
+from .cam import Layer, grad_cam, normalize_maps, resolve_layers, upsample
 from .data import fish_mask, mask_file
 from .metrics import mask_dl, peak_points, pointing_game
 
@@ -185,7 +185,7 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     vocab = learn.dls.vocab
     pred = int(np.argmax(probs))
     cls = pred if target is None else class_index(vocab, target)
-    named = resolve_layers(learn.model, list(body_layers(learn)) if layers is None else layers)
+    named = resolve_layers(learn.model, layers)
     other = None if contrast is None else class_index(vocab, contrast)
     maps = grad_cam(learn.model, xb, list(named.values()), cls, other)
     what = f"map for {vocab[cls]} ({probs[cls]:.2f})"

@@ -7,7 +7,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from gradcam_tut import body_layers, grad_cam, normalize_maps, upsample
-from gradcam_tut.cam import RESNET_BODY
+from gradcam_tut.cam import RESNET_BODY, resolve_layers
 from gradcam_tut.hooks import hooks_left
 
 TARGETS = [0, 5, 8]  # mixed targets across the batch
@@ -108,6 +108,7 @@ def test_names_and_dotted_paths(resnet18, batch):
     by_module = grad_cam(resnet18, batch, [resnet18.layer2, resnet18.layer4[1].conv2], 3)
     for a, b in zip(by_name, by_module):
         torch.testing.assert_close(a, b)
+    assert resolve_layers(resnet18, None) == body_layers(resnet18)  # None: the whole body
 
 
 def test_leaves_grads_mode_and_hooks_alone(resnet18, batch):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gradcam_tut import grad_cam
 from gradcam_tut.cam import upsample
 from gradcam_tut.metrics import (
     centre_map,
@@ -100,8 +101,6 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
     # the same numbers by hand, from the same batches
     hits, total = torch.zeros(()), 0
     for xb, yb, mb in dl:
-        from gradcam_tut import grad_cam
-
         (m,) = grad_cam(tiny_learner.model, xb, "layer1", yb)
         hits += pointing_game(upsample(m, mb.shape[-2:]), mb.bool()).sum()
         total += len(xb)
