@@ -89,8 +89,9 @@ def run_notebooks(out: Path, smoke: bool | None = None,
             pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
                                 progress_bar=False)
         except pm.PapermillExecutionError as exc:
+            first = (exc.evalue.strip().splitlines() or [""])[0]
             raise NotebookFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                                 f"{exc.evalue} (the executed notebook: {target})") from exc
+                                 f"{first} (the whole error: {target})") from exc
         done.append(target)
     return done
 
@@ -158,11 +159,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def grid(args: argparse.Namespace) -> None:
+    from .data import damaged_images
     from .plot import gradcam_grid
     from .train import load_fish_learner
 
     if not args.image.is_file():
         raise FileNotFoundError(f"no image at {args.image}")
+    for f, why in damaged_images([args.image]).items():
+        raise ValueError(f"cannot read {f} as an image ({why}): pass a PNG or JPEG file")
     out = grid_path(args.out, args.image, args.force)
     learn = load_fish_learner(args.model)
     target = args.target
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, NotebookFailed) as exc:
         if args.debug:
             raise
-        print(f"gradcam-tut: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"gradcam-tut: error: {str(exc).strip()}", file=sys.stderr)  # a list stays whole
         return 1 if isinstance(exc, NotebookFailed) else 2
     return 0
 

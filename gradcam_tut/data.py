@@ -9,9 +9,12 @@ out of 9 classes: the source article trained on both. Here images and masks are 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
-from functools import partial
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +23,29 @@ from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import RandomSplitter, get_image_files, parent_label
 from fastai.vision.augment import Resize, aug_transforms
-from fastai.vision.core import PILMask
+from fastai.vision.core import PILImage, PILMask, load_image
 from fastai.vision.data import ImageBlock, MaskBlock
 from fastcore.basics import noop
 from fastcore.foundation import L
-from PIL import Image, UnidentifiedImageError
+from fastprogress.fastprogress import progress_bar
+from PIL import Image
 
 CLASSES = ("Black Sea Sprat", "Gilt-Head Bream", "Hourse Mackerel", "Red Mullet",
            "Red Sea Bream", "Sea Bass", "Shrimp", "Striped Red Mullet", "Trout")
 KAGGLE_HANDLE = "crowww/a-large-scale-fish-dataset"
 ENV_VAR = "FISH_DATASET"
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repository's data/ folder
+
+
+def project_dir(package: Path | None = None) -> Path:
+    """Where `data/` and `runs/` go: the clone the package runs from (editable install), else
+    the current folder, never inside site-packages. `package`: this package's folder."""
+    repo = (package or Path(__file__).resolve().parent).parent
+    return repo if (repo / "pyproject.toml").is_file() else Path.cwd()
+
+
+PROJECT_DIR = project_dir()
+DATA_DIR = PROJECT_DIR / "data"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gradcam_tut"
 HOW_TO_GET = (
     f"Download {KAGGLE_HANDLE} from Kaggle and unzip it into data/ (giving data/Fish_Dataset), "
     f"or set {ENV_VAR} to where it is, or `pip install kagglehub` with Kaggle credentials "
@@ -84,13 +99,20 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
     """Check the layout and return the image count per class.
 
     Checks: exactly the 9 class folders, each with an image folder that is not empty and a
-    `<Class> GT` folder with one mask per image and no other; with `check_images`, that every
-    file opens as an image (reads headers only).
+    `<Class> GT` folder with one mask per image and no other; a mini fish set that was left
+    unfinished; with `check_images`, that every image and mask decodes (`damaged_images`).
 
     Raises:
         DatasetLayoutError: what is wrong and where; FileNotFoundError: no folder at `path`.
     """
+    from .mini_fish import MARKER
+
     root = dataset_root(path)
+    marker = root.parent.parent / MARKER
+    if marker.is_file() and not json.loads(marker.read_text()).get("complete"):
+        raise DatasetLayoutError(
+            f"the mini fish set in {root.parent.parent} was left unfinished: run "
+            f"`gradcam-tut mini-fish {root.parent.parent}` (with its options) to finish it")
     found = set(class_folders(root))
     missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
     if missing or extra:
@@ -107,22 +129,82 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
                                          "for images and <Class>/<Class> GT/ for masks")
         files = get_image_files(images)
         if not files:
-            raise DatasetLayoutError(f"no images in {images}")
+            raise DatasetLayoutError(f"no images in {images}: every class needs images "
+                                     "(an empty class would train a model without it)")
         names, mask_names = {f.name for f in files}, {f.name for f in get_image_files(masks)}
         if names != mask_names:
             unpaired = sorted(names ^ mask_names)
             raise DatasetLayoutError(
                 f"{cls}: {len(unpaired)} images and masks are unpaired, e.g. {unpaired[:3]}; "
                 f"every {images}/x.png needs {masks}/x.png and the other way round")
-        if check_images:
-            for f in [*files, *map(mask_file, files)]:
-                try:
-                    Image.open(f).close()
-                except (UnidentifiedImageError, OSError) as exc:
-                    raise DatasetLayoutError(f"cannot read {f} as an image ({exc}); "
-                                             "download the dataset again") from exc
         counts[cls] = len(files)
+    if check_images:
+        checked_image_files(root)
     return counts
+
+
+def _decode(f: Path) -> str | None:
+    """None when `f` decodes fully as an image, else why not."""
+    try:
+        with Image.open(f) as im:
+            im.load()  # the pixels, not only the header: a truncated file fails here
+    except Exception as exc:  # any failure to decode is a damaged file
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def damaged_images(files, n_workers: int | None = None) -> dict[Path, str]:
+    """Decode every file fully, on `n_workers` threads (default: one per core); return the
+    ones that fail, with the reason (truncated, empty, not an image, too many pixels).
+
+    The answer is cached in `CACHE_DIR` under the files' paths, sizes and modification
+    times: a second check of the same files reads one small file instead of decoding them all.
+    """
+    files = sorted(os.path.abspath(f) for f in files)
+    stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
+    key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
+    cached = CACHE_DIR / "checked" / f"{key}.json"
+    if cached.is_file():
+        return {Path(f): why for f, why in json.loads(cached.read_text()).items()}
+    with ThreadPoolExecutor(n_workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
+        reasons = pool.map(_decode, files)
+        if len(files) > 1000:  # the full dataset: about a minute, once
+            print(f"checking that {len(files)} images decode (once: the answer is cached)")
+            reasons = progress_bar(reasons, total=len(files), leave=False)
+        damaged = {Path(f): why for f, why in zip(files, reasons) if why}
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps({str(f): why for f, why in damaged.items()}))
+    except OSError:  # a read-only home: check again next time
+        pass
+    return damaged
+
+
+def checked_image_files(path: str | Path, max_per_class: int | None = None,
+                        damaged: str = "raise") -> L:
+    """`fish_image_files` after checking them: every image and its mask must decode.
+
+    Args:
+        damaged: "raise" lists every damaged file in one error; "skip" warns with that list
+            and leaves those images (or those whose mask is damaged) out.
+
+    Raises:
+        DatasetLayoutError: damaged files, with `damaged="raise"`.
+    """
+    if damaged not in ("raise", "skip"):
+        raise ValueError(f"damaged={damaged!r}: use 'raise' or 'skip'")
+    files = fish_image_files(path, max_per_class)
+    bad = damaged_images([*files, *map(mask_file, files)])
+    if not bad:
+        return files
+    listing = f"{len(bad)} damaged file{'s' * (len(bad) > 1)}" + "".join(
+        f"\n  {f}: {why}" for f, why in bad.items())
+    if damaged == "raise":
+        raise DatasetLayoutError(
+            f"{listing}\nReplace or delete "
+            "them (an image with its mask), or pass damaged='skip' to leave them out")
+    warnings.warn(f"leaving out {listing}", stacklevel=2)
+    return files.filter(lambda f: f.absolute() not in bad and mask_file(f).absolute() not in bad)
 
 
 def _kaggle_credentials() -> bool:
@@ -143,9 +225,13 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
     Raises:
         FileNotFoundError: nothing found; the message says how to get the dataset.
     """
-    explicit = path or os.environ.get(ENV_VAR)
-    if explicit:
-        root = dataset_root(explicit)
+    if path is None and os.environ.get(ENV_VAR):
+        if not Path(os.environ[ENV_VAR]).expanduser().is_dir():
+            raise FileNotFoundError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a folder: "
+                                    f"correct it, or unset {ENV_VAR} to use the default data")
+        path = os.environ[ENV_VAR]
+    if path:
+        root = dataset_root(path)
     elif (DATA_DIR / "Fish_Dataset").is_dir():
         root = dataset_root(DATA_DIR / "Fish_Dataset")
     elif download and _kaggle_credentials() and importlib.util.find_spec("kagglehub"):
@@ -158,7 +244,7 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
         return make_mini_fish(DATA_DIR / "mini_fish")
     else:
         raise FileNotFoundError(f"no Fish Dataset found. {HOW_TO_GET}")
-    validate_layout(root)
+    validate_layout(root, check_images=False)  # the images: when they are loaded
     return root
 
 
@@ -169,6 +255,28 @@ def is_mini_fish(path: str | Path) -> bool:
     return (dataset_root(path).parent.parent / MARKER).is_file()
 
 
+def load_rgb(fn) -> Image.Image:
+    """An image file (or PIL image) as 8-bit RGB. 16-bit grey values are scaled to 8 bits:
+    PIL's `convert("RGB")`, which fastai's `PILImage` uses, clips them: a 16-bit scan turns white.
+    """
+    im = fn if isinstance(fn, Image.Image) else load_image(fn)
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        scaled = np.asarray(im, dtype=np.float32) / 257  # 65535 -> 255
+        im = Image.fromarray(scaled.clip(0, 255).round().astype(np.uint8))
+    return im.convert("RGB")
+
+
+class RGBImage(PILImage):
+    """fastai's `PILImage`, made from a file or PIL image with `load_rgb` (16-bit scaled)."""
+
+    @classmethod
+    def create(cls, fn: Path | str | torch.Tensor | np.ndarray | bytes | Image.Image, **kwargs):
+        # the annotation tells fastai's `test_dl` which items enter here (as PILImage's does)
+        if isinstance(fn, (str, os.PathLike, Image.Image)):
+            return cls(load_rgb(fn))
+        return super().create(fn, **kwargs)
+
+
 def fish_mask(image_file: Path) -> PILMask:
     """The image's GT mask as a fastai mask: 0 background, 1 fish."""
     mask = np.asarray(Image.open(mask_file(image_file)).convert("L")) > 127
@@ -177,10 +285,13 @@ def fish_mask(image_file: Path) -> PILMask:
 
 def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int = 42,
                      valid_pct: float = 0.2, max_per_class: int | None = None,
-                     with_masks: bool = False, batch_tfms=None, **kwargs) -> DataLoaders:
+                     with_masks: bool = False, batch_tfms=None, damaged: str = "raise",
+                     **kwargs) -> DataLoaders:
     """fastai DataLoaders of (image, class), or (image, class, mask) with `with_masks`.
 
-    A `DataBlock(ImageBlock, CategoryBlock)` over `fish_image_files` (masks excluded),
+    The layout and every image and mask are checked first (`validate_layout`,
+    `checked_image_files` with `damaged`; cached), so a bad file stops us here, not mid-epoch.
+    A `DataBlock(ImageBlock(RGBImage), CategoryBlock)` over those images (masks excluded),
     labelled by `parent_label`, split by `RandomSplitter(valid_pct, seed)`, `Resize(size)`
     and fastai's `aug_transforms` unless `batch_tfms` is given. With `with_masks` each
     image's mask goes through the same transforms (the first item is the only input).
@@ -189,15 +300,16 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
     the training for the same CPU cores (measured: an epoch took 20% longer with 2 workers).
     """
     kwargs.setdefault("num_workers", None if torch.cuda.is_available() else 0)
-    blocks, getters = (ImageBlock, CategoryBlock), None
+    validate_layout(path, check_images=False)
+    files = checked_image_files(path, max_per_class, damaged)
+    blocks, getters = (ImageBlock(RGBImage), CategoryBlock), None
     if with_masks:
         blocks = (*blocks, MaskBlock(codes=["background", "fish"]))
         getters = [noop, parent_label, fish_mask]
     block = DataBlock(
         blocks=blocks, getters=getters, n_inp=1,
-        get_items=partial(fish_image_files, max_per_class=max_per_class),
         get_y=None if with_masks else parent_label,
         splitter=RandomSplitter(valid_pct, seed=seed),
         item_tfms=Resize(size, method="squish"),  # the whole fish stays in view
         batch_tfms=aug_transforms() if batch_tfms is None else batch_tfms)
-    return block.dataloaders(dataset_root(path), bs=bs, **kwargs)
+    return block.dataloaders(files, bs=bs, **kwargs)

@@ -14,12 +14,11 @@ import torch
 from fastai.data.core import Datasets, TfmdDL
 from fastai.data.transforms import Categorize, parent_label
 from fastai.learner import Learner
-from fastai.vision.core import PILImage
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
 from .cam import Layer, grad_cam, resolve_layers, upsample
-from .data import fish_mask
+from .data import RGBImage, fish_mask
 
 
 def _check(maps: Tensor, masks: Tensor) -> None:
@@ -109,7 +108,7 @@ def mask_dl(learn: Learner, items: Sequence | None = None,
     if len(items) == 0:
         raise ValueError("no images to measure: the learner has no validation items; attach "
                          "DataLoaders (learn.dls = ...) or pass items=")
-    tfms = [[PILImage.create], [parent_label, Categorize(vocab=learn.dls.vocab)], [get_mask]]
+    tfms = [[RGBImage.create], [parent_label, Categorize(vocab=learn.dls.vocab)], [get_mask]]
     dsets = Datasets(items, tfms, n_inp=1, split_idx=1)  # 1: validation transforms only
     return learn.dls.valid.new(dsets, bs=bs or learn.dls.valid.bs, shuffle=False,
                                drop_last=False)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .cam import Layer, grad_cam, normalize_maps, resolve_layers, upsample
-from .data import fish_mask, mask_file
+from .data import RGBImage, fish_mask, mask_file
 from .metrics import mask_dl, peak_points, pointing_game
 
 
@@ -151,7 +151,7 @@ def class_index(vocab: Sequence[str], target: int | str) -> int:
 def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor | None]:
     """`img` as the model sees it (1, 3, H, W), decoded for display, class probabilities, and
     its GT mask (H, W) through the same transforms, or None when it has no mask file."""
-    dl = learn.dls.test_dl([img])
+    dl = learn.dls.test_dl([RGBImage.create(img)])  # a learner's first tfm may be PILImage's
     xb = dl.one_batch()[0].to(next(learn.model.parameters()).device)
     was_training = learn.model.training
     try:

@@ -17,13 +17,13 @@ from urllib.request import urlopen
 import torch
 from torchvision.models import ResNet34_Weights
 
-from .data import DATA_DIR, find_fish_dataset, fish_dataloaders, is_mini_fish
+from .data import DATA_DIR, ENV_VAR, PROJECT_DIR, find_fish_dataset, fish_dataloaders, is_mini_fish
 from .mini_fish import FULL, make_mini_fish
 from .train import load_fish_learner, train_fish
 
 SMOKE_ENV = "GRADCAM_TUT_SMOKE"
 SMOKE_SIZE = 128  # the smallest size at which layer4's map (size / 32) is 4x4
-RUNS_DIR = DATA_DIR.parent / "runs"
+RUNS_DIR = PROJECT_DIR / "runs"
 
 
 def pretrained_weights_available(timeout: float = 3.0) -> bool:
@@ -110,7 +110,7 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
     try:
         real = find_fish_dataset(data)
     except FileNotFoundError:
-        if data is not None:
+        if data is not None or os.environ.get(ENV_VAR):  # asked for: never swap in the mini set
             raise
         real = None
     real = None if real is not None and is_mini_fish(real) else real

@@ -104,7 +104,12 @@ def load_fish_learner(model_file: str | Path, dls=None) -> Learner:
                                 "(or train_fish(..., export_to=...)) first")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*insecure pickle.*")  # our own file
-        learn = load_learner(model_file, cpu=not torch.cuda.is_available())
+        try:
+            learn = load_learner(model_file, cpu=not torch.cuda.is_available())
+        except Exception as exc:  # a pickled dict, a state_dict, a damaged file, ...
+            raise ValueError(f"{model_file} is not a learner saved by learn.export "
+                             f"({type(exc).__name__}: {exc}); export one with learn.export "
+                             "or train_fish(..., export_to=...)") from exc
     if dls is not None:
         learn.dls = dls
     return learn

@@ -1,6 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
 import torchvision
+
+# the image check's cache goes to a temporary folder, for the notebooks' kernels too
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gradcam_tut_cache_")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """`gradcam-tut`: one-line errors with exit code 2, nothing of the user's overwritten."""
 
+import pickle
 import subprocess
 import sys
 
@@ -59,6 +60,13 @@ def test_user_errors_are_one_line(tiny_model_file, fish, mini_root, tmp_path, ca
     assert main(["grid", str(tiny_model_file), str(fish), "--target", "Tuna",
                  "--out", str(tmp_path)]) == 2
     assert "no class named 'Tuna'" in error_line(capsys)
+    (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"not": "a learner"}))
+    assert main(["grid", str(tmp_path / "dict.pkl"), str(fish), "--out", str(tmp_path)]) == 2
+    assert "is not a learner saved by learn.export" in error_line(capsys)
+    (tmp_path / "text.png").write_text("not an image")
+    assert main(["grid", str(tiny_model_file), str(tmp_path / "text.png"),
+                 "--out", str(tmp_path)]) == 2
+    assert "as an image (UnidentifiedImageError" in error_line(capsys)
     assert main(["mini-fish", str(mini_root)]) == 2  # not a folder it may write into
     assert "was not made by make_mini_fish" in error_line(capsys)
     with pytest.raises(FileNotFoundError):
