@@ -5,7 +5,8 @@
 Prints the median seconds of each way, measured side by side in this run, and their ratios:
 (a) one forward + backward, (b) the source article's loop (hooks on one layer, one forward and
 backward per layer), (c) pytorch-grad-cam's GradCAM once per layer, (d) `grad_cam` over all
-layers in one pass.
+layers in one pass. With --methods also all five CAM methods for all 8 layers: (e) `grad_cam`
+in one pass, (f) pytorch-grad-cam once per method and layer (40 passes).
 """
 
 import argparse
@@ -14,10 +15,14 @@ import time
 
 import torch
 import torchvision
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from gradcam_tut import HookBwd, HookForward, body_layers, grad_cam
+from gradcam_tut.cam import METHODS
+
+PGC = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
+       "xgradcam": XGradCAM, "layercam": LayerCAM}
 
 
 def one_pass(model, x, cls):
@@ -50,6 +55,18 @@ def single_pass(model, x, cls):
     return grad_cam(model, x, list(body_layers(model).values()), cls)
 
 
+def pytorch_grad_cam_methods(model, x, cls):
+    targets = [ClassifierOutputTarget(int(c)) for c in cls]
+    for cam_class in PGC.values():
+        for layer in body_layers(model).values():
+            with cam_class(model=model, target_layers=[layer]) as cam:
+                cam(input_tensor=x, targets=targets)
+
+
+def methods_single_pass(model, x, cls):
+    return grad_cam(model, x, list(body_layers(model).values()), cls, method=list(METHODS))
+
+
 def median_seconds(fn, repeats, *args):
     fn(*args)  # warm-up
     times = []
@@ -65,7 +82,9 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", action="store_true", help="also (e) and (f): all five methods")
     args = p.parse_args()
+    assert list(PGC) == list(METHODS)
     torch.manual_seed(0)
     model = torchvision.models.resnet34(num_classes=9).eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -76,17 +95,24 @@ def main():
         "(c) pytorch-grad-cam x 8 layers": pytorch_grad_cam_per_layer,
         "(d) grad_cam, 8 layers, 1 pass": single_pass,
     }
+    if args.methods:
+        ways |= {"(e) grad_cam, 5 methods x 8, 1 pass": methods_single_pass,
+                 "(f) pytorch-grad-cam 5 x 8 layers": pytorch_grad_cam_methods}
     print(f"resnet34, batch {args.batch} x 3x{args.size}x{args.size}, {torch.get_num_threads()}"
           f" threads, torch {torch.__version__}, median of {args.repeats}")
     secs = {}
     for name, fn in ways.items():
         secs[name[:3]] = s = median_seconds(fn, args.repeats, model, x, cls)
         model.zero_grad(set_to_none=True)
-        print(f"{name:34s} {s:8.3f} s")
+        print(f"{name:38s} {s:8.3f} s")
     a, b, c, d = (secs[k] for k in ("(a)", "(b)", "(c)", "(d)"))
     print(f"(d)/(a) = {d / a:.2f}x  (target <= 1.0)")
     print(f"(b)/(d) = {b / d:.2f}x  (target >= 8)")
     print(f"(c)/(d) = {c / d:.2f}x  (target >= 8)")
+    if args.methods:
+        e, f = secs["(e)"], secs["(f)"]
+        print(f"(e)/(d) = {e / d:.2f}x  (four more methods from the same pass)")
+        print(f"(f)/(e) = {f / e:.2f}x")
 
 
 if __name__ == "__main__":

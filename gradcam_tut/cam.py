@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from .hooks import HookForwardMany
 
 Layer = str | nn.Module
 Targets = int | Sequence[int] | Tensor | None
+Reshape = Callable[[Tensor], Tensor]
 
 # torchvision ResNet children up to the global pool; fastai's `create_body` keeps them unnamed
 RESNET_BODY = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -19,22 +21,62 @@ _RESNET_TYPES = [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] + [nn.Sequent
 _HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 
 
-def body_layers(learn_or_model) -> dict[str, nn.Module]:
-    """The body's children in order, by name: the layers whose Grad-CAM maps are worth a look.
+def _stages(features: nn.Module, prefix: str = "features.") -> dict[str, nn.Module]:
+    """A torchvision `features` Sequential's stages; for VGG's flat list of layers, its pools."""
+    children = dict(features.named_children())
+    if not any(next(m.children(), None) for m in children.values()):  # VGG: single layers
+        children = {n: m for n, m in children.items() if isinstance(m, nn.MaxPool2d)}
+    return {prefix + n: m for n, m in children.items()}
 
-    For a fastai vision learner (`Sequential(body, head)`) on a resnet these are conv1, bn1,
-    relu, maxpool, layer1..layer4; other fastai bodies are named "0", "1", .... For a plain
-    model (a torchvision resnet) they are its named children before the global pool.
+
+def _fastai_body(model: nn.Module) -> nn.Module | None:
+    """The body of a fastai vision model (`Sequential(body, head)`), else None."""
+    if isinstance(model, nn.Sequential) and len(model) == 2:
+        body = model[0]
+        if isinstance(body, nn.Sequential) or type(body).__name__ == "TimmBody":
+            return body
+    return None
+
+
+def body_layers(learn_or_model) -> dict[str, nn.Module]:
+    """The body's stages in order, by name: the layers whose Grad-CAM maps are worth a look.
+
+    Never the pool or the classifier. For a fastai learner or a plain model:
+    - timm models (`vision_learner(dls, "convnext_atto")`): their `feature_info` stages
+      ("layer4", "stages.3", "blocks.6", ...);
+    - torchvision resnets: conv1, bn1, relu, maxpool, layer1..layer4;
+    - densenet, mobilenet, efficientnet, convnext, swin: the children of `features`
+      ("features.denseblock3", "features.7"); vgg: its pools ("features.43");
+    - regnet: "stem" and "trunk_output.block1".."block4"; torchvision's ViT: its encoder
+      layers ("encoder.layers.encoder_layer_11");
+    - anything else: its children before the head (named "0", "1", ... in a fastai body).
     """
     model = getattr(learn_or_model, "model", learn_or_model)
-    first = next(iter(model.children()), None)
-    if isinstance(model, nn.Sequential) and isinstance(first, nn.Sequential):  # fastai
-        mods = list(first.children())
-        names = (RESNET_BODY if [type(m) for m in mods] == _RESNET_TYPES
-                 else [str(i) for i in range(len(mods))])
-        return dict(zip(names, mods))
+    body = _fastai_body(model)
+    fastai = body is not None
+    body = getattr(body, "model", body) if fastai else model  # timm's model inside TimmBody
+    info = getattr(body, "feature_info", None)
+    if isinstance(info, list) and info and "module" in info[0]:  # timm
+        return {d["module"]: body.get_submodule(d["module"]) for d in info}
+    children = dict(body.named_children())
+    mods = list(children.values())
+    if fastai:
+        if [type(m) for m in mods] == _RESNET_TYPES:
+            return dict(zip(RESNET_BODY, mods))
+        if len(mods) == 1 and isinstance(mods[0], nn.Sequential):  # torchvision's `features`
+            return _stages(mods[0])
+        if len(mods) == 2 and type(mods[0]).__name__ == "SimpleStemIN":  # regnet
+            return {"stem": mods[0]} | _stages(mods[1], "trunk_output.")
+        return children
+    if isinstance(children.get("features"), nn.Sequential):
+        return _stages(children["features"])
+    if "trunk_output" in children:
+        return {"stem": children["stem"]} | _stages(children["trunk_output"], "trunk_output.")
+    encoder = children.get("encoder")
+    if encoder is not None and isinstance(getattr(encoder, "layers", None), nn.Sequential):
+        return _stages(encoder.layers, "encoder.layers.")
     layers = {}
-    for name, m in model.named_children():
+    for name, m in children.items():
         if isinstance(m, _HEAD_TYPES):
             break
         layers[name] = m
@@ -110,9 +152,63 @@ def class_indices(targets: Targets, logits: Tensor) -> Tensor:
     return idx
 
 
+def _gradcam_pp(A: Tensor, G: Tensor) -> Tensor:
+    """Grad-CAM++'s closed form (Chattopadhay et al., 2018). With Y = exp(y_c) and y_c
+    piecewise linear in A, Y's 2nd and 3rd derivatives are Y*G^2 and Y*G^3, so Y cancels in
+    alpha; the weights' remaining factor Y scales each image's map and is dropped, as
+    pytorch-grad-cam does. Its 1e-6 is kept: where gradients are tiny it decides alpha."""
+    g2 = G.pow(2)
+    alpha = g2 / (2 * g2 + A.sum(dim=(2, 3), keepdim=True) * g2 * G + 1e-6)
+    alpha = torch.where(G != 0, alpha, 0)
+    return (alpha * G.relu()).sum(dim=(2, 3), keepdim=True) * A
+
+
+# Each method weighs the activations A (B, K, h, w) by the gradient G of the score; the map is
+# ReLU of the sum over channels. Grad-CAM: one weight per channel, the mean gradient.
+METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradcam": lambda A, G: G.mean(dim=(2, 3), keepdim=True) * A,
+    "gradcam++": _gradcam_pp,
+    "hirescam": lambda A, G: G * A,  # Draelos & Carin, 2020: no averaging, element by element
+    "xgradcam": lambda A, G: ((G * A).sum(dim=(2, 3), keepdim=True)  # Fu et al., 2020
+                              / (A.sum(dim=(2, 3), keepdim=True) + 1e-7) * A),
+    "layercam": lambda A, G: G.relu() * A,  # Jiang et al., 2021: positive gradients, per pixel
+}
+
+
+def vit_reshape(tokens: Tensor, prefix: int = 1) -> Tensor:
+    """A ViT block's tokens (B, N, C) as a map (B, C, h, w): the first `prefix` tokens (class,
+    distillation or register tokens) dropped, the patch tokens laid back on their square grid."""
+    patches = tokens[:, prefix:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch tokens after dropping {prefix} do not make "
+                         "a square grid: pass prefix=<number of class/register tokens>")
+    return patches.transpose(1, 2).reshape(len(tokens), -1, side, side)
+
+
+def channels_last(t: Tensor) -> Tensor:
+    """A (B, H, W, C) output, as Swin's stages give, as (B, C, H, W)."""
+    return t.permute(0, 3, 1, 2)
+
+
+def default_reshape(model: nn.Module) -> Reshape | None:
+    """The reshape a transformer needs, chosen by its class name: Swin's channels-last maps,
+    a ViT's tokens (with its number of prefix tokens); None for convolutional networks."""
+    for m in model.modules():
+        name = type(m).__name__
+        if name.startswith("Swin"):
+            return channels_last
+        if name in ("VisionTransformer", "Eva", "Deit", "VisionTransformerDistilled"):
+            prefix = getattr(m, "num_prefix_tokens", 1)  # timm; torchvision's has 1 class token
+            return lambda t: vit_reshape(t, prefix)
+    return None
+
+
 @torch.enable_grad()  # also inside a user's `torch.no_grad()` block
 def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
-             targets: Targets = None, contrast: Targets = None) -> list[Tensor]:
+             targets: Targets = None, contrast: Targets = None,
+             method: str | Sequence[str] = "gradcam",
+             reshape: Reshape | None = None) -> list[Tensor] | dict[str, list[Tensor]]:
     """Grad-CAM maps for several layers from ONE forward and ONE backward pass.
 
     For a layer with activations A (B, K, h, w) and class score y_c (the logit):
@@ -120,6 +216,9 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     Equal to captum's `LayerGradCam(model, layer).attribute(x, targets, relu_attributions=True)`.
     With `contrast` the score is y_c - y_d, "why c rather than d": the map shows where the
     evidence for c exceeds that for d (the same pass; the gradient is linear in the score).
+    `method` picks another weighting of the same activations and gradients (`METHODS`):
+    "gradcam++", "hirescam", "xgradcam" or "layercam", equal to pytorch-grad-cam's; several
+    methods come from the same single pass.
     The model runs in eval mode, its mode is restored afterwards, every hook is removed (also
     when the forward raises) and parameters' `.grad` is left untouched.
 
@@ -130,10 +229,15 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         targets: None for each image's predicted class, one int for every image, or B ints
             (a list, a tensor, or fastai's `TensorCategory` from `dls.one_batch()`).
         contrast: the class d to contrast with, in the same forms; None for plain Grad-CAM.
+        method: a key of `METHODS`, or a sequence of them.
+        reshape: turns a layer's output into (B, C, h, w), applied to activations and
+            gradients alike, as pytorch-grad-cam's `reshape_transform`: `vit_reshape` for a
+            ViT's tokens, `channels_last` for Swin; None picks it from the model
+            (`default_reshape`).
 
     Returns:
         One float32 map per layer, plain `torch.Tensor` (B, h_l, w_l), on x's device; not
-        normalised or upsampled.
+        normalised or upsampled. For a sequence of methods: {method: that list}.
     """
     if x.ndim != 4:
         raise ValueError(f"x must be a batch (B, C, H, W), got shape {tuple(x.shape)}: "
@@ -145,8 +249,13 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled():
         raise ValueError(f"x is {x.dtype} but the model's weights are {param.dtype}: pass "
                          f"x.to({param.dtype}) (images as floats, normalised as in training)")
+    methods = [method] if isinstance(method, str) else list(method)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"method {m!r} is not one of {list(METHODS)}")
     x = x.as_subclass(Tensor)  # a plain tensor: fastai's types would follow into every map
     named = resolve_layers(model, layers)
+    reshape = reshape or default_reshape(model) or (lambda t: t)
     modes = {m: m.training for m in model.modules()}  # each one: frozen BatchNorms included
     try:
         with HookForwardMany(list(named.values())) as hook:
@@ -158,10 +267,11 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         if out is None:
             raise ValueError(f"layer {name!r} did not run in the forward pass: "
                              "pick a layer of this model, e.g. from body_layers(model)")
-        if out.ndim != 4:
-            raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}, not "
-                             "(B, C, h, w): Grad-CAM needs a spatial layer, e.g. from "
-                             "body_layers(model), not one of the head")
+        if reshape(out).ndim != 4:
+            raise ValueError(f"layer {name!r} outputs {tuple(out.shape)}, not (B, C, h, w): "
+                             "Grad-CAM needs a spatial layer, e.g. from body_layers(model), not "
+                             "one of the head; for tokens (B, N, C) pass reshape=vit_reshape, "
+                             "for (B, H, W, C) reshape=channels_last")
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"model returned {got}; expected logits (B, C): wrap the model so "
@@ -171,12 +281,12 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     if contrast is not None:
         score = score - logits.float().gather(1, class_indices(contrast, logits)[:, None]).sum()
     grads = torch.autograd.grad(score, hook.stored)  # no parameter .grad is touched
-    maps = []
-    for act, grad in zip(hook.stored, grads):
-        act, grad = act.detach().float(), grad.float()  # float32 also under autocast
-        alpha = grad.mean(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
-        maps.append(F.relu((alpha * act).sum(dim=1)))  # (B, h, w)
-    return maps
+    maps = {m: [] for m in methods}
+    for act, grad in zip(hook.stored, grads):  # float32 also under autocast
+        act, grad = reshape(act.detach()).float(), reshape(grad).float()  # (B, K, h, w)
+        for m in methods:
+            maps[m].append(F.relu(METHODS[m](act, grad).sum(dim=1)))  # (B, h, w)
+    return maps[method] if isinstance(method, str) else maps
 
 
 def upsample(maps: Tensor | Sequence[Tensor], size: int | tuple[int, int],

@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 RUNS_DIR = Path("runs")  # under the current folder, never inside an installed package
+METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # cam.METHODS
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                ValueError)
 
@@ -145,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("--out", type=Path, default=Path("gradcam_grid.png"),
                       help="a .png file, or a folder for <image>_gradcam.png")
     grid.add_argument("--force", action="store_true", help="replace an existing --out file")
+    grid.add_argument("--method", default="gradcam", choices=METHOD_NAMES,
+                      help="the CAM method (all from the same pass; default gradcam)")
     return p
 
 
@@ -172,7 +175,7 @@ def grid(args: argparse.Namespace) -> None:
     target = args.target
     if target is not None and target not in learn.dls.vocab and target.isdigit():
         target = int(target)
-    gradcam_grid(learn, args.image, target=target, save=out)
+    gradcam_grid(learn, args.image, target=target, method=args.method, save=out)
     print(out)
 
 

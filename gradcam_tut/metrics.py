@@ -115,11 +115,12 @@ def mask_dl(learn: Learner, items: Sequence | None = None,
 
 
 def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None = None,
-                        targets: str = "true", tolerance: float = 0) -> pd.DataFrame:
+                        targets: str = "true", tolerance: float = 0,
+                        method: str | Sequence[str] = "gradcam") -> pd.DataFrame:
     """Per-layer localization of the Grad-CAM maps against the GT masks.
 
-    One `grad_cam` pass per batch gives every layer's map; each is upsampled to the image and
-    scored with `pointing_game` and `energy_in_mask`.
+    One `grad_cam` pass per batch gives every layer's map (for every method asked for); each is
+    upsampled to the image and scored with `pointing_game` and `energy_in_mask`.
 
     Args:
         learn: a vision Learner.
@@ -128,21 +129,26 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         targets: "true" for the labelled class's map, "pred" for the predicted class's.
         tolerance: when > 0, the pointing game and its centre baseline are also scored with
             this tolerance in pixels, in the same pass (columns `pointing_tol`, `centre_tol`).
+        method: a CAM method of `grad_cam`, or a sequence of them.
 
     Returns:
-        One row per layer: its native map size, pointing game, energy in mask, the share of
-        all-zero maps, the chance and centre baselines, and the number of images.
+        One row per layer (per method and layer for a sequence of methods): its native map
+        size, pointing game, energy in mask, the share of all-zero maps, the chance and centre
+        baselines, and the number of images.
     """
     if targets not in ("true", "pred"):
         raise ValueError(f"targets={targets!r}: use 'true' (the label) or 'pred' (prediction)")
     dl = mask_dl(learn) if dl is None else dl
     named = resolve_layers(learn.model, layers)
+    methods = [method] if isinstance(method, str) else list(method)
     tols = (0, tolerance) if tolerance > 0 else (0,)
-    L, T = len(named), len(tols)
+    L, T = len(named) * len(methods), len(tols)
     points, energy, zero = torch.zeros(T, L), torch.zeros(L), torch.zeros(L)
     centre, sizes, base_chance, n = torch.zeros(T), [""] * L, 0.0, 0
     for xb, yb, mb in progress_bar(dl, leave=False):
-        maps = grad_cam(learn.model, xb, list(named.values()), yb if targets == "true" else None)
+        by_method = grad_cam(learn.model, xb, list(named.values()),
+                             yb if targets == "true" else None, method=methods)
+        maps = [m for ms in by_method.values() for m in ms]  # method by method, layer by layer
         masks = mb.as_subclass(Tensor).cpu().bool()  # (B, H, W)
         B, H, W = masks.shape
         heat = upsample([m.cpu() for m in maps], (H, W))  # (B, L, H, W)
@@ -166,4 +172,7 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
     if tolerance > 0:
         columns["centre_tol"] = centre[1].item() / n
     columns["images"] = n
-    return pd.DataFrame(columns, index=pd.Index(list(named), name="layer"))
+    if isinstance(method, str):
+        return pd.DataFrame(columns, index=pd.Index(list(named), name="layer"))
+    rows = pd.MultiIndex.from_product([methods, list(named)], names=["method", "layer"])
+    return pd.DataFrame(columns, index=rows)

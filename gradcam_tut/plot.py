@@ -18,7 +18,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .cam import Layer, grad_cam, normalize_maps, resolve_layers, upsample
+from .cam import METHODS, Layer, body_layers, grad_cam, normalize_maps, resolve_layers, upsample
 from .data import RGBImage, fish_mask, mask_file
 from .metrics import mask_dl, peak_points, pointing_game
 
@@ -168,7 +168,7 @@ def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor
 
 def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = None,
                  target: int | str | None = None, contrast: int | str | None = None,
-                 **kwargs) -> Figure:
+                 method: str = "gradcam", **kwargs) -> Figure:
     """Per-layer Grad-CAM grid for one image through a fastai vision Learner, in one pass.
 
     Args:
@@ -179,6 +179,7 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
         target: class name or index; default the predicted class.
         contrast: a class name or index to contrast with: the maps of "why `target` rather
             than `contrast`" (Grad-CAM of the difference of the two logits).
+        method: "gradcam" or another of `cam.METHODS` ("gradcam++", "hirescam", ...).
         **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...).
     """
     xb, image, probs, mask = _one_image(learn, img)
@@ -187,8 +188,8 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     cls = pred if target is None else class_index(vocab, target)
     named = resolve_layers(learn.model, layers)
     other = None if contrast is None else class_index(vocab, contrast)
-    maps = grad_cam(learn.model, xb, list(named.values()), cls, other)
-    what = f"map for {vocab[cls]} ({probs[cls]:.2f})"
+    maps = grad_cam(learn.model, xb, list(named.values()), cls, other, method=method)
+    what = f"{method} map for {vocab[cls]} ({probs[cls]:.2f})"
     if other is not None:
         what += f" rather than {vocab[other]} ({probs[other]:.2f})"
     kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · {what}")
@@ -196,10 +197,46 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
 
 
+def plot_methods(learn: Learner, img, methods: Sequence[str] | None = None,
+                 layers: Sequence[Layer] | None = None, target: int | str | None = None,
+                 save: str | Path | None = None) -> Figure:
+    """One row per CAM method, one column per layer, all from one `grad_cam` pass.
+
+    Args:
+        methods: keys of `cam.METHODS`; default all of them.
+        layers: default the body's last three layers (where the methods differ most).
+        target: class name or index; default the predicted class.
+    """
+    methods = list(METHODS) if methods is None else list(methods)
+    xb, image, probs, mask = _one_image(learn, img)
+    named = resolve_layers(learn.model, layers or list(body_layers(learn))[-3:])
+    cls = int(np.argmax(probs)) if target is None else class_index(learn.dls.vocab, target)
+    by_method = grad_cam(learn.model, xb, list(named.values()), cls, method=methods)
+    img = image_hwc(image)
+    H, W = img.shape[:2]
+    fig = new_figure(figsize=(2.2 * (len(named) + 1) + 0.6, 2.3 * len(methods) * H / W + 0.4),
+                     layout="constrained")
+    axs = fig.subplots(len(methods), len(named) + 1, squeeze=False)
+    for row, (method, maps) in zip(axs, by_method.items()):
+        row[0].imshow(img)
+        outline(row[0], mask)
+        row[0].set_title(method, fontsize=10, fontweight="bold")
+        row[0].set_axis_off()
+        heat = normalize_maps(upsample([m.cpu() for m in maps], (H, W))[0])
+        for ax, h, m, name in zip(row[1:], heat, maps, named):
+            im = overlay(ax, img, h, mask=mask)
+            ax.set_title(map_title(name, m), fontsize=9)
+    fig.colorbar(im, ax=axs.ravel().tolist(), shrink=0.6, label="map / max of its map")
+    fig.suptitle(f"{learn.dls.vocab[cls]} ({probs[cls]:.2f}) · {len(methods)} methods, one pass")
+    return saved(fig, save)
+
+
 @patch
-def gradcam(self: Learner, img, layers=None, target=None, contrast=None, **kwargs) -> Figure:
+def gradcam(self: Learner, img, layers=None, target=None, contrast=None, method="gradcam",
+            **kwargs) -> Figure:
     """`gradcam_grid(learn, img, ...)` as a method: `learn.gradcam(img, target="Trout")`."""
-    return gradcam_grid(self, img, layers=layers, target=target, contrast=contrast, **kwargs)
+    return gradcam_grid(self, img, layers=layers, target=target, contrast=contrast,
+                        method=method, **kwargs)
 
 
 @patch

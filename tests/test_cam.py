@@ -175,7 +175,7 @@ def test_autocast_maps_are_float32_and_close(resnet18, batch):
     (dict(layers="layer1.0.relu"), "ReLU ran twice in one forward"),  # BasicBlock's relu
     (dict(layers=["layer4", "layer4"]), "'layer4' is asked for twice"),
     (dict(layers=["layer4", "layer4.1.conv2", "layer3"]), None),  # distinct: fine
-    (dict(layers="fc"), r"'fc' outputs shape \(3, 9\), not \(B, C, h, w\)"),
+    (dict(layers="fc"), r"'fc' outputs \(3, 9\), not \(B, C, h, w\)"),
     (dict(layers="layer4", targets=2.7), "must be integer class indices, got torch.float32"),
     (dict(layers="layer4", targets=True), "must be integer class indices, got torch.bool"),
     (dict(layers="layer4", targets="Trout"), r"not class indices: .*vocab.o2i\[name\]"),
