@@ -1,4 +1,5 @@
-"""The `gradcam-tut` command: run the notebooks, make the mini fish set, draw a grid.
+"""The `gradcam-tut` command: run the notebooks, make the mini fish set, draw a grid, explain a
+folder.
 
 A user error (a wrong path, a file that would be overwritten, a bad value) prints one line,
 `gradcam-tut: error: ...`, and exits with 2; `--debug` shows the traceback instead.
@@ -7,6 +8,7 @@ A user error (a wrong path, a file that would be overwritten, a bad value) print
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 RUNS_DIR = Path("runs")  # under the current folder, never inside an installed package
+NEEDS_MASKS = {"05_does_it_look_at_the_fish.ipynb"}  # the localization notebook
 METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # cam.METHODS
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                ValueError)
@@ -63,10 +66,11 @@ def notebook_files() -> list[Path]:
     return notebooks
 
 
-def run_notebooks(out: Path, smoke: bool | None = None,
+def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None,
                   parameters: dict | None = None) -> list[Path]:
     """Execute every notebook top to bottom with papermill into `out/notebooks/`, in order
-    (01 trains and exports the model the others load).
+    (01 trains and exports the model the others load). With `data` (or `$FISH_DATASET`) a
+    folder without masks, the notebooks that need masks are skipped, with a line saying so.
 
     Figures land in `out/figures/`. Returns the executed notebooks' paths. (Running two
     notebooks at once was measured slower on 2 cores: their torch threads fight over them.)
@@ -82,6 +86,15 @@ def run_notebooks(out: Path, smoke: bool | None = None,
     params = {"out_dir": str(out.resolve()), **(parameters or {})}
     if smoke is not None:
         params["smoke"] = smoke
+    data = data or os.environ.get("FISH_DATASET")
+    if data:
+        from .data import is_fish_layout
+
+        params["data_path"] = str(Path(data).resolve())
+        if not is_fish_layout(data):
+            for nb in [nb for nb in notebooks if nb.name in NEEDS_MASKS]:
+                print(f"skipping {nb.name}: it needs GT masks, and {data} has none")
+                notebooks.remove(nb)
     done = []
     for nb in notebooks:
         print(f"running {nb.name}", flush=True)
@@ -138,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the run folder's name instead of the time")
     run.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
                      help="force smoke (or full) mode; default: decide from GPU, data, weights")
+    run.add_argument("--data", type=Path, help="the Fish Dataset, or your own folder of class "
+                     "folders (<class>/<image>; default: $FISH_DATASET, data/, mini fish)")
     add_mini_fish_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
     grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")
@@ -148,14 +163,36 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("--force", action="store_true", help="replace an existing --out file")
     grid.add_argument("--method", default="gradcam", choices=METHOD_NAMES,
                       help="the CAM method (all from the same pass; default gradcam)")
+    ex = sub.add_parser("explain", help="Grad-CAM for every image in files and folders, a "
+                        "batch at a time: a CSV, the maps (.npz), grids on request")
+    ex.add_argument("paths", nargs="+", type=Path, help="images and folders of images")
+    ex.add_argument("--learner", type=Path, required=True, help="a learner saved by learn.export")
+    ex.add_argument("--layers", nargs="+", help="layer names; default the whole body")
+    ex.add_argument("--target", help="class name or index; default each image's prediction")
+    ex.add_argument("--method", default="gradcam", choices=METHOD_NAMES)
+    ex.add_argument("--out", type=Path, default=Path("explained"),
+                    help="folder for explain.csv, maps.npz and grids/ (default ./explained)")
+    ex.add_argument("--grids", action="store_true", help="also a grid PNG per image")
+    ex.add_argument("--bs", type=int, default=16, help="images per grad_cam pass")
+    ex.add_argument("--force", action="store_true", help="replace an earlier result in --out")
     return p
+
+
+def _target(target: str | None, vocab) -> int | str | None:
+    """A class name as given, or an index when it is digits and not itself a class name."""
+    if target is not None and target not in vocab and target.isdigit():
+        return int(target)
+    return target
 
 
 def run(args: argparse.Namespace) -> None:
     notebook_files()  # before making a run folder: fails at once from an installed package
+    if args.data is not None and not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data} is not a folder: pass the Fish Dataset or a "
+                                "folder of class folders (<class>/<image>)")
     folder = new_run_dir(args.out, args.name)
     print(f"run folder: {folder}", flush=True)
-    run_notebooks(folder, args.smoke)
+    run_notebooks(folder, args.smoke, args.data)
     figures = sorted((folder / "figures").glob("*.png"))
     print(f"{len(figures)} figures in {folder / 'figures'}:")
     print("\n".join(f"  {f.name}" for f in figures))
@@ -172,11 +209,20 @@ def grid(args: argparse.Namespace) -> None:
         raise ValueError(f"cannot read {f} as an image ({why}): pass a PNG or JPEG file")
     out = grid_path(args.out, args.image, args.force)
     learn = load_fish_learner(args.model)
-    target = args.target
-    if target is not None and target not in learn.dls.vocab and target.isdigit():
-        target = int(target)
-    gradcam_grid(learn, args.image, target=target, method=args.method, save=out)
+    gradcam_grid(learn, args.image, target=_target(args.target, learn.dls.vocab),
+                 method=args.method, save=out)
     print(out)
+
+
+def explain(args: argparse.Namespace) -> None:
+    from .explain import explain as explain_images
+    from .train import load_fish_learner
+
+    learn = load_fish_learner(args.learner)
+    table = explain_images(learn, args.paths, args.layers, _target(args.target, learn.dls.vocab),
+                           args.method, args.bs, args.out, args.grids, args.force)
+    print(f"{len(table)} images: {args.out / 'explain.csv'}, {args.out / 'maps.npz'}"
+          + (f", {args.out / 'grids'}/" if args.grids else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import mini_fish
 
             mini_fish.run(args)
+        elif args.cmd == "explain":
+            explain(args)
         else:
             grid(args)
     except (*USER_ERRORS, NotebookFailed) as exc:

@@ -1,10 +1,14 @@
-"""The Kaggle "A Large Scale Fish Dataset" layout: find it, check it, list its images, load it.
+"""The Kaggle "A Large Scale Fish Dataset" layout, or any folder of class folders: find it,
+check it, list its images, load it.
 
     Fish_Dataset/Fish_Dataset/<Class>/<Class>/00001.png       the images
     Fish_Dataset/Fish_Dataset/<Class>/<Class> GT/00001.png    their masks (white fish on black)
 
 `get_image_files` on that tree also returns the masks, and `parent_label` then makes 18 labels
 out of 9 classes: the source article trained on both. Here images and masks are kept apart.
+
+Your own data: any folder in fastai's `parent_label` layout, `<root>/<class>/<image>`, or with
+`<root>/train/<class>/...` and `<root>/valid/<class>/...` for a fixed split; no masks.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ import numpy as np
 import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
-from fastai.data.transforms import RandomSplitter, get_image_files, parent_label
+from fastai.data.transforms import (
+    GrandparentSplitter,
+    RandomSplitter,
+    get_image_files,
+    parent_label,
+)
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.core import PILImage, PILMask, load_image
 from fastai.vision.data import ImageBlock, MaskBlock
@@ -83,6 +92,63 @@ def class_folders(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def is_fish_layout(path: str | Path) -> bool:
+    """True when the folder is in the Fish Dataset layout (`<Class>/<Class>` and `<Class> GT`
+    folders), which has masks; False for a plain folder of class folders."""
+    root = dataset_root(path)
+    return any((root / c / c).is_dir() and (root / c / f"{c} GT").is_dir()
+               for c in class_folders(root))
+
+
+def _splits(root: Path) -> list[Path]:
+    """`train/` and `valid/` when the folder has both (a fixed split), else the folder itself."""
+    return [root / "train", root / "valid"] if all(
+        (root / d).is_dir() for d in ("train", "valid")) else [root]
+
+
+def image_files(path: str | Path, max_per_class: int | None = None) -> L:
+    """The images to train on, sorted: `fish_image_files` for the Fish Dataset, else every
+    image under each class folder (of `train/` and `valid/` when there are both)."""
+    if is_fish_layout(path):
+        return fish_image_files(path, max_per_class)
+    files = L()
+    for split in _splits(dataset_root(path)):
+        for cls in class_folders(split):
+            files += sorted(get_image_files(split / cls))[:max_per_class]
+    return files
+
+
+def validate_folder(path: str | Path) -> dict[str, int]:
+    """Check a folder of class folders and return the image count per class.
+
+    Raises:
+        DatasetLayoutError: fewer than 2 classes, an empty class, or `train/` and `valid/`
+            with different classes.
+    """
+    root = dataset_root(path)
+    splits = _splits(root)
+    classes = [class_folders(split) for split in splits]
+    for split, names in zip(splits, classes):
+        if len(names) < 2:
+            raise DatasetLayoutError(
+                f"{split} holds {len(names)} class folder(s) {names}: a classifier needs at "
+                f"least 2, as {split}/<class>/<image> (e.g. pets/cat/1.jpg, pets/dog/2.jpg)")
+    if len(classes) == 2 and classes[0] != classes[1]:
+        raise DatasetLayoutError(
+            f"train/ and valid/ in {root} hold different classes: only in train "
+            f"{sorted(set(classes[0]) - set(classes[1]))}, only in valid "
+            f"{sorted(set(classes[1]) - set(classes[0]))}; give both the same class folders")
+    counts = {}
+    for split, names in zip(splits, classes):
+        for cls in names:
+            n = len(get_image_files(split / cls))
+            if n == 0:
+                raise DatasetLayoutError(f"no images in {split / cls}: every class needs images "
+                                         "(an empty class would train a model without it)")
+            counts[cls] = counts.get(cls, 0) + n
+    return counts
+
+
 def fish_image_files(path: str | Path, max_per_class: int | None = None) -> L:
     """The images, sorted, masks excluded: files in `<Class>/<Class>/`, none in `<Class> GT/`.
 
@@ -102,12 +168,20 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
     `<Class> GT` folder with one mask per image and no other; a mini fish set that was left
     unfinished; with `check_images`, that every image and mask decodes (`damaged_images`).
 
+    A folder that is not in the Fish Dataset layout is checked as your own data instead
+    (`validate_folder`).
+
     Raises:
         DatasetLayoutError: what is wrong and where; FileNotFoundError: no folder at `path`.
     """
     from .mini_fish import MARKER
 
     root = dataset_root(path)
+    if not is_fish_layout(root):
+        counts = validate_folder(root)
+        if check_images:
+            checked_image_files(root)
+        return counts
     marker = root.parent.parent / MARKER
     if marker.is_file() and not json.loads(marker.read_text()).get("complete"):
         raise DatasetLayoutError(
@@ -180,9 +254,15 @@ def damaged_images(files, n_workers: int | None = None) -> dict[Path, str]:
     return damaged
 
 
+def damaged_listing(bad: dict[Path, str]) -> str:
+    """"2 damaged files" and one line per file with the reason."""
+    return f"{len(bad)} damaged file{'s' * (len(bad) > 1)}" + "".join(
+        f"\n  {f}: {why}" for f, why in bad.items())
+
+
 def checked_image_files(path: str | Path, max_per_class: int | None = None,
                         damaged: str = "raise") -> L:
-    """`fish_image_files` after checking them: every image and its mask must decode.
+    """`image_files` after checking them: every image (and mask) must decode.
 
     Args:
         damaged: "raise" lists every damaged file in one error; "skip" warns with that list
@@ -193,12 +273,12 @@ def checked_image_files(path: str | Path, max_per_class: int | None = None,
     """
     if damaged not in ("raise", "skip"):
         raise ValueError(f"damaged={damaged!r}: use 'raise' or 'skip'")
-    files = fish_image_files(path, max_per_class)
-    bad = damaged_images([*files, *map(mask_file, files)])
+    files = image_files(path, max_per_class)
+    masks = list(map(mask_file, files)) if is_fish_layout(path) else []
+    bad = damaged_images([*files, *masks])
     if not bad:
         return files
-    listing = f"{len(bad)} damaged file{'s' * (len(bad) > 1)}" + "".join(
-        f"\n  {f}: {why}" for f, why in bad.items())
+    listing = damaged_listing(bad)
     if damaged == "raise":
         raise DatasetLayoutError(
             f"{listing}\nReplace or delete "
@@ -287,14 +367,16 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
                      valid_pct: float = 0.2, max_per_class: int | None = None,
                      with_masks: bool = False, batch_tfms=None, damaged: str = "raise",
                      **kwargs) -> DataLoaders:
-    """fastai DataLoaders of (image, class), or (image, class, mask) with `with_masks`.
+    """fastai DataLoaders of (image, class), or (image, class, mask) with `with_masks`, for the
+    Fish Dataset or your own folder of class folders.
 
     The layout and every image and mask are checked first (`validate_layout`,
     `checked_image_files` with `damaged`; cached), so a bad file stops us here, not mid-epoch.
     A `DataBlock(ImageBlock(RGBImage), CategoryBlock)` over those images (masks excluded),
-    labelled by `parent_label`, split by `RandomSplitter(valid_pct, seed)`, `Resize(size)`
-    and fastai's `aug_transforms` unless `batch_tfms` is given. With `with_masks` each
-    image's mask goes through the same transforms (the first item is the only input).
+    labelled by `parent_label`, split by `RandomSplitter(valid_pct, seed)` (by
+    `GrandparentSplitter` when the folder has `train/` and `valid/`), `Resize(size)` and
+    fastai's `aug_transforms` unless `batch_tfms` is given. With `with_masks` (Fish Dataset
+    only) each image's mask goes through the same transforms (the first item is the only input).
     `kwargs` go to `DataBlock.dataloaders` (num_workers, device, ...). Without a CUDA GPU
     the images load in the main process (num_workers=0): worker processes would compete with
     the training for the same CPU cores (measured: an epoch took 20% longer with 2 workers).
@@ -302,14 +384,18 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
     kwargs.setdefault("num_workers", None if torch.cuda.is_available() else 0)
     validate_layout(path, check_images=False)
     files = checked_image_files(path, max_per_class, damaged)
+    fixed_split = len(_splits(dataset_root(path))) == 2 and not is_fish_layout(path)
     blocks, getters = (ImageBlock(RGBImage), CategoryBlock), None
     if with_masks:
+        if not is_fish_layout(path):
+            raise ValueError(f"with_masks=True needs the Fish Dataset layout (<Class>/<Class> GT/"
+                             f" masks); {dataset_root(path)} has no masks")
         blocks = (*blocks, MaskBlock(codes=["background", "fish"]))
         getters = [noop, parent_label, fish_mask]
     block = DataBlock(
         blocks=blocks, getters=getters, n_inp=1,
         get_y=None if with_masks else parent_label,
-        splitter=RandomSplitter(valid_pct, seed=seed),
+        splitter=GrandparentSplitter() if fixed_split else RandomSplitter(valid_pct, seed=seed),
         item_tfms=Resize(size, method="squish"),  # the whole fish stays in view
         batch_tfms=aug_transforms() if batch_tfms is None else batch_tfms)
     return block.dataloaders(files, bs=bs, **kwargs)

@@ -17,7 +17,15 @@ from urllib.request import urlopen
 import torch
 from torchvision.models import ResNet34_Weights
 
-from .data import DATA_DIR, ENV_VAR, PROJECT_DIR, find_fish_dataset, fish_dataloaders, is_mini_fish
+from .data import (
+    DATA_DIR,
+    ENV_VAR,
+    PROJECT_DIR,
+    find_fish_dataset,
+    fish_dataloaders,
+    is_fish_layout,
+    is_mini_fish,
+)
 from .mini_fish import FULL, make_mini_fish
 from .train import load_fish_learner, train_fish
 
@@ -65,6 +73,18 @@ class RunSettings:
     max_per_class: int | None = None
     seed: int = 42
     out: Path = field(default=RUNS_DIR)
+
+    @property
+    def masks(self) -> bool:
+        """Whether the data has GT masks (the Fish Dataset layout); your own folder has none."""
+        return is_fish_layout(self.data)
+
+    def require_masks(self, what: str) -> None:
+        """Stop with one clear line when `what` needs masks and the data has none."""
+        if not self.masks:
+            raise ValueError(f"{what} measures maps against GT masks, and {self.data} has none: "
+                             "it needs the Fish Dataset layout (<Class>/<Class> GT/*.png); "
+                             "`gradcam-tut run` skips it for data without masks")
 
     @property
     def model_file(self) -> Path:

@@ -98,3 +98,34 @@ def test_help_does_not_import_torch():
     code = "import sys, gradcam_tut.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_explain_a_folder(tiny_model_file, mini_root, tmp_path, capsys):
+    """A folder and a file, batched: a CSV row and maps per image, grids on request."""
+    import numpy as np
+    import pandas as pd
+
+    trout = mini_root / "Trout" / "Trout"
+    shrimp = sorted((mini_root / "Shrimp" / "Shrimp").iterdir())[0]
+    out = tmp_path / "ex"
+    assert main(["explain", str(trout), str(shrimp), "--learner", str(tiny_model_file),
+                 "--out", str(out), "--bs", "4", "--layers", "layer3", "layer4"]) == 0
+    assert "7 images:" in capsys.readouterr().out
+    table = pd.read_csv(out / "explain.csv")
+    assert list(table.columns) == ["file", "predicted", "confidence", "target",
+                                   "max_layer3", "max_layer4"]
+    assert len(table) == 7 and (table["predicted"] == table["target"]).all()
+    maps = np.load(out / "maps.npz")
+    assert maps["layer4"].shape[0] == 7 and list(maps["files"]) == list(table["file"])
+    assert np.allclose(maps["layer4"].max(axis=(1, 2)), table["max_layer4"])
+    assert main(["explain", str(trout), "--learner", str(tiny_model_file), "--out",
+                 str(out)]) == 2  # never over an earlier result without --force
+    assert "holds an earlier result: pick another --out, or add --force" in error_line(capsys)
+    assert main(["explain", str(shrimp), "--learner", str(tiny_model_file), "--out", str(out),
+                 "--target", "Trout", "--grids", "--force"]) == 0
+    assert len(list((out / "grids").glob("*.png"))) == 1
+    assert pd.read_csv(out / "explain.csv")["target"].tolist() == ["Trout"]
+    (tmp_path / "bad.png").write_text("no")
+    assert main(["explain", str(tmp_path / "bad.png"), "--learner", str(tiny_model_file)]) == 2
+    err = capsys.readouterr().err  # the list of damaged files, one per line
+    assert err.startswith("gradcam-tut: error: 1 damaged file\n  ") and "bad.png" in err

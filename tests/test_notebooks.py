@@ -11,7 +11,7 @@ FIGURES = {
     "02": ["02_layer4_by_hand.png"],
     "03": ["03_layer_grid_pred.png", "03_layer_grid_runner_up.png", "03_layer_grid_shared.png"],
     "04": ["04_top_losses_gradcam.png"],
-    "05": ["05_localization_by_layer.png", "05_pointing_gallery.png"],
+    "05": ["05_localization_by_layer.png", "05_pointing_gallery.png", "05_methods.png"],
 }
 
 
