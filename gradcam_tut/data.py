@@ -42,6 +42,7 @@ from PIL import Image
 CLASSES = ("Black Sea Sprat", "Gilt-Head Bream", "Hourse Mackerel", "Red Mullet",
            "Red Sea Bream", "Sea Bass", "Shrimp", "Striped Red Mullet", "Trout")
 KAGGLE_HANDLE = "crowww/a-large-scale-fish-dataset"
+KAGGLE_INPUT = Path("/kaggle/input/a-large-scale-fish-dataset")  # in a Kaggle notebook
 ENV_VAR = "FISH_DATASET"
 
 
@@ -294,13 +295,27 @@ def _kaggle_credentials() -> bool:
                        / "kaggle.json").is_file()
 
 
+def _kaggle_copy() -> Path | None:
+    """The dataset where Kaggle mounts it, or kagglehub's newest cached version; else None."""
+    cache = Path(os.environ.get("KAGGLEHUB_CACHE", "~/.cache/kagglehub")).expanduser()
+    versions = cache / "datasets" / KAGGLE_HANDLE / "versions"
+    cached = sorted(versions.glob("*/Fish_Dataset"), key=lambda p: int(p.parent.name)
+                    if p.parent.name.isdigit() else -1)
+    for candidate in [KAGGLE_INPUT / "Fish_Dataset", *reversed(cached)]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
                       download: bool = True) -> Path:
     """Find the dataset and return the folder holding the class folders.
 
     Looks, in order: `path`; the `FISH_DATASET` environment variable; `data/Fish_Dataset`;
-    a kagglehub download (when kagglehub is installed and Kaggle credentials exist); and,
-    with `allow_mini`, the embedded mini fish set under `data/mini_fish` (made if missing).
+    where a Kaggle notebook mounts it (`/kaggle/input/a-large-scale-fish-dataset`) or
+    kagglehub cached an earlier download (no credentials needed); a kagglehub download (when
+    kagglehub is installed and Kaggle credentials exist); and, with `allow_mini`, the
+    embedded mini fish set under `data/mini_fish` (made if missing).
 
     Raises:
         FileNotFoundError: nothing found; the message says how to get the dataset.
@@ -314,6 +329,8 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
         root = dataset_root(path)
     elif (DATA_DIR / "Fish_Dataset").is_dir():
         root = dataset_root(DATA_DIR / "Fish_Dataset")
+    elif kaggle := _kaggle_copy():
+        root = dataset_root(kaggle)
     elif download and _kaggle_credentials() and importlib.util.find_spec("kagglehub"):
         import kagglehub
 

@@ -27,7 +27,7 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
         ValueError: files that cannot be decoded, all listed.
     """
     files = []
-    for p in map(Path, paths):
+    for p in (Path(p).expanduser() for p in paths):
         if p.is_dir():
             files += sorted(get_image_files(p))
         elif p.is_file():

@@ -1,7 +1,13 @@
+import shutil
+
 import pytest
 import torch
+from torchvision.models import ResNet34_Weights, resnet34
 
-from gradcam_tut.settings import SMOKE_ENV, run_settings
+from gradcam_tut import data
+from gradcam_tut.data import find_fish_dataset
+from gradcam_tut.settings import SMOKE_ENV, pretrained_weights_available, run_settings
+from gradcam_tut.train import fish_learner
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +57,52 @@ def test_overrides(mini_dest):
 def test_missing_data_path_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         run_settings(smoke=True, data=tmp_path / "nowhere")
+
+
+@pytest.fixture
+def full_size_replica(tmp_path_factory):
+    """The real dataset's layout at its size (590x445), 4 per class, without the mini marker."""
+    from dataclasses import replace
+
+    from gradcam_tut.mini_fish import FULL, make_mini_fish
+
+    made = make_mini_fish(tmp_path_factory.mktemp("made") / "m", replace(FULL, per_class=4),
+                          progress=False)
+    dest = tmp_path_factory.mktemp("real")
+    shutil.copytree(made.parent, dest / "Fish_Dataset")
+    return dest
+
+
+def test_cpu_mode_fine_tunes_imagenet_weights(full_size_replica, tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU decision")
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    assert not pretrained_weights_available(timeout=0.5)  # offline, nothing cached
+    s = run_settings(data=full_size_replica, out=tmp_path)
+    assert s.mode == "smoke" and "no pretrained weights" in s.reason
+    weights = tmp_path / "hub" / "checkpoints" / ResNet34_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(resnet34().state_dict(), weights)  # random values: the logic is what is tested
+    capsys.readouterr()
+    s = run_settings(data=full_size_replica, out=tmp_path)
+    assert (s.mode, s.smoke, s.pretrained, s.size, s.max_per_class) == ("cpu", False, True,
+                                                                          160, 200)
+    assert capsys.readouterr().out.startswith(
+        "mode: cpu (no CUDA GPU, but the dataset and ImageNet weights are here")
+    learn, pretrained = fish_learner(s.dataloaders(size=32, bs=8), resnet34, s.pretrained)
+    assert pretrained  # read from torch's cache, no download, no fallback
+    torch.testing.assert_close(learn.model[0][0].weight, torch.load(weights)["conv1.weight"])
+
+
+def test_kaggle_mount_and_kagglehub_cache(mini_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "data")
+    monkeypatch.delenv("FISH_DATASET", raising=False)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    monkeypatch.setattr(data, "KAGGLE_INPUT", tmp_path / "kaggle" / "input" / "fish")
+    versions = tmp_path / "kagglehub" / "datasets" / data.KAGGLE_HANDLE / "versions"
+    for v in ("1", "2"):
+        shutil.copytree(mini_root, versions / v / "Fish_Dataset" / "Fish_Dataset")
+    assert find_fish_dataset(download=False) == versions / "2" / "Fish_Dataset" / "Fish_Dataset"
+    shutil.copytree(mini_root, data.KAGGLE_INPUT / "Fish_Dataset" / "Fish_Dataset")
+    assert find_fish_dataset(download=False) == data.KAGGLE_INPUT / "Fish_Dataset" / "Fish_Dataset"
