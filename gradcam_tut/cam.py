@@ -157,9 +157,8 @@ def _gradcam_pp(A: Tensor, G: Tensor) -> Tensor:
     piecewise linear in A, Y's 2nd and 3rd derivatives are Y*G^2 and Y*G^3, so Y cancels in
     alpha; the weights' remaining factor Y scales each image's map and is dropped, as
     pytorch-grad-cam does. Its 1e-6 is kept: where gradients are tiny it decides alpha."""
-    g2 = G.pow(2)
+    g2 = G * G  # where G is 0 alpha is 0 too: 0 / 1e-6, no masking needed
     alpha = g2 / (2 * g2 + A.sum(dim=(2, 3), keepdim=True) * g2 * G + 1e-6)
-    alpha = torch.where(G != 0, alpha, 0)
     return (alpha * G.relu()).sum(dim=(2, 3), keepdim=True) * A
 
 
