@@ -166,6 +166,7 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
     overrides = {k: v for k, v in overrides.items() if v is not None}
     s = replace(s, out=Path(out) if out is not None else RUNS_DIR, **overrides)
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"mode: {s.mode} ({s.reason}); data: {s.data}; {s.size} px, "
-          f"{s.epochs} epochs, {'pretrained' if s.pretrained else 'random'} weights; {device}")
+    print(f"mode: {s.mode} ({s.reason}); data: {s.data}; {s.size} px, {s.epochs} "
+          f"epoch{'s' * (s.epochs != 1)}, {'pretrained' if s.pretrained else 'random'} "
+          f"weights; {device}")
     return s
