@@ -117,6 +117,9 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--mark", type=float, default=0.0,
+                   help="share of images with their class's coloured corner mark (a shortcut)")
+    p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
 
 
 def grid_path(out: Path, image: Path, force: bool = False) -> Path:

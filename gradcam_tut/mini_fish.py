@@ -56,6 +56,8 @@ class MiniFishSpec:
     width: int = 128
     height: int = 96
     seed: int = 42
+    mark: float = 0.0  # the share of images with their class's coloured corner mark: a shortcut
+    shuffle_marks: bool = False  # each mark of a random class instead: the shortcut broken
 
     def __post_init__(self):
         if self.per_class < 1:
@@ -63,7 +65,13 @@ class MiniFishSpec:
         if min(self.width, self.height) < 16:
             raise ValueError(f"{self.width}x{self.height} is too small for a fish: use at "
                              "least 16x16 pixels")
+        if not 0 <= self.mark <= 1:
+            raise ValueError(f"mark={self.mark}: the share of marked images is in 0..1")
 
+
+# A shortcut's colours, one per class, none a fish's
+MARKS = dict(zip(CLASSES, [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
+                           (0, 255, 255), (255, 128, 0), (128, 0, 255), (255, 255, 255)]))
 
 FULL = MiniFishSpec(per_class=1000, width=590, height=445)
 
@@ -176,7 +184,23 @@ def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image
     img.paste(fish, (x, y), mask.filter(ImageFilter.GaussianBlur(0.6)))
     full_mask = Image.new("L", (w, h))
     full_mask.paste(mask, (x, y))
+    mark_rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index, 1])  # own stream:
+    if mark_rng.random() < spec.mark:  # the images without marks stay as they were
+        color = MARKS[CLASSES[mark_rng.integers(len(CLASSES))] if spec.shuffle_marks else cls]
+        _mark(img, full_mask, color)
     return img, full_mask
+
+
+def _mark(img: Image.Image, mask: Image.Image, color: tuple[int, int, int]) -> None:
+    """A coloured square in the corner that hides the least fish; the fish under it leaves the
+    mask, so the mask stays exactly what is fish in the picture."""
+    w, h = img.size
+    side = max(4, min(w, h) // 7)
+    corners = [(0, 0), (w - side, 0), (0, h - side), (w - side, h - side)]
+    fish = np.asarray(mask) > 0
+    x, y = min(corners, key=lambda c: fish[c[1]:c[1] + side, c[0]:c[0] + side].sum())
+    img.paste(color, (x, y, x + side, y + side))
+    mask.paste(0, (x, y, x + side, y + side))
 
 
 def image_file(root: Path, cls: str, index: int) -> Path:
@@ -211,8 +235,8 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     root = dest / "Fish_Dataset" / "Fish_Dataset"
     marker = dest / MARKER
     wanted = {**asdict(spec), "generator": GENERATOR, "complete": True}
-    if marker.exists():
-        made = json.loads(marker.read_text())
+    if marker.exists():  # fields added since are read as their defaults
+        made = {**asdict(MiniFishSpec()), **json.loads(marker.read_text())}
         if made == wanted:
             return root
         older = made.get("generator", 1) < GENERATOR
@@ -242,7 +266,8 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
 
 def run(args: argparse.Namespace) -> Path:
     """Write the set the parsed options ask for and print where its classes are."""
-    spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed)
+    spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed, mark=args.mark,
+                   shuffle_marks=args.shuffle_marks)
     spec = replace(spec, per_class=args.per_class) if args.per_class is not None else spec
     root = make_mini_fish(args.dest, spec, n_workers=args.workers)
     print(root)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gradcam_tut.data import CLASSES, fish_image_files, mask_file
-from gradcam_tut.mini_fish import MARKER, MiniFishSpec, make_mini_fish, render
+from gradcam_tut.mini_fish import MARKER, MARKS, MiniFishSpec, make_mini_fish, render
 
 SPEC = MiniFishSpec(per_class=2, width=48, height=36)
 
@@ -111,6 +111,7 @@ def test_replaces_its_own_set_from_an_older_generator(tmp_path):
     (["--per-class", "0"], "per_class=0: ask for at least 1"),
     (["--per-class", "-3"], "per_class=-3: ask for at least 1"),
     (["--workers", "-1"], "n_workers=-1: use 0"),
+    (["--mark", "1.5"], "mark=1.5: the share of marked images is in 0..1"),
 ])
 def test_bad_options_write_nothing(tmp_path, capsys, args, match):
     from gradcam_tut.cli import main
@@ -124,3 +125,35 @@ def test_bad_options_write_nothing(tmp_path, capsys, args, match):
 def test_too_small_to_draw():
     with pytest.raises(ValueError, match="too small for a fish"):
         MiniFishSpec(width=8, height=8)
+
+
+def _corners(a, side=36 // 7):  # the mark's side for a 48x36 image
+    return [a[:side, :side], a[:side, -side:], a[-side:, :side], a[-side:, -side:]]
+
+
+def _mark_colors(img):
+    """The colours of the corners filled with one mark colour."""
+    return [tuple(c[0, 0]) for c in _corners(np.asarray(img))
+            if tuple(c[0, 0]) in MARKS.values() and (c == c[0, 0]).all()]
+
+
+def test_a_planted_shortcut():
+    """A mark changes only its own corner; it is the class's colour (a random class's when
+    shuffled), and the mask never counts it as fish; unmarked images are drawn as before."""
+    spec = MiniFishSpec(per_class=2, width=48, height=36, mark=1)
+    shuffled, half = MiniFishSpec(**{**spec.__dict__, "shuffle_marks": True}), \
+        MiniFishSpec(**{**spec.__dict__, "mark": 0.5})
+    seen, kept = set(), 0
+    for cls in CLASSES:
+        for i in range(4):
+            plain, img, mask = *render(cls, i, SPEC)[:1], *render(cls, i, spec)
+            changed = (np.asarray(img) != np.asarray(plain)).any(-1)
+            assert changed.mean() <= (36 // 7) ** 2 / (48 * 36)  # the mark's square only
+            assert _mark_colors(img) == [MARKS[cls]]
+            corner = next(c for c, m in zip(_corners(np.asarray(img)), _corners(np.asarray(mask)))
+                          if (c == MARKS[cls]).all() and not m.any())
+            assert corner is not None
+            seen |= set(_mark_colors(render(cls, i, shuffled)[0]))
+            kept += np.array_equal(np.asarray(render(cls, i, half)[0]), np.asarray(plain))
+    assert len(seen) > 3  # shuffled: marks of many classes
+    assert 0 < kept < 36  # mark=0.5: some marked, the others exactly as before
