@@ -70,7 +70,9 @@ def methods_single_pass(model, x, cls):
 
 
 def guidance_epochs():
-    """Seconds for one epoch without and with the penalty, same data, same seed."""
+    """Seconds for one epoch without and with the penalty, same data, same seed; each timed
+    twice, interleaved, and the faster kept (the first epoch of a process pays its warm-up)."""
+    import fastai.callback.progress  # noqa: F401  adds Learner.no_bar
     from fastai.losses import CrossEntropyLossFlat
     from fastai.torch_core import set_seed
     from fastai.vision.learner import vision_learner
@@ -80,8 +82,8 @@ def guidance_epochs():
     from gradcam_tut.mini_fish import make_mini_fish
 
     root = make_mini_fish(DATA_DIR / "mini_fish", progress=False)
-    secs = []
-    for weight in (0, 1):
+    secs = {0: [], 1: []}
+    for weight in (0, 1, 0, 1):
         set_seed(42, reproducible=True)
         dls = fish_dataloaders(root, size=128, bs=16, with_masks=True)
         learn = vision_learner(dls, torchvision.models.resnet34, pretrained=False, n_out=9,
@@ -89,8 +91,8 @@ def guidance_epochs():
         with learn.no_bar(), learn.no_logging():
             start = time.perf_counter()
             learn.fit(1, 5e-3)
-            secs.append(time.perf_counter() - start)
-    return secs
+            secs[weight].append(time.perf_counter() - start)
+    return min(secs[0]), min(secs[1])
 
 
 def median_seconds(fn, repeats, *args):

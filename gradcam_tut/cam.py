@@ -288,6 +288,29 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     return maps[method] if isinstance(method, str) else maps
 
 
+@torch.no_grad()
+def class_activation_map(model: nn.Module, x: Tensor, layer: Layer, linear: nn.Linear,
+                         targets: Targets = None) -> Tensor:
+    """Plain CAM (Zhou et al., 2016), (B, h, w): the class's row of `linear`'s weights over the
+    channels of `layer`'s activations, sum_k w_ck A_k, no ReLU, no gradient.
+
+    It means something only when `linear` comes straight after a global average pool of
+    `layer` (a torchvision resnet's `fc`; fastai's `create_head(nf, n, lin_ftrs=[],
+    concat_pool=False, first_bn=False)`). Then Grad-CAM at `layer` is ReLU(CAM) / (h * w):
+    the gradient of y_c is w_ck / (h * w) at every pixel.
+    """
+    x = x.as_subclass(Tensor)
+    (module,) = resolve_layers(model, layer).values()
+    was_training = model.training
+    try:
+        with HookForwardMany([module]) as hook:
+            logits = model.eval()(x)
+    finally:
+        model.train(was_training)
+    idx = class_indices(targets, logits)
+    return torch.einsum("bk,bkhw->bhw", linear.weight[idx].float(), hook.stored[0].float())
+
+
 def upsample(maps: Tensor | Sequence[Tensor], size: int | tuple[int, int],
              mode: str = "bilinear") -> Tensor:
     """Resize maps to `size` (H, W) with `F.interpolate`.

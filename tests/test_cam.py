@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torchvision
 from captum.attr import LayerGradCam
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -258,3 +259,29 @@ def test_fastai_batch_in_plain_tensors_out(tiny_learner, mini_root):
     plain = grad_cam(tiny_learner.model, plain, ["layer3", "layer4"], targets=yb.tolist())
     assert all(torch.equal(a, b) for a, b in zip(maps, plain))
     assert f"{maps[1].max():.3f}"  # formats like any tensor
+
+
+def test_cam_is_grad_cam_for_an_average_pool_and_one_linear(resnet18, batch):
+    """Grad-CAM at the last conv layer = ReLU(CAM) / (h * w) when the head is GAP + Linear:
+    a torchvision resnet's `fc`, or fastai's head without hidden layers, concat pool and BN."""
+    from fastai.vision.learner import create_body, create_head
+
+    from gradcam_tut.cam import class_activation_map
+
+    (gc,) = grad_cam(resnet18, batch, "layer4", TARGETS)
+    cam = class_activation_map(resnet18, batch, "layer4", resnet18.fc, TARGETS)
+    torch.testing.assert_close(gc, cam.relu() / (2 * 2))  # layer4 is 2x2 at 64 px
+    torch.manual_seed(0)
+    model = nn.Sequential(create_body(torchvision.models.resnet34(), pretrained=False),
+                          create_head(512, 9, lin_ftrs=[], concat_pool=False, first_bn=False))
+    model.eval()
+    (gc,) = grad_cam(model, batch, "layer4", TARGETS)
+    cam = class_activation_map(model, batch, "layer4", model[1][-1], TARGETS)
+    torch.testing.assert_close(gc, cam.relu() / 4)
+    # fastbook's einsum on fastai's default head: the last Linear's 512 inputs are hidden
+    # units, not body channels; the shapes fit only because resnet34 has 512 channels
+    model[1] = create_head(512, 9).eval()
+    assert model[1][4].in_features == 1024 and model[1][-1].in_features == 512  # hidden units
+    (gc,) = grad_cam(model, batch, "layer4", TARGETS)
+    wrong = class_activation_map(model, batch, "layer4", model[1][-1], TARGETS)
+    assert not torch.allclose(gc, wrong.relu() / 4, atol=1e-3)

@@ -1,0 +1,78 @@
+"""A sanity check for saliency maps (Adebayo et al., 2018, model-parameter randomisation):
+re-initialise the network from the top, step by step, and see whether the maps change. Maps
+that stay the same do not depend on what the network learned: they show the image, not the
+model."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from torch import Tensor, nn
+
+from .cam import Layer, Targets, body_layers, class_indices, grad_cam, resolve_layers, upsample
+
+
+def randomization_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """What to re-initialise, top first: a fastai model's head, then its body layers that have
+    weights, last to first (for a plain model, its children with weights, last to first)."""
+    if isinstance(model, nn.Sequential) and len(model) == 2:  # fastai: (body, head)
+        steps = [("head", model[1])] + list(reversed(body_layers(model).items()))
+    else:
+        steps = list(reversed(list(model.named_children())))
+    return [(name, m) for name, m in steps if any(True for _ in m.parameters())]
+
+
+def _reinit(module: nn.Module) -> None:
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two maps (ties averaged); 0 when either is constant."""
+    a, b = a.flatten().cpu(), b.flatten().cpu()
+    if a.min() == a.max() or b.min() == b.max():  # an all-zero map: no ranking to compare
+        return 0.0
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+@torch.no_grad()
+def cascading_randomization(model: nn.Module, x: Tensor, layer: Layer = "layer4",
+                            targets: Targets = None, seed: int = 0, method: str = "gradcam"
+                            ) -> tuple[pd.DataFrame, dict[str, Tensor]]:
+    """Grad-CAM maps at `layer` as the layers above it and then below it are re-initialised,
+    top first and cumulatively, on a copy of `model` (the model itself is left as it was).
+
+    The targets stay those of the trained model (its predictions by default). Each map is
+    upsampled to the image and compared with the trained model's by Spearman rank correlation.
+
+    Returns:
+        A DataFrame with one row per step ("trained", "head", "layer4", ...): the mean and
+        the smallest correlation over the images; and the maps per step, (B, H, W).
+    """
+    x = x.as_subclass(Tensor)
+    with torch.enable_grad():
+        logits = model.eval()(x)
+    idx = class_indices(targets, logits)
+    name = next(iter(resolve_layers(model, layer)))
+    work = copy.deepcopy(model)
+    torch.manual_seed(seed)
+
+    def maps(m: nn.Module) -> Tensor:
+        (cam,) = grad_cam(m, x, name, idx, method=method)
+        return upsample(cam, x.shape[-2:])
+
+    trained = maps(work)
+    found = {"trained": trained}
+    rows = [{"step": "trained", "spearman": 1.0, "spearman_min": 1.0}]
+    for step, module in randomization_steps(work):
+        _reinit(module)
+        found[step] = m = maps(work)
+        rhos = [spearman(a, b) for a, b in zip(trained, m)]
+        rows.append({"step": step, "spearman": sum(rhos) / len(rhos), "spearman_min": min(rhos)})
+    return pd.DataFrame(rows).set_index("step"), found

@@ -1,0 +1,29 @@
+"""The model-parameter randomisation check (Adebayo et al., 2018)."""
+
+import torch
+
+from gradcam_tut.sanity import cascading_randomization, randomization_steps, spearman
+
+
+def test_steps_top_down(resnet18, tiny_learner):
+    assert [n for n, _ in randomization_steps(resnet18)] == [
+        "fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+    assert [n for n, _ in randomization_steps(tiny_learner.model)] == [
+        "head", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+
+
+def test_maps_change_as_the_weights_go(resnet18, batch):
+    before = [p.clone() for p in resnet18.parameters()]
+    table, maps = cascading_randomization(resnet18, batch, "layer3", targets=[0, 5, 8])
+    assert list(table.index) == ["trained", "fc", "layer4", "layer3", "layer2", "layer1",
+                                 "bn1", "conv1"]
+    assert table.loc["trained", "spearman"] == 1
+    assert table.loc["fc", "spearman"] < 0.99  # a new head: the gradient changes the map
+    assert table["spearman"].iloc[-1] < 0.5  # nothing learned left
+    assert maps["conv1"].shape == (3, 64, 64)
+    assert all(torch.equal(p, q) for p, q in zip(before, resnet18.parameters()))  # a copy
+
+
+def test_spearman():
+    a = torch.arange(16.0).reshape(4, 4)
+    assert spearman(a, a ** 3) == 1 and spearman(a, -a) == -1 and spearman(a, a * 0) == 0
