@@ -174,6 +174,25 @@ METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+def weighted_map(act: Tensor, grad: Tensor, method: str = "gradcam") -> Tensor:
+    """A layer's map (B, h, w) from its activations and gradient (B, K, h, w): ReLU of the
+    channels' sum, weighted as `method` says."""
+    return F.relu(METHODS[method](act, grad).sum(dim=1))
+
+
+def _hooked_forward(model: nn.Module, x: Tensor, modules: list[nn.Module]):
+    """`model` in eval mode on `x`, keeping the outputs of `modules` in the graph; the mode of
+    every submodule is restored exactly (frozen BatchNorms stay in eval), also on an error."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with HookForwardMany(modules) as hook:
+            logits = model.eval()(x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return logits, hook.stored
+
+
 def vit_reshape(tokens: Tensor, prefix: int = 1) -> Tensor:
     """A ViT block's tokens (B, N, C) as a map (B, C, h, w): the first `prefix` tokens (class,
     distillation or register tokens) dropped, the patch tokens laid back on their square grid."""
@@ -255,14 +274,8 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     x = x.as_subclass(Tensor)  # a plain tensor: fastai's types would follow into every map
     named = resolve_layers(model, layers)
     reshape = reshape or default_reshape(model) or (lambda t: t)
-    modes = {m: m.training for m in model.modules()}  # each one: frozen BatchNorms included
-    try:
-        with HookForwardMany(list(named.values())) as hook:
-            logits = model.eval()(x)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    for name, out in zip(named, hook.stored):
+    logits, stored = _hooked_forward(model, x, list(named.values()))
+    for name, out in zip(named, stored):
         if out is None:
             raise ValueError(f"layer {name!r} did not run in the forward pass: "
                              "pick a layer of this model, e.g. from body_layers(model)")
@@ -279,12 +292,12 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
     score = logits.float().gather(1, idx[:, None]).sum()  # images are independent: sum is fine
     if contrast is not None:
         score = score - logits.float().gather(1, class_indices(contrast, logits)[:, None]).sum()
-    grads = torch.autograd.grad(score, hook.stored)  # no parameter .grad is touched
+    grads = torch.autograd.grad(score, stored)  # no parameter .grad is touched
     maps = {m: [] for m in methods}
-    for act, grad in zip(hook.stored, grads):  # float32 also under autocast
+    for act, grad in zip(stored, grads):  # float32 also under autocast
         act, grad = reshape(act.detach()).float(), reshape(grad).float()  # (B, K, h, w)
         for m in methods:
-            maps[m].append(F.relu(METHODS[m](act, grad).sum(dim=1)))  # (B, h, w)
+            maps[m].append(weighted_map(act, grad, m))  # (B, h, w)
     return maps[method] if isinstance(method, str) else maps
 
 
@@ -299,16 +312,10 @@ def class_activation_map(model: nn.Module, x: Tensor, layer: Layer, linear: nn.L
     concat_pool=False, first_bn=False)`). Then Grad-CAM at `layer` is ReLU(CAM) / (h * w):
     the gradient of y_c is w_ck / (h * w) at every pixel.
     """
-    x = x.as_subclass(Tensor)
-    (module,) = resolve_layers(model, layer).values()
-    was_training = model.training
-    try:
-        with HookForwardMany([module]) as hook:
-            logits = model.eval()(x)
-    finally:
-        model.train(was_training)
+    logits, (act,) = _hooked_forward(model, x.as_subclass(Tensor),
+                                     list(resolve_layers(model, layer).values()))
     idx = class_indices(targets, logits)
-    return torch.einsum("bk,bkhw->bhw", linear.weight[idx].float(), hook.stored[0].float())
+    return torch.einsum("bk,bkhw->bhw", linear.weight[idx].float(), act.float())
 
 
 def upsample(maps: Tensor | Sequence[Tensor], size: int | tuple[int, int],

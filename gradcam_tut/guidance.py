@@ -5,11 +5,10 @@ reasons", Ross et al., 2017, with Grad-CAM in place of input gradients)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from fastai.callback.core import Callback
 from torch import Tensor
 
-from .cam import Layer, resolve_layers, upsample
+from .cam import Layer, resolve_layers, upsample, weighted_map
 from .hooks import HookForwardMany
 
 
@@ -20,8 +19,7 @@ def outside_share(act: Tensor, grad: Tensor, masks: Tensor) -> Tensor:
         act, grad: a layer's activations and the gradient of the class score, (B, K, h, w).
         masks: (B, H, W), nonzero on the object; the map is upsampled to it.
     """
-    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1))  # (B, h, w)
-    heat = upsample(cam, masks.shape[-2:]).flatten(1)
+    heat = upsample(weighted_map(act, grad), masks.shape[-2:]).flatten(1)
     outside = (heat * ~masks.bool().flatten(1)).sum(dim=1)
     return outside / (heat.sum(dim=1) + 1e-8)
 

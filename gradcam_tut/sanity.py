@@ -56,11 +56,9 @@ def cascading_randomization(model: nn.Module, x: Tensor, layer: Layer = "layer4"
         the smallest correlation over the images; and the maps per step, (B, H, W).
     """
     x = x.as_subclass(Tensor)
-    with torch.enable_grad():
-        logits = model.eval()(x)
-    idx = class_indices(targets, logits)
-    name = next(iter(resolve_layers(model, layer)))
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model)  # the model, its weights and its mode stay as they were
+    idx = class_indices(targets, work.eval()(x))
+    name = next(iter(resolve_layers(work, layer)))
     torch.manual_seed(seed)
 
     def maps(m: nn.Module) -> Tensor:

@@ -1,6 +1,7 @@
 """The model-parameter randomisation check (Adebayo et al., 2018)."""
 
 import torch
+import torchvision
 
 from gradcam_tut.sanity import cascading_randomization, randomization_steps, spearman
 
@@ -27,3 +28,10 @@ def test_maps_change_as_the_weights_go(resnet18, batch):
 def test_spearman():
     a = torch.arange(16.0).reshape(4, 4)
     assert spearman(a, a ** 3) == 1 and spearman(a, -a) == -1 and spearman(a, a * 0) == 0
+
+
+def test_the_model_keeps_its_mode(batch):
+    model = torchvision.models.resnet18(num_classes=9).train()
+    model.bn1.eval()  # a frozen BatchNorm
+    cascading_randomization(model, batch, "layer4")
+    assert model.training and not model.bn1.training
