@@ -285,3 +285,9 @@ def test_cam_is_grad_cam_for_an_average_pool_and_one_linear(resnet18, batch):
     (gc,) = grad_cam(model, batch, "layer4", TARGETS)
     wrong = class_activation_map(model, batch, "layer4", model[1][-1], TARGETS)
     assert not torch.allclose(gc, wrong.relu() / 4, atol=1e-3)
+
+
+def test_every_public_name_imports():
+    import gradcam_tut
+
+    assert all(getattr(gradcam_tut, name) is not None for name in gradcam_tut.__all__)
