@@ -401,10 +401,11 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
     kwargs.setdefault("num_workers", None if torch.cuda.is_available() else 0)
     validate_layout(path, check_images=False)
     files = checked_image_files(path, max_per_class, damaged)
-    fixed_split = len(_splits(dataset_root(path))) == 2 and not is_fish_layout(path)
+    fish = is_fish_layout(path)
+    fixed_split = not fish and len(_splits(dataset_root(path))) == 2
     blocks, getters = (ImageBlock(RGBImage), CategoryBlock), None
     if with_masks:
-        if not is_fish_layout(path):
+        if not fish:
             raise ValueError(f"with_masks=True needs the Fish Dataset layout (<Class>/<Class> GT/"
                              f" masks); {dataset_root(path)} has no masks")
         blocks = (*blocks, MaskBlock(codes=["background", "fish"]))

@@ -77,11 +77,11 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         with HookForward(learn.model) as logits:  # the forward inside grad_cam
             batch = grad_cam(learn.model, xb, list(named.values()), cls, method=method)
         probs = logits.stored.float().softmax(dim=1).cpu()
-        targets = probs.argmax(dim=1) if cls is None else [cls] * len(xb)
-        for i, (p, t) in enumerate(zip(probs, targets)):
-            pred = int(p.argmax())
+        preds = probs.argmax(dim=1).tolist()
+        for i, (p, pred) in enumerate(zip(probs, preds)):
+            target_i = pred if cls is None else cls
             rows.append({"file": str(files[done + i]), "predicted": vocab[pred],
-                         "confidence": float(p[pred]), "target": vocab[int(t)],
+                         "confidence": float(p[pred]), "target": vocab[target_i],
                          **{f"max_{n}": float(m[i].max()) for n, m in zip(named, batch)}})
         for name, m in zip(named, batch):
             maps[name].append(m.cpu().numpy())
