@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench docs
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(BIN)/gradcam-tut run --out runs
+
+docs: setup  # run every notebook and keep readable copies in docs/notebooks (committed)
+	$(BIN)/gradcam-tut run --out runs --publish docs/notebooks
 
 test: setup lint
 	$(BIN)/python -m pytest -q

@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 RUNS_DIR = Path("runs")  # under the current folder, never inside an installed package
 NEEDS_MASKS = {"05_does_it_look_at_the_fish.ipynb"}  # the localization notebook
+DOCS = REPO / "docs" / "notebooks"  # executed copies, committed, for reading on GitHub
+# a FutureWarning torch prints when fastai is imported: the kernels need not show it
+QUIET = "ignore:`torch.jit.script` is deprecated:FutureWarning"
 METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # cam.METHODS
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                ValueError)
@@ -96,18 +99,69 @@ def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None
                 print(f"skipping {nb.name}: it needs GT masks, and {data} has none")
                 notebooks.remove(nb)
     done = []
-    for nb in notebooks:
-        print(f"running {nb.name}", flush=True)
-        target = out / "notebooks" / nb.name
-        try:
-            pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
-                                progress_bar=False)
-        except pm.PapermillExecutionError as exc:
-            first = (exc.evalue.strip().splitlines() or [""])[0]
-            raise NotebookFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                                 f"{first} (the whole error: {target})") from exc
-        done.append(target)
+    warnings = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, QUIET]))  # the kernels'
+    try:
+        for nb in notebooks:
+            done.append(_execute(pm, nb, out, params))
+    finally:
+        if warnings is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings
     return done
+
+
+def _execute(pm, nb: Path, out: Path, params: dict) -> Path:
+    """Run one notebook with papermill into `out/notebooks/`."""
+    print(f"running {nb.name}", flush=True)
+    target = out / "notebooks" / nb.name
+    try:
+        pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
+                            progress_bar=False)
+    except pm.PapermillExecutionError as exc:
+        first = (exc.evalue.strip().splitlines() or [""])[0]
+        raise NotebookFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
+                             f"{first} (the whole error: {target})") from exc
+    return target
+
+
+def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
+                      width: int = 960, quality: int = 85) -> list[Path]:
+    """Copies of executed notebooks to read without running them: machine paths replaced by
+    `runs/latest`, `.` and `~`, papermill's timings dropped, each figure a JPEG at most
+    `width` pixels wide (a heat map as PNG is ~650 kB). Returns the copies' paths."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    def small(png: str) -> str:
+        im = Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for nb_path in notebooks:
+        text = nb_path.read_text()
+        for path, shown in ((run.resolve(), "runs/latest"), (REPO, "."), (Path.home(), "~")):
+            text = text.replace(str(path), shown)
+        nb = json.loads(text)
+        for meta in [nb["metadata"], *(c["metadata"] for c in nb["cells"])]:
+            meta.pop("papermill", None)
+            meta.pop("execution", None)
+        for out in (o for c in nb["cells"] for o in c.get("outputs", [])):
+            if "image/png" in out.get("data", {}):
+                out["data"]["image/jpeg"] = small(out["data"].pop("image/png"))
+                out.get("metadata", {}).pop("image/png", None)
+        written.append(dest / nb_path.name)
+        written[-1].write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return written
 
 
 def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
                      help="force smoke (or full) mode; default: decide from GPU, data, weights")
     run.add_argument("--data", type=Path, help="the Fish Dataset, or your own folder of class "
                      "folders (<class>/<image>; default: $FISH_DATASET, data/, mini fish)")
+    run.add_argument("--publish", type=Path, metavar="DEST", help="also write copies of the "
+                     "executed notebooks to read on GitHub, no machine paths, JPEG figures "
+                     "(`make docs`: docs/notebooks)")
     add_mini_fish_arguments(sub.add_parser("mini-fish", help="write the synthetic mini fish set"))
     grid = sub.add_parser("grid", help="per-layer Grad-CAM grid of one image to a PNG")
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")
@@ -195,10 +252,13 @@ def run(args: argparse.Namespace) -> None:
                                 "folder of class folders (<class>/<image>)")
     folder = new_run_dir(args.out, args.name)
     print(f"run folder: {folder}", flush=True)
-    run_notebooks(folder, args.smoke, args.data)
+    executed = run_notebooks(folder, args.smoke, args.data)
     figures = sorted((folder / "figures").glob("*.png"))
     print(f"{len(figures)} figures in {folder / 'figures'}:")
     print("\n".join(f"  {f.name}" for f in figures))
+    if args.publish:
+        copies = publish_notebooks(executed, folder, args.publish)
+        print(f"{len(copies)} notebooks to read in {args.publish}")
 
 
 def grid(args: argparse.Namespace) -> None:

@@ -107,6 +107,12 @@ def _splits(root: Path) -> list[Path]:
         (root / d).is_dir() for d in ("train", "valid")) else [root]
 
 
+def has_train_valid(path: str | Path) -> bool:
+    """Whether your own folder comes split already, into `train/` and `valid/` (fastai's
+    `GrandparentSplitter` keeps that split); the Fish Dataset is split at random."""
+    return not is_fish_layout(path) and len(_splits(dataset_root(path))) == 2
+
+
 def image_files(path: str | Path, max_per_class: int | None = None) -> L:
     """The images to train on, sorted: `fish_image_files` for the Fish Dataset, else every
     image under each class folder (of `train/` and `valid/` when there are both)."""
@@ -184,19 +190,21 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
             checked_image_files(root)
         return counts
     marker = root.parent.parent / MARKER
-    if marker.is_file() and not json.loads(marker.read_text()).get("complete"):
+    made = json.loads(marker.read_text()) if marker.is_file() else {}
+    if marker.is_file() and not made.get("complete"):
         raise DatasetLayoutError(
             f"the mini fish set in {root.parent.parent} was left unfinished: run "
             f"`gradcam-tut mini-fish {root.parent.parent}` (with its options) to finish it")
+    classes = made.get("classes") or CLASSES  # a mini set may be drawn with fewer
     found = set(class_folders(root))
-    missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
+    missing, extra = sorted(set(classes) - found), sorted(found - set(classes))
     if missing or extra:
         raise DatasetLayoutError(
-            f"{root} should hold the 9 class folders {list(CLASSES)}; missing: {missing}, "
-            f"unexpected: {extra}. Point at the Fish_Dataset folder of the Kaggle download "
-            "(NA_Fish_Dataset is a separate set and not used here).")
+            f"{root} should hold the {len(classes)} class folders {list(classes)}; missing: "
+            f"{missing}, unexpected: {extra}. Point at the Fish_Dataset folder of the Kaggle "
+            "download (NA_Fish_Dataset is a separate set and not used here).")
     counts = {}
-    for cls in CLASSES:
+    for cls in classes:
         images, masks = root / cls / cls, root / cls / f"{cls} GT"
         for d in (images, masks):
             if not d.is_dir():
@@ -402,7 +410,6 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
     validate_layout(path, check_images=False)
     files = checked_image_files(path, max_per_class, damaged)
     fish = is_fish_layout(path)
-    fixed_split = not fish and len(_splits(dataset_root(path))) == 2
     blocks, getters = (ImageBlock(RGBImage), CategoryBlock), None
     if with_masks:
         if not fish:
@@ -413,7 +420,8 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
     block = DataBlock(
         blocks=blocks, getters=getters, n_inp=1,
         get_y=None if with_masks else parent_label,
-        splitter=GrandparentSplitter() if fixed_split else RandomSplitter(valid_pct, seed=seed),
+        splitter=(GrandparentSplitter() if has_train_valid(path)
+                  else RandomSplitter(valid_pct, seed=seed)),
         item_tfms=Resize(size, method="squish"),  # the whole fish stays in view
         batch_tfms=aug_transforms() if batch_tfms is None else batch_tfms)
     return block.dataloaders(files, bs=bs, **kwargs)

@@ -38,7 +38,9 @@ class HookForward(Hooks):
 
     `.stored` is `None` until the module runs, then a tensor shaped like the output,
     (B, K, h, w) for a conv layer. The clone keeps the value an in-place op that follows
-    (resnet's `ReLU(inplace=True)` after `bn1`) would otherwise overwrite.
+    (resnet's `ReLU(inplace=True)` after `bn1`) would otherwise overwrite. A module that runs
+    twice in one forward (resnet's `BasicBlock.relu`) keeps its second output; `HookBwd` then
+    refuses to pair it with a gradient.
     """
 
     def __init__(self, module: nn.Module):
@@ -50,29 +52,40 @@ class HookForward(Hooks):
 
 
 class HookBwd(Hooks):
-    """Keep the gradient with respect to `module`'s output from the latest backward.
+    """Keep the gradient with respect to `module`'s output from the latest forward.
 
     `.stored` is `None` until a backward pass reaches the module's output, then a detached
     tensor shaped like that output, (B, K, h, w) for a conv layer.
 
     A forward hook registers a tensor hook on the output. Not `register_backward_hook`
     (deprecated, wrong for modules of several ops) and not `register_full_backward_hook`,
-    which raises when an in-place op such as resnet's ReLU follows (pytorch#61519).
+    which raises when an in-place op such as resnet's ReLU follows (pytorch#61519). When the
+    backward reaches an output of an earlier call than the latest (the module ran twice in
+    one forward, or the backward is of an older forward), it raises ValueError: that gradient
+    would not pair up with `HookForward`'s activation.
     """
 
     def __init__(self, module: nn.Module):
         self.stored: Tensor | None = None
+        self.calls = 0
         self.handles = [module.register_forward_hook(self.hook_fn)]
 
     def hook_fn(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         if not output.requires_grad:  # frozen body and an input without grad
             output.requires_grad_()
-        output.register_hook(self.store)
+        self.calls += 1
+        call = self.calls
+        output.register_hook(lambda grad: self.store(grad, module, call))
         # The rest of the network gets a clone: an in-place op that follows changes the clone,
         # and the gradient stored is the one for the value this module returned (as in captum).
         return output.clone()
 
-    def store(self, grad: Tensor) -> None:
+    def store(self, grad: Tensor, module: nn.Module, call: int) -> None:
+        if call != self.calls:
+            raise ValueError(f"{type(module).__name__} ran more than once before this backward "
+                             "(resnet's BasicBlock runs its relu twice), so its gradient and "
+                             "activation would not pair up: hook a module that runs once per "
+                             "forward (the block, or one of its convs)")
         self.stored = grad.detach()
 
 

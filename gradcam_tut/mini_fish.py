@@ -12,6 +12,7 @@ and a model that learns the task must look at the fish. The GT mask is the fish'
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from .data import CLASSES, mask_file
 
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
-GENERATOR = 3  # bumped when the drawing changes, so that an older set is drawn again
+GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class MiniFishSpec:
     seed: int = 42
     mark: float = 0.0  # the share of images with their class's coloured corner mark: a shortcut
     shuffle_marks: bool = False  # each mark of a random class instead: the shortcut broken
+    classes: tuple[str, ...] | None = None  # a subset of CLASSES; None: all 9
 
     def __post_init__(self):
         if self.per_class < 1:
@@ -67,6 +69,15 @@ class MiniFishSpec:
                              "least 16x16 pixels")
         if not 0 <= self.mark <= 1:
             raise ValueError(f"mark={self.mark}: the share of marked images is in 0..1")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))  # a list from JSON too
+            unknown = sorted(set(self.classes) - set(CLASSES))
+            if unknown or len(set(self.classes)) < 2:
+                raise ValueError(f"classes={self.classes}: pick at least 2 of {CLASSES}")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes or CLASSES
 
 
 # A shortcut's colours, one per class, none a fish's
@@ -167,6 +178,11 @@ def _draw_fish(rng, look: FishLook, length: int) -> tuple[Image.Image, Image.Ima
 
 def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image.Image]:
     """Image `index` of class `cls`: (RGB image, L mask). Depends on (seed, class, index) only."""
+    return _render(cls, index, spec)[:2]
+
+
+def _render(cls: str, index: int, spec: MiniFishSpec):
+    """`render`, and the mark's box (x0, y0, x1, y1), or None for an image without a mark."""
     rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index])
     w, h = spec.width, spec.height
     img = _background(rng, w, h)
@@ -185,22 +201,53 @@ def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image
     full_mask = Image.new("L", (w, h))
     full_mask.paste(mask, (x, y))
     mark_rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index, 1])  # own stream:
+    box = None
     if mark_rng.random() < spec.mark:  # the images without marks stay as they were
-        color = MARKS[CLASSES[mark_rng.integers(len(CLASSES))] if spec.shuffle_marks else cls]
-        _mark(img, full_mask, color)
-    return img, full_mask
+        pool = spec.class_names  # a shuffled mark is one of the set's classes'
+        color = MARKS[pool[mark_rng.integers(len(pool))] if spec.shuffle_marks else cls]
+        box = _mark(img, full_mask, color)
+    return img, full_mask, box
 
 
-def _mark(img: Image.Image, mask: Image.Image, color: tuple[int, int, int]) -> None:
-    """A coloured square in the corner that hides the least fish; the fish under it leaves the
-    mask, so the mask stays exactly what is fish in the picture."""
+def _mark(img: Image.Image, mask: Image.Image, color: tuple[int, int, int]) -> tuple:
+    """A coloured square, a quarter of the image's height, in the corner that hides the least
+    fish; the fish under it leaves the mask, so the mask stays exactly what is fish in the
+    picture. Returns its box (x0, y0, x1, y1)."""
     w, h = img.size
-    side = max(4, min(w, h) // 7)
+    side = max(4, min(w, h) // 4)
     corners = [(0, 0), (w - side, 0), (0, h - side), (w - side, h - side)]
     fish = np.asarray(mask) > 0
     x, y = min(corners, key=lambda c: fish[c[1]:c[1] + side, c[0]:c[0] + side].sum())
-    img.paste(color, (x, y, x + side, y + side))
-    mask.paste(0, (x, y, x + side, y + side))
+    box = (x, y, x + side, y + side)
+    img.paste(color, box)
+    mask.paste(0, box)
+    return box
+
+
+def mark_mask(image: str | Path):
+    """Where the shortcut mark is in an image of a marked mini set, as a fastai mask (1 on the
+    mark, all 0 for an image without one): `metrics.mask_dl(..., get_mask=mark_mask)` measures
+    how much of a map lies on the mark. The image is drawn again from its set's spec."""
+    from fastai.vision.core import PILMask
+
+    image = Path(image)
+    spec = _spec(image.parents[4] / MARKER)
+    _, mask, box = _render(image.parent.name, int(image.stem) - 1, spec)
+    out = np.zeros((mask.height, mask.width), np.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        out[y0:y1, x0:x1] = 1
+    return PILMask.create(out)
+
+
+@functools.lru_cache
+def _spec(marker: Path) -> MiniFishSpec:
+    if not marker.is_file():
+        raise FileNotFoundError(f"no {MARKER} at {marker.parent}: mark_mask reads the images of a "
+                                "set written by make_mini_fish (<dest>/Fish_Dataset/Fish_Dataset/"
+                                "<Class>/<Class>/00001.png)")
+    made = json.loads(marker.read_text())
+    return MiniFishSpec(**{k: made[k] for k in asdict(MiniFishSpec()) if k in made})
 
 
 def image_file(root: Path, cls: str, index: int) -> Path:
@@ -234,17 +281,18 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     dest = Path(dest)
     root = dest / "Fish_Dataset" / "Fish_Dataset"
     marker = dest / MARKER
-    wanted = {**asdict(spec), "generator": GENERATOR, "complete": True}
+    asked = json.loads(json.dumps(asdict(spec)))  # as the marker file holds it (lists)
+    wanted = {**asked, "generator": GENERATOR, "complete": True}
     if marker.exists():  # fields added since are read as their defaults
         made = {**asdict(MiniFishSpec()), **json.loads(marker.read_text())}
         if made == wanted:
             return root
         older = made.get("generator", 1) < GENERATOR
-        if not older and {k: made.get(k) for k in asdict(spec)} != asdict(spec):
+        if not older and {k: made.get(k) for k in asked} != asked:
             raise FileExistsError(f"{dest} holds a mini fish set made with {made}; pass another "
-                                  f"folder for {asdict(spec)}, or delete {dest} yourself")
+                                  f"folder for {asked}, or delete {dest} yourself")
         if older:  # drawn by an older generator: remove the files it wrote, and only those
-            for cls in CLASSES:
+            for cls in made.get("classes") or CLASSES:
                 for i in range(made["per_class"]):
                     f = image_file(root, cls, i)
                     f.unlink(missing_ok=True)
@@ -255,10 +303,10 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
                               "pass a new or empty folder; nothing was written")
     dest.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({**wanted, "complete": False}))
-    for cls in CLASSES:
+    for cls in spec.class_names:
         (root / cls / cls).mkdir(parents=True, exist_ok=True)
         (root / cls / f"{cls} GT").mkdir(exist_ok=True)
-    items = [(cls, i) for cls in CLASSES for i in range(spec.per_class)]
+    items = [(cls, i) for cls in spec.class_names for i in range(spec.per_class)]
     parallel(_write, items, root=root, spec=spec, n_workers=n_workers, progress=progress)
     marker.write_text(json.dumps(wanted))
     return root

@@ -242,22 +242,26 @@ def gradcam(self: Learner, img, layers=None, target=None, contrast=None, method=
 @patch
 def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
                             layer: Layer = "layer4", save: str | Path | None = None) -> Figure:
-    """The k validation images with the highest loss: the image, then the Grad-CAM maps at
-    `layer` of the predicted and of the true class (one pass per image for both).
+    """The k validation images with the highest loss: the image, the Grad-CAM maps at `layer`
+    of the predicted and of the true class, and the contrastive map "why the prediction rather
+    than the true class" (rather than the runner-up, when the prediction is right).
 
-    The two maps of a row share one colour scale (divided by the larger maximum, printed in
-    the titles), so a row compares the strength of the evidence for the two classes. Where
-    they differ is where the network found evidence for the wrong class.
+    The two class maps of a row share one colour scale (divided by the larger maximum, printed
+    in the titles), so a row compares the strength of the evidence for the two classes. The
+    contrastive map, Grad-CAM of y_pred - y_other, shows where the evidence for the prediction
+    exceeds that for the other class; it has its own scale.
     """
     learn, vocab = self.learn, self.vocab
     losses, idxs = self.top_losses(k)
-    fig = new_figure(figsize=(8.4, 2.3 * len(idxs) + 0.5), layout="constrained")
-    axs = fig.subplots(len(idxs), 3, squeeze=False)
+    fig = new_figure(figsize=(11, 2.3 * len(idxs) + 0.5), layout="constrained")
+    axs = fig.subplots(len(idxs), 4, squeeze=False)
     for row, loss, i in zip(axs, losses, idxs):
         item, true = self.dl.items[int(i)], int(self.dl.dataset[int(i)][1])
         xb, image, probs, mask = _one_image(learn, item)
-        pred = int(np.argmax(probs))
+        pred, second = np.argsort(-np.asarray(probs))[:2].tolist()
+        other = true if pred != true else second
         (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
+        (why,) = grad_cam(learn.model, xb, layer, pred, contrast=other)
         heat = normalize_maps(upsample(maps.cpu(), xb.shape[-2:]), shared_scale=True)
         row[0].imshow(image_hwc(image))
         row[0].set_axis_off()
@@ -266,10 +270,13 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
             im = overlay(ax, image, h, mask=mask)
             ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
                          fontsize=9)
+        overlay(row[3], image, normalize_maps(upsample(why.cpu(), xb.shape[-2:]))[0], mask=mask)
+        row[3].set_title(f"why not {vocab[other]} · max {float(why.max()):.2g}", fontsize=9)
     name = next(iter(resolve_layers(learn.model, layer)))
-    fig.suptitle(f"Grad-CAM at {name}: predicted class beside true class", fontsize=10)
+    fig.suptitle(f"Grad-CAM at {name}: predicted class, true class, and why the prediction",
+                 fontsize=10)
     fig.colorbar(im, ax=axs[:, 1:].ravel().tolist(), shrink=0.6,
-                 label="Grad-CAM / larger max of the row")
+                 label="pred, true: / larger max of the two · why: / its max")
     return saved(fig, save)
 
 

@@ -48,6 +48,15 @@ def pretrained_weights_available(timeout: float = 3.0) -> bool:
         return False
 
 
+def shown(path: Path) -> Path:
+    """`path` relative to the project when it lies inside it: printed outputs carry no machine
+    paths."""
+    try:
+        return Path(path).resolve().relative_to(PROJECT_DIR)
+    except ValueError:
+        return Path(path)
+
+
 def env_flag(name: str) -> bool:
     """An environment variable read as a yes/no flag: 1/0, true/false, yes/no, on/off.
 
@@ -166,7 +175,7 @@ def run_settings(smoke: bool | None = None, data: str | Path | None = None,
     overrides = {k: v for k, v in overrides.items() if v is not None}
     s = replace(s, out=Path(out) if out is not None else RUNS_DIR, **overrides)
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"mode: {s.mode} ({s.reason}); data: {s.data}; {s.size} px, {s.epochs} "
+    print(f"mode: {s.mode} ({s.reason}); data: {shown(s.data)}; {s.size} px, {s.epochs} "
           f"epoch{'s' * (s.epochs != 1)}, {'pretrained' if s.pretrained else 'random'} "
           f"weights; {device}")
     return s

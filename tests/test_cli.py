@@ -129,3 +129,40 @@ def test_explain_a_folder(tiny_model_file, mini_root, tmp_path, capsys):
     assert main(["explain", str(tmp_path / "bad.png"), "--learner", str(tiny_model_file)]) == 2
     err = capsys.readouterr().err  # the list of damaged files, one per line
     assert err.startswith("gradcam-tut: error: 1 damaged file\n  ") and "bad.png" in err
+
+
+def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path):
+    """`make docs` copies: run folder, clone and home shown as runs/latest, . and ~; PNG
+    figures as JPEG at most 960 px wide; papermill's timings dropped."""
+    import base64
+    import io
+    import json
+
+    import nbformat
+    import numpy as np
+    from PIL import Image
+
+    from gradcam_tut.cli import REPO, publish_notebooks
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (500, 1168, 3), dtype=np.uint8)).save(buf, "PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    run = tmp_path / "runs" / "20261127-010203"
+    cell = nbformat.v4.new_code_cell("plot()", metadata={"papermill": {"duration": 1.0}})
+    cell.outputs = [
+        nbformat.v4.new_output("stream", text=f"data: {REPO}/data/x; out {run}/figures/a.png\n"),
+        nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"}),
+    ]
+    nb = nbformat.v4.new_notebook(cells=[cell], metadata={"papermill": {"input_path": str(REPO)}})
+    src = tmp_path / "01_x.ipynb"
+    nbformat.write(nb, src)
+    (copy,) = publish_notebooks([src], run, tmp_path / "docs")
+    text = copy.read_text()
+    assert str(REPO) not in text and str(run) not in text and str(tmp_path) not in text
+    out = json.loads(text)
+    stream, shown = out["cells"][0]["outputs"]
+    assert "".join(stream["text"]) == "data: ./data/x; out runs/latest/figures/a.png\n"
+    assert "papermill" not in out["metadata"] and "papermill" not in out["cells"][0]["metadata"]
+    im = Image.open(io.BytesIO(base64.b64decode(shown["data"]["image/jpeg"])))
+    assert "image/png" not in shown["data"] and im.format == "JPEG" and im.size == (960, 411)

@@ -2,6 +2,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -107,3 +108,49 @@ def test_readme_snippet_runs_as_printed(tiny_learner, mini_root):
     torch.testing.assert_close(scope["cam"], expected.cpu(), rtol=1e-5, atol=1e-6)
     assert all(p.grad is None or not p.grad.any() for p in tiny_learner.model.parameters())
     assert hooks_left(tiny_learner.model) == 0
+
+
+def test_module_run_twice_raises_instead_of_a_wrong_map(resnet18, batch):
+    """BasicBlock runs its relu twice: the backward reaches the first output after the second,
+    and pairing that gradient with the stored (second) activation would be a wrong map."""
+    relu = resnet18.layer1[0].relu
+    with HookBwd(relu) as hookg, HookForward(relu):
+        out = resnet18.eval()(batch[:1])
+        with pytest.raises(ValueError, match="ReLU ran more than once"):
+            out[0, 3].backward()
+    resnet18.zero_grad(set_to_none=True)
+    assert hooks_left(resnet18) == 0
+    with HookBwd(resnet18.layer1) as hookg:  # two forwards, the backward of the latest: fine
+        resnet18(batch[:1])
+        resnet18(batch[:1])[0, 3].backward()
+    resnet18.zero_grad(set_to_none=True)
+    assert hookg.stored.shape[1] == 64
+
+
+def test_notebook_02_builds_the_same_hooks():
+    """Notebook 02 writes Hooks, HookForward and HookBwd in front of the reader; their code must
+    stay that of gradcam_tut.hooks (docstrings and comments aside)."""
+    import ast
+    import json
+    from pathlib import Path
+
+    import gradcam_tut.hooks as hooks
+
+    def classes(source):
+        found = {}
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef):
+                for fn in [node, *node.body]:  # drop docstrings
+                    body = getattr(fn, "body", None)
+                    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value,
+                                                                             ast.Constant):
+                        fn.body = body[1:] or [ast.Pass()]
+                found[node.name] = ast.dump(node)
+        return found
+
+    nb = json.loads((Path(hooks.__file__).parents[1] / "notebooks"
+                     / "02_hooks_step_by_step.ipynb").read_text())
+    cells = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    in_notebook, in_package = classes(cells), classes(Path(hooks.__file__).read_text())
+    for name in ("Hooks", "HookForward", "HookBwd"):
+        assert in_notebook[name] == in_package[name], f"notebook 02's {name} drifted"

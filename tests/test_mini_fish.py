@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from gradcam_tut.data import CLASSES, fish_image_files, mask_file
 from gradcam_tut.mini_fish import MARKER, MARKS, MiniFishSpec, make_mini_fish, render
@@ -127,7 +128,7 @@ def test_too_small_to_draw():
         MiniFishSpec(width=8, height=8)
 
 
-def _corners(a, side=36 // 7):  # the mark's side for a 48x36 image
+def _corners(a, side=36 // 4):  # the mark's side for a 48x36 image
     return [a[:side, :side], a[:side, -side:], a[-side:, :side], a[-side:, -side:]]
 
 
@@ -148,7 +149,7 @@ def test_a_planted_shortcut():
         for i in range(4):
             plain, img, mask = *render(cls, i, SPEC)[:1], *render(cls, i, spec)
             changed = (np.asarray(img) != np.asarray(plain)).any(-1)
-            assert changed.mean() <= (36 // 7) ** 2 / (48 * 36)  # the mark's square only
+            assert changed.mean() <= (36 // 4) ** 2 / (48 * 36)  # the mark's square only
             assert _mark_colors(img) == [MARKS[cls]]
             corner = next(c for c, m in zip(_corners(np.asarray(img)), _corners(np.asarray(mask)))
                           if (c == MARKS[cls]).all() and not m.any())
@@ -157,3 +158,25 @@ def test_a_planted_shortcut():
             kept += np.array_equal(np.asarray(render(cls, i, half)[0]), np.asarray(plain))
     assert len(seen) > 3  # shuffled: marks of many classes
     assert 0 < kept < 36  # mark=0.5: some marked, the others exactly as before
+
+
+def test_mark_mask_is_where_the_mark_is(tmp_path):
+    from gradcam_tut.mini_fish import mark_mask
+
+    spec = MiniFishSpec(per_class=2, width=48, height=36, mark=0.5)
+    root = make_mini_fish(tmp_path / "marked", spec, progress=False)
+    marked = 0
+    for cls in CLASSES:
+        for f in sorted((root / cls / cls).glob("*.png")):
+            where = np.asarray(mark_mask(f)).astype(bool)
+            img = np.asarray(Image.open(f))
+            if where.any():  # exactly the square of one mark colour
+                marked += 1
+                assert where.sum() == (36 // 4) ** 2
+                colors = img[where]
+                assert (colors == colors[0]).all() and tuple(colors[0]) in MARKS.values()
+            else:
+                assert _mark_colors(img) == []
+    assert 0 < marked < 18
+    with pytest.raises(FileNotFoundError, match="mark_mask reads the images of a set"):
+        mark_mask(tmp_path / "a" / "b" / "c" / "d" / "00001.png")

@@ -83,9 +83,10 @@ def test_top_losses_gradcam(tiny_learner, mini_root):
     tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
     interp = ClassificationInterpretation.from_learner(tiny_learner)
     fig = interp.plot_top_losses_gradcam(k=3)
-    assert len(fig.axes) == 10 and fig.axes[-1].get_label() == "<colorbar>"
+    assert len(fig.axes) == 13 and fig.axes[-1].get_label() == "<colorbar>"
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0].startswith("true ") and titles[1].startswith("pred ")
+    assert titles[3].startswith("why not ")  # y_pred - y_true, or - y_runner_up when right
     assert " · max " in titles[1] and "at layer4" in fig._suptitle.get_text()
 
 
