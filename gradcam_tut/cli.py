@@ -17,7 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 RUNS_DIR = Path("runs")  # under the current folder, never inside an installed package
-NEEDS_MASKS = {"05_does_it_look_at_the_fish.ipynb"}  # the localization notebook
+# skipped for your own data, which has no masks: why, to print
+FISH_ONLY = {"05_does_it_look_at_the_fish.ipynb": "it needs GT masks, and {data} has none",
+             "06_catching_a_shortcut.ipynb": "it trains on mini fish of its own, not on {data}; "
+                                             "run it without --data"}
 DOCS = REPO / "docs" / "notebooks"  # executed copies, committed, for reading on GitHub
 # a FutureWarning torch prints when fastai is imported: the kernels need not show it
 QUIET = "ignore:`torch.jit.script` is deprecated:FutureWarning"
@@ -73,7 +76,8 @@ def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None
                   parameters: dict | None = None) -> list[Path]:
     """Execute every notebook top to bottom with papermill into `out/notebooks/`, in order
     (01 trains and exports the model the others load). With `data` (or `$FISH_DATASET`) a
-    folder without masks, the notebooks that need masks are skipped, with a line saying so.
+    folder without masks, 05 (it scores maps against masks) and 06 (its own data) are skipped,
+    with a line saying so.
 
     Figures land in `out/figures/`. Returns the executed notebooks' paths. (Running two
     notebooks at once was measured slower on 2 cores: their torch threads fight over them.)
@@ -95,8 +99,8 @@ def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None
 
         params["data_path"] = str(Path(data).resolve())
         if not is_fish_layout(data):
-            for nb in [nb for nb in notebooks if nb.name in NEEDS_MASKS]:
-                print(f"skipping {nb.name}: it needs GT masks, and {data} has none")
+            for nb in [nb for nb in notebooks if nb.name in FISH_ONLY]:
+                print(f"skipping {nb.name}: {FISH_ONLY[nb.name].format(data=data)}")
                 notebooks.remove(nb)
     done = []
     warnings = os.environ.get("PYTHONWARNINGS")

@@ -1,11 +1,16 @@
 """Forward and backward hooks that store what a module saw; torch only, so the file can be pasted.
 
+    (x,) = learn.dls.test_dl(["some_fish.png"]).one_batch()  # (1, 3, H, W), as in validation
     layer = learn.model[0][7]                  # fastai resnet: [0] is the body, [7] its layer4
-    with HookBwd(layer) as hookg, HookForward(layer) as hook:
-        output = learn.model.eval()(x)
-        act = hook.stored                      # (B, K, h, w)
-    output[0, cls].backward()
-    grad = hookg.stored                        # (B, K, h, w)
+    with HookBwd(layer) as hookg:
+        with HookForward(layer) as hook:
+            output = learn.model.eval()(x)
+            act = hook.stored                  # (1, K, h, w)
+        cls = output.argmax(dim=1).item()      # the predicted class
+        output[0, cls].backward()
+        grad = hookg.stored                    # (1, K, h, w)
+    learn.model.zero_grad()                    # backward() also filled the parameters' .grad
+    cam = (grad[0].mean(dim=(1, 2), keepdim=True) * act[0]).sum(0).relu().detach().cpu()
 
 Both remove their hooks on exit, also when the block raises.
 """

@@ -93,14 +93,28 @@ def test_hooks_file_is_standalone(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
-def test_readme_snippet_runs_as_printed(tiny_learner, mini_root):
-    """The README's "Copy the hooks" block, on a fresh learner, gives grad_cam's map."""
+def _readme_snippet():
     import re
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme[readme.index("## Copy the hooks"):]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    return re.findall(r"```python\n(.*?)```", section, re.S)[0]
+
+
+def _docstring_example():
+    import textwrap
+
+    import gradcam_tut.hooks as hooks
+
+    return textwrap.dedent(hooks.__doc__.split("\n\n")[1])
+
+
+@pytest.mark.parametrize("snippet", [_readme_snippet, _docstring_example])
+def test_readme_snippet_runs_as_printed(snippet, tiny_learner, mini_root):
+    """The README's "Copy the hooks" block and hooks.py's docstring example, on a fresh
+    learner, give grad_cam's map."""
+    code = snippet()
     img = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
     scope = {"learn": tiny_learner, "HookBwd": HookBwd, "HookForward": HookForward}
     exec(code.replace("some_fish.png", str(img)), scope)

@@ -1,5 +1,7 @@
 """Every notebook, top to bottom, in smoke mode (1 epoch, the small test mini set), in order."""
 
+import re
+
 import papermill as pm
 import pytest
 
@@ -8,10 +10,13 @@ from gradcam_tut.cli import NOTEBOOKS
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 FIGURES = {
     "01": ["01_image_and_mask.png", "01_batch.png", "01_confusion_matrix.png"],
-    "02": ["02_layer4_by_hand.png"],
-    "03": ["03_layer_grid_pred.png", "03_layer_grid_runner_up.png", "03_layer_grid_shared.png"],
+    "02": ["02_cam_vs_gradcam.png", "02_layer4_by_hand.png", "02_counterfactual.png",
+           "02_bn1_hook_output.png"],
+    "03": ["03_layer_grid_pred.png", "03_layer_grid_runner_up.png", "03_layer_grid_contrast.png",
+           "03_layer_grid_shared.png", "03_sanity_check.png"],
     "04": ["04_top_losses_gradcam.png"],
     "05": ["05_localization_by_layer.png", "05_pointing_gallery.png", "05_methods.png"],
+    "06": ["06_marked_batch.png", "06_shortcut_grid.png", "06_three_models.png"],
 }
 
 
@@ -21,7 +26,7 @@ def out(tmp_path_factory):
 
 
 def test_all_notebooks_found():
-    assert [n[:2] for n in NAMES] == ["01", "02", "03", "04", "05"]
+    assert [n[:2] for n in NAMES] == ["01", "02", "03", "04", "05", "06"]
 
 
 def assert_figures_shown(nb):
@@ -46,10 +51,18 @@ def test_notebook_runs(name, out, mini_dest):
     for fig in FIGURES[name[:2]]:
         assert (out / "figures" / fig).stat().st_size > 1000, fig
     assert_figures_shown(nb)
+    if name.startswith("01"):
+        assert "the split of fish_dataloaders, which notebooks 02-05 use: True" in printed
     if name.startswith("02"):
         assert "equals grad_cam: True" in printed and "bn1 equals grad_cam: True" in printed
-        assert "hooks left: 0" in printed
+        assert "hooks left: 0" in printed and "same as gradcam_tut.hooks: True" in printed
+        assert "the article's hook stored: None" in printed and "ran more than once" in printed
+        assert re.search(r"Grad-CAM equals ReLU\(CAM\) / \(h\*w\) = ReLU\(CAM\) / \d+: True",
+                         printed)
+        assert "with hook_output: False" in printed
     if name.startswith("03"):
         assert "same maps: True" in printed and "peak on the fish: conv1 " in printed
     if name.startswith("05"):
         assert "best layer by the pointing game: " in printed
+    if name.startswith("06"):
+        assert "seconds per epoch: plain " in printed and "clean test accuracy" in printed
