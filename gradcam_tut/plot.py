@@ -253,7 +253,7 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
     """
     learn, vocab = self.learn, self.vocab
     losses, idxs = self.top_losses(k)
-    fig = new_figure(figsize=(11, 2.3 * len(idxs) + 0.5), layout="constrained")
+    fig = new_figure(figsize=(13, 2.6 * len(idxs) + 0.5), layout="constrained")
     axs = fig.subplots(len(idxs), 4, squeeze=False)
     for row, loss, i in zip(axs, losses, idxs):
         item, true = self.dl.items[int(i)], int(self.dl.dataset[int(i)][1])
