@@ -91,7 +91,7 @@ def map_title(name: str, m: Tensor) -> str:
 def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None = None,
                     shared_scale: bool = False, ncols: int = 5, colorbar: bool = True,
                     cmap: str = "magma", mask=None, suptitle: str | None = None,
-                    save: str | Path | None = None) -> Figure:
+                    save: str | Path | None = None, details: bool = True) -> Figure:
     """The image, then one panel per layer with that layer's Grad-CAM map over it.
 
     Each panel's title gives the layer, the map's native size and its raw maximum, so small
@@ -105,6 +105,7 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
             instead of each map scaled to its own max (compare where each layer looks).
         mask: (H, W), nonzero on the object: its outline is drawn on every panel.
         save: write the figure to this PNG path as well.
+        details: add each map's native size and raw maximum to its title.
 
     Returns:
         The Figure; not left open in pyplot, and shown inline when it ends a notebook cell.
@@ -126,7 +127,7 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     axs[0].set_axis_off()
     for ax, h, m, name in zip(axs[1:], heat, maps, names):
         im = overlay(ax, img, h, cmap=cmap, mask=mask)
-        ax.set_title(map_title(name, m), fontsize=9)
+        ax.set_title(map_title(name, m) if details else name, fontsize=9)
     for ax in axs[n:]:
         ax.remove()
     if colorbar:
