@@ -12,7 +12,6 @@ and a model that learns the task must look at the fish. The GT mask is the fish'
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -240,14 +239,20 @@ def mark_mask(image: str | Path):
     return PILMask.create(out)
 
 
-@functools.lru_cache
 def _spec(marker: Path) -> MiniFishSpec:
+    """The spec a set was made with, read from its marker file (read anew each time: a cache
+    would outlive a set drawn again in the same folder)."""
     if not marker.is_file():
         raise FileNotFoundError(f"no {MARKER} at {marker.parent}: mark_mask reads the images of a "
                                 "set written by make_mini_fish (<dest>/Fish_Dataset/Fish_Dataset/"
                                 "<Class>/<Class>/00001.png)")
-    made = json.loads(marker.read_text())
-    return MiniFishSpec(**{k: made[k] for k in asdict(MiniFishSpec()) if k in made})
+    made = _made(marker)
+    return MiniFishSpec(**{k: made[k] for k in asdict(MiniFishSpec())})
+
+
+def _made(marker: Path) -> dict:
+    """A marker file's fields; fields added since it was written are read as their defaults."""
+    return {**asdict(MiniFishSpec()), **json.loads(marker.read_text())}
 
 
 def image_file(root: Path, cls: str, index: int) -> Path:
@@ -283,8 +288,8 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     marker = dest / MARKER
     asked = json.loads(json.dumps(asdict(spec)))  # as the marker file holds it (lists)
     wanted = {**asked, "generator": GENERATOR, "complete": True}
-    if marker.exists():  # fields added since are read as their defaults
-        made = {**asdict(MiniFishSpec()), **json.loads(marker.read_text())}
+    if marker.exists():
+        made = _made(marker)
         if made == wanted:
             return root
         older = made.get("generator", 1) < GENERATOR

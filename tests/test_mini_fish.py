@@ -1,5 +1,7 @@
 import hashlib
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -178,5 +180,8 @@ def test_mark_mask_is_where_the_mark_is(tmp_path):
             else:
                 assert _mark_colors(img) == []
     assert 0 < marked < 18
+    shutil.rmtree(tmp_path / "marked")  # the same folder drawn again without marks
+    root = make_mini_fish(tmp_path / "marked", replace(spec, mark=0.0), progress=False)
+    assert not np.asarray(mark_mask(root / "Sea Bass" / "Sea Bass" / "00001.png")).any()
     with pytest.raises(FileNotFoundError, match="mark_mask reads the images of a set"):
         mark_mask(tmp_path / "a" / "b" / "c" / "d" / "00001.png")
