@@ -8,9 +8,11 @@ A user error (a wrong path, a file that would be overwritten, a bad value) print
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # torch and fastai are imported where a command needs them: `--help` answers at once
@@ -21,6 +23,8 @@ RUNS_DIR = Path("runs")  # under the current folder, never inside an installed p
 FISH_ONLY = {"05_does_it_look_at_the_fish.ipynb": "it needs GT masks, and {data} has none",
              "06_catching_a_shortcut.ipynb": "it trains on mini fish of its own, not on {data}; "
                                              "run it without --data"}
+# trains on data of its own, not on 01's model: runs beside 01
+INDEPENDENT = {"06_catching_a_shortcut.ipynb"}
 DOCS = REPO / "docs" / "notebooks"  # executed copies, committed, for reading on GitHub
 # a FutureWarning torch prints when fastai is imported: the kernels need not show it
 QUIET = "ignore:`torch.jit.script` is deprecated:FutureWarning"
@@ -74,23 +78,25 @@ def notebook_files() -> list[Path]:
 
 def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None,
                   parameters: dict | None = None) -> list[Path]:
-    """Execute every notebook top to bottom with papermill into `out/notebooks/`, in order
-    (01 trains and exports the model the others load). With `data` (or `$FISH_DATASET`) a
-    folder without masks, 05 (it scores maps against masks) and 06 (its own data) are skipped,
-    with a line saying so.
+    """Execute every notebook top to bottom with papermill into `out/notebooks/`. With `data`
+    (or `$FISH_DATASET`) a folder without masks, 05 (it scores maps against masks) and 06 (its
+    own data) are skipped, with a line saying so.
 
-    Figures land in `out/figures/`. Returns the executed notebooks' paths. (Running two
-    notebooks at once was measured slower on 2 cores: their torch threads fight over them.)
+    Two notebooks run at a time, each kernel with half the cores (`OMP_NUM_THREADS`, unless
+    you set it): 01, which trains and exports the model, beside 06, which needs no model of
+    01; then 02-05, which load it. On 2 cores two one-thread trainings get ~15% more done than
+    one two-thread training, and one notebook's imports and plots fill the other's idle core.
+    (A model trained with another number of threads differs slightly: float sums are taken in
+    another order.) Figures land in `out/figures/`. Returns the executed notebooks' paths,
+    in order.
 
     Raises:
         FileNotFoundError: no notebooks (a package installed without its repository).
         NotebookFailed: a cell raised; says which notebook, which cell and what.
     """
-    import papermill as pm
-
-    notebooks = notebook_files()
+    notebooks, out = notebook_files(), out.resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    params = {"out_dir": str(out.resolve()), **(parameters or {})}
+    params = {"out_dir": str(out), **(parameters or {})}
     if smoke is not None:
         params["smoke"] = smoke
     data = data or os.environ.get("FISH_DATASET")
@@ -102,22 +108,36 @@ def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None
             for nb in [nb for nb in notebooks if nb.name in FISH_ONLY]:
                 print(f"skipping {nb.name}: {FISH_ONLY[nb.name].format(data=data)}")
                 notebooks.remove(nb)
-    done = []
-    warnings = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, QUIET]))  # the kernels'
-    try:
-        for nb in notebooks:
-            done.append(_execute(pm, nb, out, params))
-    finally:
-        if warnings is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = warnings
-    return done
+    first = [notebooks[0], *(nb for nb in notebooks[1:] if nb.name in INDEPENDENT)]
+    rest = [nb for nb in notebooks if nb not in first]
+
+    def submit(nbs: list[Path]) -> dict:  # the cores shared among the notebooks running at once
+        share = max(1, (os.cpu_count() or 2) // max(1, min(2, len(nbs))))
+        threads = os.environ.get("OMP_NUM_THREADS") or str(share)
+        env = {"OMP_NUM_THREADS": threads, "PYTHONWARNINGS": ",".join(
+            filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET]))}
+        return {nb: pool.submit(_execute, nb, out, params, env) for nb in nbs}
+
+    # processes, not threads: papermill changes the working directory of its process
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = submit(first)
+        try:
+            runs[notebooks[0]].result()  # the model the others load
+        except NotebookFailed:
+            if len(first) > 1:
+                print(f"{notebooks[0].name} failed: waiting for "
+                      f"{', '.join(nb.name for nb in first[1:])} to finish", flush=True)
+            raise
+        runs |= submit(rest)
+        return [runs[nb].result() for nb in notebooks]
 
 
-def _execute(pm, nb: Path, out: Path, params: dict) -> Path:
-    """Run one notebook with papermill into `out/notebooks/`."""
+def _execute(nb: Path, out: Path, params: dict, env: dict[str, str]) -> Path:
+    """Run one notebook with papermill into `out/notebooks/`, its kernel with `env` set (in a
+    worker process of `run_notebooks`)."""
+    import papermill as pm
+
+    os.environ.update(env)
     print(f"running {nb.name}", flush=True)
     target = out / "notebooks" / nb.name
     try:

@@ -257,7 +257,9 @@ def damaged_images(files, n_workers: int | None = None) -> dict[Path, str]:
         damaged = {Path(f): why for f, why in zip(files, reasons) if why}
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps({str(f): why for f, why in damaged.items()}))
+        part = cached.with_suffix(f".{os.getpid()}.part")
+        part.write_text(json.dumps({str(f): why for f, why in damaged.items()}))
+        os.replace(part, cached)  # whole: a notebook running beside never reads half a file
     except OSError:  # a read-only home: check again next time
         pass
     return damaged

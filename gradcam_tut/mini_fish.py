@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from fastcore.parallel import parallel
+from filelock import FileLock
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from .data import CLASSES, mask_file
@@ -284,6 +285,13 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     if n_workers < 0:
         raise ValueError(f"n_workers={n_workers}: use 0 (this process) or more worker processes")
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # two notebooks running at once (`gradcam-tut run`) may both ask for the set: one draws it
+    with FileLock(dest.parent / f".{dest.name}.lock"):
+        return _make(dest, spec, n_workers, progress)
+
+
+def _make(dest: Path, spec: MiniFishSpec, n_workers: int, progress: bool) -> Path:
     root = dest / "Fish_Dataset" / "Fish_Dataset"
     marker = dest / MARKER
     asked = json.loads(json.dumps(asdict(spec)))  # as the marker file holds it (lists)

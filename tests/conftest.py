@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -7,6 +9,7 @@ import torchvision
 
 # the image check's cache goes to a temporary folder, for the notebooks' kernels too
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gradcam_tut_cache_")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

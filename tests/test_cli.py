@@ -1,5 +1,7 @@
 """`gradcam-tut`: one-line errors with exit code 2, nothing of the user's overwritten."""
 
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -166,3 +168,61 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path):
     assert "papermill" not in out["metadata"] and "papermill" not in out["cells"][0]["metadata"]
     im = Image.open(io.BytesIO(base64.b64decode(shown["data"]["image/jpeg"])))
     assert "image/png" not in shown["data"] and im.format == "JPEG" and im.size == (960, 411)
+
+
+
+FAKE_PAPERMILL = """
+import json, os, time
+from pathlib import Path
+
+class PapermillExecutionError(RuntimeError):
+    ename, evalue, exec_count = "ValueError", "bad value", 3
+
+def execute_notebook(nb, target, **kwargs):
+    start = time.time()
+    time.sleep(1.0 if nb.name.startswith(("01", "06")) else 0.1)
+    record = [start, time.time(), os.environ["OMP_NUM_THREADS"]]
+    (Path(os.environ["FAKE_RUNS"]) / nb.name[:2]).write_text(json.dumps(record))
+    if nb.name[:2] == os.environ.get("FAKE_FAIL"):
+        raise PapermillExecutionError()
+    Path(target).touch()
+"""
+
+
+def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, capsys):
+    """With a stand-in for papermill, in the worker processes too: when each notebook ran, in
+    which order, and with how many threads."""
+    (tmp_path / "papermill.py").write_text(FAKE_PAPERMILL)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers import it from here too
+    monkeypatch.setenv("FAKE_RUNS", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def runs():
+        return {f.name: json.loads(f.read_text()) for f in tmp_path.glob("0?")}
+
+    done = cli.run_notebooks(tmp_path / "run")
+    assert [p.name[:2] for p in done] == ["01", "02", "03", "04", "05", "06"]  # in order
+    ran = runs()
+    assert ran["06"][0] < ran["01"][1]  # 06 started while 01 trained
+    assert all(ran[nb][0] >= ran["01"][1] for nb in ("02", "03", "04", "05"))  # after 01
+    assert {threads for *_, threads in ran.values()} == {str(max(1, os.cpu_count() // 2))}
+    assert "OMP_NUM_THREADS" not in os.environ  # set for the kernels only
+
+    monkeypatch.setattr(cli, "INDEPENDENT", set())  # 01 alone: all the cores
+    cli.run_notebooks(tmp_path / "alone")
+    assert runs()["01"][2] == str(os.cpu_count())
+
+    for f in tmp_path.glob("0?"):
+        f.unlink()
+    monkeypatch.undo()  # 06 beside 01 again; the fake papermill stays first on sys.path
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FAKE_RUNS", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # yours is kept
+    monkeypatch.setenv("FAKE_FAIL", "01")
+    capsys.readouterr()
+    with pytest.raises(cli.NotebookFailed, match="01_train_resnet34_on_fish.ipynb failed in "
+                                                 "cell 3: ValueError: bad value"):
+        cli.run_notebooks(tmp_path / "again")
+    assert "waiting for 06_catching_a_shortcut.ipynb to finish" in capsys.readouterr().out
+    ran = runs()
+    assert set(ran) == {"01", "06"} and ran["06"][2] == "3"  # 02-05 never started
