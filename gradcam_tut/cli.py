@@ -140,7 +140,7 @@ def _execute(nb: Path, out: Path, params: dict, env: dict[str, str]) -> Path:
     import papermill as pm
 
     os.environ.update(env)
-    print(f"running {nb.name}", flush=True)
+    print(f"running {nb.name}\n", end="", flush=True)  # one write: two workers print at once
     target = out / "notebooks" / nb.name
     try:
         pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
