@@ -86,11 +86,12 @@ def run_notebooks(out: Path, smoke: bool | None = None, data: Path | None = None
     unless you set it): 01, which trains and exports the model, beside 06, which needs no model
     of 01; then 02-05, which load it. 01 alone (no 06) gets every core. On 2 cores two
     one-thread trainings get ~15% more done than one two-thread training, and one notebook's
-    imports and plots fill the other's idle core.
-    (A model trained with another number of threads differs slightly: float sums are taken in
-    another order.) From a script of your own, call it under `if __name__ == "__main__":`, as
-    for any spawned worker process. Figures land in `out/figures/`. Returns the executed
-    notebooks' paths, in order.
+    imports and plots fill the other's idle core. (A model trained with another number of
+    threads differs slightly: float sums are taken in another order.)
+
+    From a script of your own, call it under `if __name__ == "__main__":`, as for any spawned
+    worker process. Figures land in `out/figures/`. Returns the executed notebooks' paths, in
+    order.
 
     Raises:
         FileNotFoundError: no notebooks (a package installed without its repository).

@@ -170,7 +170,6 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path):
     assert "image/png" not in shown["data"] and im.format == "JPEG" and im.size == (960, 411)
 
 
-
 FAKE_PAPERMILL = """
 import json, os, time
 from pathlib import Path
@@ -208,15 +207,13 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     assert {threads for *_, threads in ran.values()} == {str(max(1, os.cpu_count() // 2))}
     assert "OMP_NUM_THREADS" not in os.environ  # set for the kernels only
 
-    monkeypatch.setattr(cli, "INDEPENDENT", set())  # 01 alone: all the cores
-    cli.run_notebooks(tmp_path / "alone")
+    with monkeypatch.context() as m:  # without 06, 01 runs alone on every core
+        m.setattr(cli, "INDEPENDENT", set())
+        cli.run_notebooks(tmp_path / "alone")
     assert runs()["01"][2] == str(os.cpu_count())
 
     for f in tmp_path.glob("0?"):
         f.unlink()
-    monkeypatch.undo()  # 06 beside 01 again; the fake papermill stays first on sys.path
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("FAKE_RUNS", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # yours is kept
     monkeypatch.setenv("FAKE_FAIL", "01")
     capsys.readouterr()

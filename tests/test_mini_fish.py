@@ -28,7 +28,6 @@ def test_same_seed_identical_files(tmp_path):
     assert digest(c) != digest(a)
 
 
-
 def test_two_processes_asking_at_once_get_one_whole_set(tmp_path):
     """Notebooks 01 and 06 run at once and both ask for the set: one draws, the other waits."""
     import multiprocessing
@@ -40,6 +39,7 @@ def test_two_processes_asking_at_once_get_one_whole_set(tmp_path):
     assert roots[0] == roots[1] and json.loads((dest / MARKER).read_text())["complete"]
     alone = make_mini_fish(tmp_path / "alone", spec, progress=False).parents[1]
     assert digest(dest) == digest(alone)  # every file whole, as one process draws it
+
 
 def test_render_depends_on_class_and_index_only():
     img, mask = render("Trout", 3, SPEC)
