@@ -422,7 +422,7 @@ def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int 
     block = DataBlock(
         blocks=blocks, getters=getters, n_inp=1,
         get_y=None if with_masks else parent_label,
-        splitter=(GrandparentSplitter() if has_train_valid(path)
+        splitter=(GrandparentSplitter() if not fish and has_train_valid(path)  # fish: read once
                   else RandomSplitter(valid_pct, seed=seed)),
         item_tfms=Resize(size, method="squish"),  # the whole fish stays in view
         batch_tfms=aug_transforms() if batch_tfms is None else batch_tfms)
