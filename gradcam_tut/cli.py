@@ -201,6 +201,8 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mark", type=float, default=0.0,
                    help="share of images with their class's coloured corner mark (a shortcut)")
     p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
+    p.add_argument("--swap-marks", action="store_true",
+                   help="each mark another class's, never its own (a counterfactual test set)")
 
 
 def grid_path(out: Path, image: Path, force: bool = False) -> Path:

@@ -15,10 +15,11 @@ from fastai.data.core import Datasets, TfmdDL
 from fastai.data.transforms import Categorize, parent_label
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
-from torch import Tensor
+from torch import Tensor, nn
 
-from .cam import Layer, grad_cam, resolve_layers, upsample
+from .cam import Layer, grad_cam, resolve_layers
 from .data import RGBImage, fish_mask
+from .receptive_field import CellCentres, cell_centres, place
 
 
 def _check(maps: Tensor, masks: Tensor) -> None:
@@ -50,7 +51,11 @@ def peak_points(maps: Tensor) -> tuple[Tensor, Tensor]:
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 0) -> Tensor:
     """Whether each map's peak lies in its mask, or within `tolerance` pixels of it.
 
-    The pointing game (Zhang et al., 2018) uses a 15 px tolerance on full-size images.
+    The pointing game (Zhang et al., 2018) uses a 15 px tolerance on full-size images. On a
+    plateau of tied maxima (an upsampled coarse map) the peak is the tied pixel nearest the
+    plateau's centroid (`peak_points`); Quantus instead counts a hit when any tied pixel is in
+    the mask. An all-zero map points nowhere: a miss. Skip images with an empty mask before
+    scoring (`localization_report` does): there is nothing to point at.
 
     Args:
         maps: (B, H, W), non-negative. An all-zero map points nowhere: a miss.
@@ -116,7 +121,9 @@ def mask_dl(learn: Learner, items: Sequence | None = None,
 
 def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None = None,
                         targets: str = "true", tolerance: float = 0,
-                        method: str | Sequence[str] = "gradcam") -> pd.DataFrame:
+                        method: str | Sequence[str] = "gradcam",
+                        centres: str | dict[str, CellCentres] = "interpolate",
+                        model: nn.Module | None = None) -> pd.DataFrame:
     """Per-layer localization of the Grad-CAM maps against the GT masks.
 
     One `grad_cam` pass per batch gives every layer's map (for every method asked for); each is
@@ -130,28 +137,46 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         tolerance: when > 0, the pointing game and its centre baseline are also scored with
             this tolerance in pixels, in the same pass (columns `pointing_tol`, `centre_tol`).
         method: a CAM method of `grad_cam`, or a sequence of them.
+        centres: where each layer's cells are drawn on the image: "interpolate" (default)
+            where plain bilinear upsampling puts them, "receptive field" at their receptive
+            fields' centres (`receptive_field.cell_centres`), or {layer name: `CellCentres`}.
+        model: the network to score, default `learn.model`: e.g. a randomised copy of it
+            (`sanity.randomized`), the baseline of a network that learned nothing.
 
     Returns:
         One row per layer (per method and layer for a sequence of methods): its native map
         size, pointing game, energy in mask, the share of all-zero maps, the chance and centre
-        baselines, and the number of images.
+        baselines, the number of images scored and of those skipped for an empty mask (an
+        object that is not in the picture has no place to point at: Zhang et al., 2018, and
+        TorchRay skip them rather than count a miss).
     """
     if targets not in ("true", "pred"):
         raise ValueError(f"targets={targets!r}: use 'true' (the label) or 'pred' (prediction)")
+    if centres not in ("receptive field", "interpolate") and not isinstance(centres, dict):
+        raise ValueError(f"centres={centres!r}: use 'receptive field', 'interpolate' or a dict "
+                         "of CellCentres by layer name")
     dl = mask_dl(learn) if dl is None else dl
-    named = resolve_layers(learn.model, layers)
+    model = learn.model if model is None else model
+    named = resolve_layers(model, layers)
     methods = [method] if isinstance(method, str) else list(method)
     tols = (0, tolerance) if tolerance > 0 else (0,)
     L, T = len(named) * len(methods), len(tols)
     points, energy, zero = torch.zeros(T, L), torch.zeros(L), torch.zeros(L)
-    centre, sizes, base_chance, n = torch.zeros(T), [""] * L, 0.0, 0
+    centre, sizes, base_chance, n, skipped = torch.zeros(T), [""] * L, 0.0, 0, 0
     for xb, yb, mb in progress_bar(dl, leave=False):
-        by_method = grad_cam(learn.model, xb, list(named.values()),
+        by_method = grad_cam(model, xb, list(named.values()),
                              yb if targets == "true" else None, method=methods)
         maps = [m for ms in by_method.values() for m in ms]  # method by method, layer by layer
         masks = mb.as_subclass(Tensor).cpu().bool()  # (B, H, W)
         B, H, W = masks.shape
-        heat = upsample([m.cpu() for m in maps], (H, W))  # (B, L, H, W)
+        scored = masks.flatten(1).any(dim=1)  # an empty mask is skipped, as Zhang et al. do
+        maps, masks = [m[scored.to(m.device)] for m in maps], masks[scored]
+        skipped += B - len(masks)
+        B = len(masks)
+        if centres == "receptive field":
+            centres = cell_centres(model, list(named.values()), (H, W))
+        where = None if centres == "interpolate" else [centres[k] for k in named] * len(methods)
+        heat = place([m.cpu() for m in maps], (H, W), where)  # (B, L, H, W)
         for i, m in enumerate(maps):
             sizes[i] = "x".join(map(str, m.shape[1:]))
             energy[i] += energy_in_mask(heat[:, i], masks).sum()
@@ -163,7 +188,8 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
             centre[t] += pointing_game(centre_map(H, W).expand(B, H, W), masks, tol).sum()
         n += B
     if n == 0:
-        raise ValueError("the DataLoader gave no batches: nothing to measure")
+        raise ValueError(f"nothing to measure: the DataLoader gave no batches, or only images "
+                         f"with an empty mask ({skipped}), which the pointing game skips")
     columns = {"map": sizes, "pointing": (points[0] / n).tolist()}
     if tolerance > 0:
         columns["pointing_tol"] = (points[1] / n).tolist()
@@ -171,7 +197,7 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
                 "chance": base_chance / n, "centre": centre[0].item() / n}
     if tolerance > 0:
         columns["centre_tol"] = centre[1].item() / n
-    columns["images"] = n
+    columns |= {"images": n, "empty_masks": skipped}
     if isinstance(method, str):
         return pd.DataFrame(columns, index=pd.Index(list(named), name="layer"))
     rows = pd.MultiIndex.from_product([methods, list(named)], names=["method", "layer"])

@@ -59,6 +59,7 @@ class MiniFishSpec:
     seed: int = 42
     mark: float = 0.0  # the share of images with their class's coloured corner mark: a shortcut
     shuffle_marks: bool = False  # each mark of a random class instead: the shortcut broken
+    swap_marks: bool = False  # each mark of another class, never its own: a counterfactual test
     classes: tuple[str, ...] | None = None  # a subset of CLASSES; None: all 9
 
     def __post_init__(self):
@@ -69,6 +70,9 @@ class MiniFishSpec:
                              "least 16x16 pixels")
         if not 0 <= self.mark <= 1:
             raise ValueError(f"mark={self.mark}: the share of marked images is in 0..1")
+        if self.shuffle_marks and self.swap_marks:
+            raise ValueError("shuffle_marks and swap_marks: pick one (a random class's mark, or "
+                             "always another class's)")
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(self.classes))  # a list from JSON too
             unknown = sorted(set(self.classes) - set(CLASSES))
@@ -182,7 +186,8 @@ def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image
 
 
 def _render(cls: str, index: int, spec: MiniFishSpec):
-    """`render`, and the mark's box (x0, y0, x1, y1), or None for an image without a mark."""
+    """`render`, and the mark as (its class, its box (x0, y0, x1, y1)), or None for an image
+    without a mark."""
     rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index])
     w, h = spec.width, spec.height
     img = _background(rng, w, h)
@@ -201,12 +206,14 @@ def _render(cls: str, index: int, spec: MiniFishSpec):
     full_mask = Image.new("L", (w, h))
     full_mask.paste(mask, (x, y))
     mark_rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index, 1])  # own stream:
-    box = None
+    mark = None
     if mark_rng.random() < spec.mark:  # the images without marks stay as they were
-        pool = spec.class_names  # a shuffled mark is one of the set's classes'
-        color = MARKS[pool[mark_rng.integers(len(pool))] if spec.shuffle_marks else cls]
-        box = _mark(img, full_mask, color)
-    return img, full_mask, box
+        pool = spec.class_names  # a shuffled or swapped mark is one of the set's classes'
+        if spec.swap_marks:
+            pool = [c for c in pool if c != cls]
+        of = pool[mark_rng.integers(len(pool))] if spec.shuffle_marks or spec.swap_marks else cls
+        mark = of, _mark(img, full_mask, MARKS[of])
+    return img, full_mask, mark
 
 
 def _mark(img: Image.Image, mask: Image.Image, color: tuple[int, int, int]) -> tuple:
@@ -230,14 +237,27 @@ def mark_mask(image: str | Path):
     how much of a map lies on the mark. The image is drawn again from its set's spec."""
     from fastai.vision.core import PILMask
 
-    image = Path(image)
-    spec = _spec(image.parents[4] / MARKER)
-    _, mask, box = _render(image.parent.name, int(image.stem) - 1, spec)
+    mask, mark = _drawn_again(image)[1:]
     out = np.zeros((mask.height, mask.width), np.uint8)
-    if box is not None:
-        x0, y0, x1, y1 = box
+    if mark is not None:
+        x0, y0, x1, y1 = mark[1]
         out[y0:y1, x0:x1] = 1
     return PILMask.create(out)
+
+
+def mark_class(image: str | Path) -> str | None:
+    """The class whose colour the shortcut mark of `image` has (`MARKS`), or None for an image
+    without a mark: its own class in a marked set, another in a swapped one
+    (`MiniFishSpec(swap_marks=True)`), a random one with `shuffle_marks`."""
+    mark = _drawn_again(image)[2]
+    return None if mark is None else mark[0]
+
+
+def _drawn_again(image: str | Path):
+    """`_render` of an image file of a mini set, from the spec in the set's marker file."""
+    image = Path(image)
+    spec = _spec(image.parents[4] / MARKER)
+    return _render(image.parent.name, int(image.stem) - 1, spec)
 
 
 def _spec(marker: Path) -> MiniFishSpec:
@@ -328,7 +348,7 @@ def _make(dest: Path, spec: MiniFishSpec, n_workers: int, progress: bool) -> Pat
 def run(args: argparse.Namespace) -> Path:
     """Write the set the parsed options ask for and print where its classes are."""
     spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed, mark=args.mark,
-                   shuffle_marks=args.shuffle_marks)
+                   shuffle_marks=args.shuffle_marks, swap_marks=args.swap_marks)
     spec = replace(spec, per_class=args.per_class) if args.per_class is not None else spec
     root = make_mini_fish(args.dest, spec, n_workers=args.workers)
     print(root)

@@ -21,6 +21,7 @@ from torch import Tensor
 from .cam import METHODS, Layer, body_layers, grad_cam, normalize_maps, resolve_layers, upsample
 from .data import RGBImage, fish_mask, mask_file
 from .metrics import mask_dl, peak_points, pointing_game
+from .receptive_field import CellCentres, place
 
 
 def image_hwc(image) -> np.ndarray:
@@ -91,7 +92,8 @@ def map_title(name: str, m: Tensor) -> str:
 def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None = None,
                     shared_scale: bool = False, ncols: int = 5, colorbar: bool = True,
                     cmap: str = "magma", mask=None, suptitle: str | None = None,
-                    save: str | Path | None = None, details: bool = True) -> Figure:
+                    save: str | Path | None = None, details: bool = True,
+                    centres: Sequence[CellCentres] | None = None) -> Figure:
     """The image, then one panel per layer with that layer's Grad-CAM map over it.
 
     Each panel's title gives the layer, the map's native size and its raw maximum, so small
@@ -101,11 +103,15 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
         image: (3, H, W) tensor or (H, W, 3) array/PIL image.
         maps: one map (h_l, w_l) per layer, any sizes; upsampled bilinearly to (H, W).
         titles: one per map (layer names).
-        shared_scale: one colour scale for all layers (compare strengths across layers)
-            instead of each map scaled to its own max (compare where each layer looks).
+        shared_scale: one colour scale for all layers, each map times its number of cells
+            h*w first (the CAM scale: Grad-CAM averages the gradient over h*w cells, so its
+            raw values shrink with 1/(h*w)), to compare strengths across layers; default each
+            map scaled to its own max, to compare where each layer looks.
         mask: (H, W), nonzero on the object: its outline is drawn on every panel.
         save: write the figure to this PNG path as well.
         details: add each map's native size and raw maximum to its title.
+        centres: one `CellCentres` per map: each cell drawn at its receptive field's centre
+            (`receptive_field.cell_centres`); None: plain bilinear upsampling.
 
     Returns:
         The Figure; not left open in pyplot, and shown inline when it ends a notebook cell.
@@ -113,7 +119,8 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     img = image_hwc(image)
     H, W = img.shape[:2]
     maps = [m.detach().float().cpu() for m in maps]
-    heat = normalize_maps(upsample([m[None] for m in maps], (H, W))[0], shared_scale)
+    scaled = [m * m.shape[-2] * m.shape[-1] if shared_scale else m for m in maps]  # CAM scale
+    heat = normalize_maps(place([m[None] for m in scaled], (H, W), centres)[0], shared_scale)
     names = list(titles) if titles is not None else [f"map {i}" for i in range(len(maps))]
     n = len(maps) + 1
     ncols = min(ncols, n)
@@ -131,7 +138,8 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     for ax in axs[n:]:
         ax.remove()
     if colorbar:
-        label = "Grad-CAM / max over layers" if shared_scale else "Grad-CAM / max of its map"
+        label = ("Grad-CAM x h*w / max over layers" if shared_scale
+                 else "Grad-CAM / max of its map")
         fig.colorbar(im, ax=list(axs[:n]), shrink=0.8, label=label)
     if suptitle:
         fig.suptitle(suptitle)

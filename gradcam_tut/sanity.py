@@ -25,6 +25,18 @@ def randomization_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in steps if any(True for _ in m.parameters())]
 
 
+def randomized(model: nn.Module, what: str = "all", seed: int = 0) -> nn.Module:
+    """A copy of `model` with new random weights: "all" (the same architecture, untrained: the
+    baseline of a network that learned nothing) or "head" (a fastai model's head, or a plain
+    model's last child with weights: the first step of `cascading_randomization`)."""
+    if what not in ("all", "head"):
+        raise ValueError(f"what={what!r}: randomise 'all' the weights or the 'head'")
+    copy_ = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    _reinit(copy_ if what == "all" else randomization_steps(copy_)[0][1])
+    return copy_
+
+
 def _reinit(module: nn.Module) -> None:
     for m in module.modules():
         if hasattr(m, "reset_parameters"):

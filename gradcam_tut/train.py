@@ -11,6 +11,7 @@ import fastai.callback.progress  # noqa: F401  progress bars while training
 import fastai.callback.schedule  # noqa: F401  adds fine_tune and fit_one_cycle
 import torch
 from fastai.learner import Learner, load_learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, error_rate
 from fastai.torch_core import set_seed
 from fastai.vision.learner import vision_learner
@@ -33,14 +34,19 @@ def fp16_wanted(fp16: bool | str = "auto") -> bool:
     return bool(fp16)
 
 
-def fish_learner(dls, arch=resnet34, pretrained: bool = True) -> tuple[Learner, bool]:
+def fish_learner(dls, arch=resnet34, pretrained: bool = True, cbs=None) -> tuple[Learner, bool]:
     """`vision_learner(dls, arch, metrics=[accuracy, error_rate])`, and whether it is pretrained.
 
     When the ImageNet weights cannot be downloaded (offline), warns and starts from random
-    weights instead of failing.
+    weights instead of failing. Batches that also carry masks (`with_masks=True`, for the
+    callbacks of `guidance`) get the loss of the class alone.
     """
+    targets = len(dls.train_ds.tls) - dls.n_inp  # 2: (class, mask)
+    kwargs = {"loss_func": CrossEntropyLossFlat(), "n_out": dls.c} if targets > 1 else {}
+
     def learner(weights: bool) -> Learner:
-        return vision_learner(dls, arch, metrics=[accuracy, error_rate], pretrained=weights)
+        return vision_learner(dls, arch, metrics=[accuracy, error_rate], pretrained=weights,
+                              cbs=cbs, **kwargs)
 
     try:
         return learner(pretrained), pretrained
@@ -55,7 +61,8 @@ def fish_learner(dls, arch=resnet34, pretrained: bool = True) -> tuple[Learner, 
 
 def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224, bs: int = 64,
                pretrained: bool = True, fp16: bool | str = "auto", lr: float | None = None,
-               seed: int = 42, export_to: str | Path | None = None, **dls_kwargs) -> Learner:
+               seed: int = 42, export_to: str | Path | None = None, cbs=None,
+               **dls_kwargs) -> Learner:
     """Train `arch` on the Fish Dataset at `path` and return the Learner.
 
     Everything random is seeded first (`set_seed(seed, reproducible=True)`: the split, the
@@ -68,11 +75,13 @@ def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224
 
     Args:
         export_to: where `learn.export` writes the learner for `load_learner` (folders made).
-        dls_kwargs: passed to `fish_dataloaders` (max_per_class, num_workers, ...).
+        cbs: callbacks for the training only (`guidance.MaskGuidance`, `BackgroundSwap`, with
+            `with_masks=True`); removed before the learner is returned and exported.
+        dls_kwargs: passed to `fish_dataloaders` (max_per_class, with_masks, num_workers, ...).
     """
     set_seed(seed, reproducible=True)
     dls = fish_dataloaders(path, size=size, bs=bs, seed=seed, **dls_kwargs)
-    learn, was_pretrained = fish_learner(dls, arch, pretrained)
+    learn, was_pretrained = fish_learner(dls, arch, pretrained, cbs)
     if fp16_wanted(fp16):
         learn = learn.to_fp16()
         print("precision: mixed, to_fp16 (autocast + GradScaler) on", torch.cuda.get_device_name())
@@ -85,6 +94,7 @@ def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224
         learn.fine_tune(epochs, base_lr=lr or 2e-3)
     else:
         learn.fit_one_cycle(2 * epochs if pretrained else epochs, lr or 2e-3)  # 2x: fell back
+    learn.remove_cbs(cbs or [])
     if export_to is not None:
         export_to = Path(export_to).resolve()
         export_to.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from notebook_code import definitions, notebook_definitions
 from torch import nn
 
 from gradcam_tut import HookBwd, HookForward, body_layers, grad_cam
@@ -144,27 +146,9 @@ def test_module_run_twice_raises_instead_of_a_wrong_map(resnet18, batch):
 def test_notebook_02_builds_the_same_hooks():
     """Notebook 02 writes Hooks, HookForward and HookBwd in front of the reader; their code must
     stay that of gradcam_tut.hooks (docstrings and comments aside)."""
-    import ast
-    import json
-    from pathlib import Path
-
     import gradcam_tut.hooks as hooks
 
-    def classes(source):
-        found = {}
-        for node in ast.parse(source).body:
-            if isinstance(node, ast.ClassDef):
-                for fn in [node, *node.body]:  # drop docstrings
-                    body = getattr(fn, "body", None)
-                    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value,
-                                                                             ast.Constant):
-                        fn.body = body[1:] or [ast.Pass()]
-                found[node.name] = ast.dump(node)
-        return found
-
-    nb = json.loads((Path(hooks.__file__).parents[1] / "notebooks"
-                     / "02_hooks_step_by_step.ipynb").read_text())
-    cells = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    in_notebook, in_package = classes(cells), classes(Path(hooks.__file__).read_text())
+    in_notebook = notebook_definitions("02_hooks_step_by_step.ipynb")
+    in_package = definitions(Path(hooks.__file__).read_text())
     for name in ("Hooks", "HookForward", "HookBwd"):
         assert in_notebook[name] == in_package[name], f"notebook 02's {name} drifted"

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +94,7 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
     report = localization_report(tiny_learner, layers=["layer1", "layer4"])
     assert list(report.index) == ["layer1", "layer4"]
     assert list(report.columns) == ["map", "pointing", "energy", "zero_maps", "chance",
-                                    "centre", "images"]
+                                    "centre", "images", "empty_masks"]
     assert report["map"].tolist() == ["8x8", "1x1"]
     n = len(tiny_learner.dls.valid_ds)
     assert (report["images"] == n).all()
@@ -109,9 +110,60 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
     assert pred["images"].item() == n
     tol = localization_report(tiny_learner, layers=["layer1", "layer4"], tolerance=4)
     assert list(tol.columns) == ["map", "pointing", "pointing_tol", "energy", "zero_maps",
-                                 "chance", "centre", "centre_tol", "images"]
+                                 "chance", "centre", "centre_tol", "images", "empty_masks"]
     assert tol["pointing"].tolist() == report["pointing"].tolist()
     assert (tol["pointing_tol"] >= tol["pointing"]).all()
     assert (tol["centre_tol"] >= tol["centre"]).all()
     with pytest.raises(ValueError, match="'true'"):
         localization_report(tiny_learner, targets="label")
+
+
+def quantus_pointing(maps, masks):
+    """Quantus 0.6's PointingGame, written out: a hit when any pixel of the maximum is in the
+    mask."""
+    top = maps.flatten(1) == maps.flatten(1).amax(dim=1, keepdim=True)
+    return (top & masks.flatten(1).bool()).any(dim=1)
+
+
+def quantus_energy(maps, masks):
+    """Quantus 0.6's AttributionLocalisation (the energy in the mask), written out."""
+    return (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1)
+
+
+def test_pointing_and_energy_agree_with_quantus_except_on_ties():
+    """300 random maps, 150 of them coarse and upsampled (plateaus where a border cell is
+    copied): the same hits and energies as Quantus's definitions, except where the maximum is
+    tied across the mask's edge, which the two conventions score differently."""
+    torch.manual_seed(0)
+    fine = torch.rand(150, 32, 32)
+    coarse = upsample(torch.rand(150, 4, 4), (32, 32))
+    maps = torch.cat([fine, coarse])
+    masks = torch.zeros(300, 32, 32)
+    for i in range(300):
+        y, x = torch.randint(0, 24, (2,)).tolist()
+        masks[i, y:y + 8, x:x + 10] = 1
+    torch.testing.assert_close(energy_in_mask(maps, masks), quantus_energy(maps, masks))
+    ours, theirs = pointing_game(maps, masks), quantus_pointing(maps, masks)
+    flat = maps.flatten(1)
+    tied = (flat == flat.amax(dim=1, keepdim=True)).sum(dim=1) > 1
+    assert torch.equal(ours[~tied], theirs[~tied]) and (~tied).sum() > 200
+    assert (ours[tied] <= theirs[tied]).all()  # any tied pixel inside is a hit for Quantus
+
+
+def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
+    from gradcam_tut.data import fish_image_files
+    from gradcam_tut.metrics import localization_report, mask_dl
+
+    files = list(fish_image_files(mini_root))[:6]
+    full = localization_report(tiny_learner, mask_dl(tiny_learner, files), layers=["layer4"])
+
+    def half_empty(f):
+        from gradcam_tut.data import fish_mask
+
+        m = fish_mask(f)
+        return m if files.index(f) % 2 else type(m).create(np.zeros_like(np.asarray(m)))
+
+    some = localization_report(tiny_learner, mask_dl(tiny_learner, files, half_empty),
+                               layers=["layer4"])
+    assert full["images"].iloc[0] == 6 and full["empty_masks"].iloc[0] == 0
+    assert some["images"].iloc[0] == 3 and some["empty_masks"].iloc[0] == 3

@@ -1,0 +1,96 @@
+"""Does a network use a shortcut? Ask the network, not its map: counterfactual test images.
+
+Mini fish can carry a planted shortcut, a corner mark in the colour of the class
+(`MiniFishSpec(mark=1.0)`). Three test sets of new fish (a seed no training uses) ask what the
+network does with it: *clean* (no mark), *marked* (the true class's mark) and *swapped* (another
+class's mark on every image, which one recorded: `mini_fish.mark_class`). A network that reads
+the mark fails on swapped images and follows the mark; one that reads the fish scores about its
+clean accuracy on them, and follows the mark by chance only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from fastai.data.transforms import parent_label
+from fastai.learner import Learner
+from fastcore.foundation import L
+from torchvision.models import resnet18, resnet34
+
+from .cam import Layer
+from .data import image_files
+from .metrics import localization_report, mask_dl
+from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask
+
+TEST_SPEC = MiniFishSpec(per_class=24, seed=7)  # new fish: the training sets use other seeds
+
+
+def shortcut_recipe(cuda: bool | None = None) -> dict:
+    """`train_fish`'s arguments for every model of notebook 06 and `bench_shortcut.py`: 4 epochs
+    of `fit_one_cycle` from random weights, so that all a network knows comes from its data; a
+    resnet18 at 64 px on a CPU (under a minute a model on one core), notebook 01's resnet34 at
+    128 px on a CUDA GPU."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {"arch": resnet34 if cuda else resnet18, "size": 128 if cuda else 64, "bs": 16,
+            "epochs": 4, "lr": 5e-3, "pretrained": False}
+
+
+def training_sets(dest: str | Path, per_class: int = 72, seed: int = 42) -> dict[str, Path]:
+    """Three training sets of the same fish, drawn once into `dest/<kind>-<per_class>-<seed>`
+    and reused: "clean" (no mark: the reference), "marked" (every image its class's mark: the
+    shortcut) and "shuffled" (every image a random class's mark: the shortcut broken in the
+    data)."""
+    dest, spec = Path(dest), MiniFishSpec(per_class=per_class, seed=seed, mark=1.0)
+    kinds = {"clean": replace(spec, mark=0.0), "marked": spec,
+             "shuffled": replace(spec, shuffle_marks=True)}
+    return {k: make_mini_fish(dest / f"{k}-{per_class}-{seed}", s, progress=False)
+            for k, s in kinds.items()}
+
+
+def counterfactual_sets(dest: str | Path, spec: MiniFishSpec = TEST_SPEC) -> dict[str, L]:
+    """The image files of three test sets drawn from `spec` under `dest` (drawn once, reused):
+    "clean" (no mark), "marked" (each image its class's mark) and "swapped" (each image another
+    class's mark). The same fish in each: only the corner differs."""
+    dest = Path(dest)
+    kinds = {"clean": replace(spec, mark=0.0),
+             "marked": replace(spec, mark=1.0),
+             "swapped": replace(spec, mark=1.0, swap_marks=True)}
+    return {k: image_files(make_mini_fish(dest / k, s, progress=False)) for k, s in kinds.items()}
+
+
+@torch.no_grad()
+def shortcut_scores(learn: Learner, sets: dict[str, L], bs: int = 64) -> dict[str, float]:
+    """Accuracy on each test set, and `follows mark`: the share of the swapped images whose
+    prediction is the class of their mark rather than their fish (chance: 1/number of classes
+    for a network that ignores the mark; a network that reads the fish scores less).
+
+    Args:
+        learn: a trained vision Learner (its `dls` give the validation transforms).
+        sets: {name: image files} from `counterfactual_sets`; labels from the parent folder.
+    """
+    vocab, scores = learn.dls.vocab, {}
+    for name, files in sets.items():
+        preds, _ = learn.get_preds(dl=learn.dls.test_dl(files, bs=bs))
+        pred = preds.argmax(dim=1)
+        truth = torch.tensor([vocab.o2i[parent_label(f)] for f in files])
+        scores[f"{name} accuracy"] = (pred == truth).float().mean().item()
+        if name == "swapped":
+            marks = torch.tensor([vocab.o2i[mark_class(f)] for f in files])
+            scores["follows mark"] = (pred == marks).float().mean().item()
+    return scores
+
+
+def map_shares(learn: Learner, sets: dict[str, L], layer: Layer = "layer2") -> dict[str, float]:
+    """Where the true class's Grad-CAM maps at `layer` lie: on the fish (clean images, GT
+    masks) and on the mark (marked images, `mark_mask`). Pointing: the map's peak is inside;
+    energy: its share of the map's mass inside (`metrics.localization_report`)."""
+    shares = {}
+    for what, files, get_mask in (("fish", sets["clean"], None),
+                                  ("mark", sets["marked"], mark_mask)):
+        dl = mask_dl(learn, files) if get_mask is None else mask_dl(learn, files, get_mask)
+        row = localization_report(learn, dl, layers=[layer]).iloc[0]
+        shares |= {f"{what}: pointing": float(row["pointing"]),
+                   f"{what}: energy": float(row["energy"])}
+    return shares

@@ -1,0 +1,63 @@
+"""Counterfactual test sets and what they measure: the network asked, not its map."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from fastai.data.transforms import parent_label
+from PIL import Image
+
+from gradcam_tut.mini_fish import MARKS, MiniFishSpec, mark_class, mark_mask
+from gradcam_tut.shortcut import counterfactual_sets, shortcut_scores
+
+SPEC = MiniFishSpec(per_class=3, width=48, height=36, seed=7)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    return counterfactual_sets(tmp_path_factory.mktemp("cf"), SPEC)
+
+
+def test_three_versions_of_the_same_fish(sets):
+    assert [len(f) for f in sets.values()] == [27, 27, 27]
+    for clean, marked, swapped in zip(*sets.values()):
+        cls = parent_label(clean)
+        assert parent_label(marked) == parent_label(swapped) == cls
+        assert mark_class(clean) is None and mark_class(marked) == cls
+        assert mark_class(swapped) not in (None, cls)  # always another class's mark
+        a, b, c = (np.asarray(Image.open(f)) for f in (clean, marked, swapped))
+        box = np.asarray(mark_mask(marked)).astype(bool)
+        assert np.array_equal(np.asarray(mark_mask(swapped)).astype(bool), box)
+        assert np.array_equal(a[~box], b[~box]) and np.array_equal(a[~box], c[~box])
+        assert (b[box] == MARKS[cls]).all() and (c[box] == MARKS[mark_class(swapped)]).all()
+
+
+class _Stub:
+    """A learner whose predictions are chosen by the test: the fish's class, or the mark's."""
+
+    def __init__(self, vocab, follow_mark):
+        self.dls = SimpleNamespace(vocab=vocab, test_dl=lambda files, bs: files)
+        self.follow_mark = follow_mark
+
+    def get_preds(self, dl):
+        cls = [mark_class(f) if self.follow_mark and mark_class(f) else parent_label(f)
+               for f in dl]
+        return torch.eye(len(self.dls.vocab))[[self.dls.vocab.o2i[c] for c in cls]], None
+
+
+def test_shortcut_scores_counts_the_fish_and_the_mark(sets):
+    from fastai.data.transforms import CategoryMap
+
+    vocab = CategoryMap(list(MARKS))
+    fish = shortcut_scores(_Stub(vocab, follow_mark=False), sets)
+    assert fish == {"clean accuracy": 1.0, "marked accuracy": 1.0, "swapped accuracy": 1.0,
+                    "follows mark": 0.0}
+    mark = shortcut_scores(_Stub(vocab, follow_mark=True), sets)
+    assert mark == {"clean accuracy": 1.0, "marked accuracy": 1.0, "swapped accuracy": 0.0,
+                    "follows mark": 1.0}
+
+
+def test_swap_and_shuffle_exclude_each_other():
+    with pytest.raises(ValueError, match="shuffle_marks and swap_marks: pick one"):
+        MiniFishSpec(mark=1.0, shuffle_marks=True, swap_marks=True)
