@@ -1,6 +1,7 @@
 """Does a map land on the object? Pointing game and energy in the GT mask, per layer.
 
-Maps and masks are (B, H, W) at the image's size: upsample Grad-CAM maps with `upsample` and
+Maps and masks are (B, H, W) at the image's size: upsample Grad-CAM maps with
+`receptive_field.place` (each cell at its receptive field's centre) or `upsample`, and
 carry the masks through the same transforms as the images (`fish_dataloaders(with_masks=True)`,
 or `mask_dl(learn)`). Two baselines say what a map that knows nothing scores: *chance*, the
 mask's share of the image (a random point, or a flat map's energy), and *centre*, a map whose
@@ -122,7 +123,7 @@ def mask_dl(learn: Learner, items: Sequence | None = None,
 def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None = None,
                         targets: str = "true", tolerance: float = 0,
                         method: str | Sequence[str] = "gradcam",
-                        centres: str | dict[str, CellCentres] = "interpolate",
+                        centres: str | dict[str, CellCentres] = "receptive field",
                         model: nn.Module | None = None) -> pd.DataFrame:
     """Per-layer localization of the Grad-CAM maps against the GT masks.
 
@@ -137,9 +138,10 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         tolerance: when > 0, the pointing game and its centre baseline are also scored with
             this tolerance in pixels, in the same pass (columns `pointing_tol`, `centre_tol`).
         method: a CAM method of `grad_cam`, or a sequence of them.
-        centres: where each layer's cells are drawn on the image: "interpolate" (default)
-            where plain bilinear upsampling puts them, "receptive field" at their receptive
-            fields' centres (`receptive_field.cell_centres`), or {layer name: `CellCentres`}.
+        centres: where each layer's cells are drawn on the image: "receptive field" (default)
+            at their receptive fields' centres (`receptive_field.cell_centres`; notebook 05
+            measures the difference), "interpolate" where plain bilinear upsampling puts
+            them (as pytorch-grad-cam and captum draw), or {layer name: `CellCentres`}.
         model: the network to score, default `learn.model`: e.g. a randomised copy of it
             (`sanity.randomized`), the baseline of a network that learned nothing.
 

@@ -18,10 +18,10 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .cam import METHODS, Layer, body_layers, grad_cam, normalize_maps, resolve_layers, upsample
+from .cam import METHODS, Layer, body_layers, grad_cam, normalize_maps, resolve_layers
 from .data import RGBImage, fish_mask, mask_file
 from .metrics import mask_dl, peak_points, pointing_game
-from .receptive_field import CellCentres, place
+from .receptive_field import CellCentres, cell_centres, place
 
 
 def image_hwc(image) -> np.ndarray:
@@ -101,7 +101,7 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
 
     Args:
         image: (3, H, W) tensor or (H, W, 3) array/PIL image.
-        maps: one map (h_l, w_l) per layer, any sizes; upsampled bilinearly to (H, W).
+        maps: one map (h_l, w_l) per layer, any sizes; upsampled to (H, W).
         titles: one per map (layer names).
         shared_scale: one colour scale for all layers, each map times its number of cells
             h*w first (the CAM scale: Grad-CAM averages the gradient over h*w cells, so its
@@ -189,7 +189,8 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
         contrast: a class name or index to contrast with: the maps of "why `target` rather
             than `contrast`" (Grad-CAM of the difference of the two logits).
         method: "gradcam" or another of `cam.METHODS` ("gradcam++", "hirescam", ...).
-        **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...).
+        **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...); each cell is drawn
+            at its receptive field's centre unless `centres=None` (plain interpolation).
     """
     xb, image, probs, mask = _one_image(learn, img)
     vocab = learn.dls.vocab
@@ -203,6 +204,8 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
         what += f" rather than {vocab[other]} ({probs[other]:.2f})"
     kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · {what}")
     kwargs.setdefault("mask", mask)
+    kwargs.setdefault("centres", list(cell_centres(learn.model, named.values(),
+                                                   xb.shape[-2:]).values()))
     return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
 
 
@@ -221,6 +224,7 @@ def plot_methods(learn: Learner, img, methods: Sequence[str] | None = None,
     named = resolve_layers(learn.model, layers or list(body_layers(learn))[-3:])
     cls = int(np.argmax(probs)) if target is None else class_index(learn.dls.vocab, target)
     by_method = grad_cam(learn.model, xb, list(named.values()), cls, method=methods)
+    centres = list(cell_centres(learn.model, named.values(), xb.shape[-2:]).values())
     img = image_hwc(image)
     H, W = img.shape[:2]
     fig = new_figure(figsize=(2.2 * (len(named) + 1) + 0.6, 2.3 * len(methods) * H / W + 0.4),
@@ -231,7 +235,7 @@ def plot_methods(learn: Learner, img, methods: Sequence[str] | None = None,
         outline(row[0], mask)
         row[0].set_title(method, fontsize=10, fontweight="bold")
         row[0].set_axis_off()
-        heat = normalize_maps(upsample([m.cpu() for m in maps], (H, W))[0])
+        heat = normalize_maps(place([m.cpu() for m in maps], (H, W), centres)[0])
         for ax, h, m, name in zip(row[1:], heat, maps, named):
             im = overlay(ax, img, h, mask=mask)
             ax.set_title(map_title(name, m), fontsize=9)
@@ -271,7 +275,8 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
         other = true if pred != true else second
         (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
         (why,) = grad_cam(learn.model, xb, layer, pred, contrast=other)
-        heat = normalize_maps(upsample(maps.cpu(), xb.shape[-2:]), shared_scale=True)
+        (where,) = cell_centres(learn.model, layer, xb.shape[-2:]).values()
+        heat = normalize_maps(place(maps.cpu(), xb.shape[-2:], where), shared_scale=True)
         row[0].imshow(image_hwc(image))
         row[0].set_axis_off()
         row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)
@@ -279,7 +284,8 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
             im = overlay(ax, image, h, mask=mask)
             ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
                          fontsize=9)
-        overlay(row[3], image, normalize_maps(upsample(why.cpu(), xb.shape[-2:]))[0], mask=mask)
+        overlay(row[3], image, normalize_maps(place(why.cpu(), xb.shape[-2:], where))[0],
+                mask=mask)
         row[3].set_title(f"why not {vocab[other]} · max {float(why.max()):.2g}", fontsize=9)
     name = next(iter(resolve_layers(learn.model, layer)))
     fig.suptitle(f"Grad-CAM at {name}: predicted class, true class, and why the prediction",
@@ -321,8 +327,9 @@ def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, d
                           save: str | Path | None = None) -> Figure:
     """Up to `n` hits and `n` misses of the pointing game at `layer`, true class's map.
 
-    Each panel shows the map over the image, the mask's outline and the map's peak (a green
-    dot on a hit, a red cross on a miss). `dl` gives (image, class, mask) batches; default
+    Each panel shows the map over the image (each cell at its receptive field's centre, as
+    `localization_report` scores it), the mask's outline and the map's peak (a green dot on a
+    hit, a red cross on a miss). `dl` gives (image, class, mask) batches; default
     `mask_dl(learn)`, the validation set.
     """
     dl = mask_dl(learn) if dl is None else dl
@@ -330,7 +337,8 @@ def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, d
     for xb, yb, mb in dl:
         (maps,) = grad_cam(learn.model, xb, layer, yb)
         masks = mb.as_subclass(Tensor).cpu().bool()
-        heat = normalize_maps(upsample(maps.cpu(), masks.shape[-2:]))
+        (where,) = cell_centres(learn.model, layer, masks.shape[-2:]).values()
+        heat = normalize_maps(place(maps.cpu(), masks.shape[-2:], where))
         hits, (py, px) = pointing_game(heat, masks), peak_points(heat)
         images = dl.decode((xb.cpu(),))[0]
         for i, hit in enumerate(hits.tolist()):

@@ -6,6 +6,7 @@ model."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -53,6 +54,25 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float(spearmanr(a.numpy(), b.numpy()).statistic)
 
 
+def _cascade(model: nn.Module, x: Tensor, layers, targets: Targets, seed: int, method: str):
+    """Yield (step, maps of every layer upsampled to the image, (B, H, W) each) for the trained
+    model, then after each re-initialisation, top first and cumulatively, on a copy."""
+    x = x.as_subclass(Tensor)
+    work = copy.deepcopy(model)  # the model, its weights and its mode stay as they were
+    idx = class_indices(targets, work.eval()(x))
+    names = list(resolve_layers(work, layers))
+    torch.manual_seed(seed)
+
+    def maps() -> list[Tensor]:  # every layer from one grad_cam pass
+        return [upsample(cam, x.shape[-2:]) for cam in grad_cam(work, x, names, idx,
+                                                                method=method)]
+
+    yield "trained", names, maps()
+    for step, module in randomization_steps(work):
+        _reinit(module)
+        yield step, names, maps()
+
+
 @torch.no_grad()
 def cascading_randomization(model: nn.Module, x: Tensor, layer: Layer = "layer4",
                             targets: Targets = None, seed: int = 0, method: str = "gradcam"
@@ -67,22 +87,24 @@ def cascading_randomization(model: nn.Module, x: Tensor, layer: Layer = "layer4"
         A DataFrame with one row per step ("trained", "head", "layer4", ...): the mean and
         the smallest correlation over the images; and the maps per step, (B, H, W).
     """
-    x = x.as_subclass(Tensor)
-    work = copy.deepcopy(model)  # the model, its weights and its mode stay as they were
-    idx = class_indices(targets, work.eval()(x))
-    name = next(iter(resolve_layers(work, layer)))
-    torch.manual_seed(seed)
-
-    def maps(m: nn.Module) -> Tensor:
-        (cam,) = grad_cam(m, x, name, idx, method=method)
-        return upsample(cam, x.shape[-2:])
-
-    trained = maps(work)
-    found = {"trained": trained}
-    rows = [{"step": "trained", "spearman": 1.0, "spearman_min": 1.0}]
-    for step, module in randomization_steps(work):
-        _reinit(module)
-        found[step] = m = maps(work)
-        rhos = [spearman(a, b) for a, b in zip(trained, m)]
+    found, rows = {}, []
+    for step, _, (m,) in _cascade(model, x, layer, targets, seed, method):
+        found[step] = m
+        rhos = [spearman(a, b) for a, b in zip(found["trained"], m)]
         rows.append({"step": step, "spearman": sum(rhos) / len(rhos), "spearman_min": min(rhos)})
     return pd.DataFrame(rows).set_index("step"), found
+
+
+@torch.no_grad()
+def randomization_by_layer(model: nn.Module, x: Tensor, layers: Sequence[Layer] | None = None,
+                           targets: Targets = None, seed: int = 0,
+                           method: str = "gradcam") -> pd.DataFrame:
+    """`cascading_randomization` for every layer at once (one `grad_cam` pass per step): the
+    mean Spearman correlation with the trained model's maps, one row per step, one column per
+    layer (default every layer of `body_layers(model)`)."""
+    trained, rows = None, {}
+    for step, names, maps in _cascade(model, x, layers, targets, seed, method):
+        trained = maps if trained is None else trained
+        rows[step] = {name: sum(spearman(a, b) for a, b in zip(t, m)) / len(m)
+                      for name, t, m in zip(names, trained, maps)}
+    return pd.DataFrame(rows).T.rename_axis("step")

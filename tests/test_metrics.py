@@ -13,6 +13,7 @@ from gradcam_tut.metrics import (
     peak_points,
     pointing_game,
 )
+from gradcam_tut.receptive_field import cell_centres, place
 
 
 def square_mask(H=10, W=10, rows=slice(2, 5), cols=slice(2, 5)):
@@ -103,7 +104,8 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
     hits, total = torch.zeros(()), 0
     for xb, yb, mb in dl:
         (m,) = grad_cam(tiny_learner.model, xb, "layer1", yb)
-        hits += pointing_game(upsample(m, mb.shape[-2:]), mb.bool()).sum()
+        where = cell_centres(tiny_learner.model, "layer1", mb.shape[-2:])["layer1"]
+        hits += pointing_game(place(m, mb.shape[-2:], where), mb.bool()).sum()
         total += len(xb)
     assert report.loc["layer1", "pointing"] == pytest.approx((hits / total).item())
     pred = localization_report(tiny_learner, layers=["layer4"], targets="pred")

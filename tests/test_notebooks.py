@@ -74,3 +74,21 @@ def test_notebook_runs(name, out, mini_dest):
         assert "naming the mark's class for" in markdown and "**Reading it.**" in markdown
         for model in ("reference", "shortcut", "data_fix", "mask_guidance", "mask_fix"):
             assert (out / "models" / f"06_{model}.pkl").stat().st_size > 1000, model
+
+
+FIXED_FACTS = {"20%", "80%"}  # the validation split; an exercise's share of marked images
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_run_numbers_typed_into_markdown(name):
+    """Numbers that depend on the run are printed by code (f-strings shown with Markdown), so
+    they are always this run's: a markdown cell holds no accuracy, share or score typed in."""
+    import json
+
+    nb = json.loads((NOTEBOOKS / name).read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "markdown":
+            continue
+        text = re.sub(r"`[^`]*`", "", "".join(cell["source"]))  # code spans are code
+        typed = re.findall(r"\d+\.\d{2,}|\d+(?:\.\d+)?\s?%", text)
+        assert not set(typed) - FIXED_FACTS, f"{name}: typed numbers {typed} in: {text[:200]}"

@@ -35,3 +35,13 @@ def test_the_model_keeps_its_mode(batch):
     model.bn1.eval()  # a frozen BatchNorm
     cascading_randomization(model, batch, "layer4")
     assert model.training and not model.bn1.training
+
+
+def test_every_layer_at_once_equals_one_layer_at_a_time(resnet18, batch):
+    from gradcam_tut.sanity import randomization_by_layer
+
+    table = randomization_by_layer(resnet18, batch, ["layer2", "layer4"], targets=[0, 5, 8])
+    assert list(table.columns) == ["layer2", "layer4"] and table.index[0] == "trained"
+    for layer in ("layer2", "layer4"):
+        one, _ = cascading_randomization(resnet18, batch, layer, targets=[0, 5, 8])
+        assert table[layer].tolist() == one["spearman"].tolist()
