@@ -92,3 +92,34 @@ def test_no_run_numbers_typed_into_markdown(name):
         text = re.sub(r"`[^`]*`", "", "".join(cell["source"]))  # code spans are code
         typed = re.findall(r"\d+\.\d{2,}|\d+(?:\.\d+)?\s?%", text)
         assert not set(typed) - FIXED_FACTS, f"{name}: typed numbers {typed} in: {text[:200]}"
+
+
+def test_06_sentences_state_this_runs_numbers(tmp_path, mini_dest):
+    """With another seed notebook 06 trains other networks: every number its rendered
+    sentences state is that run's own (a cell appended for the test saves the run's values)."""
+    import json
+
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / "06_catching_a_shortcut.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'import json\njson.dump({"results": results, "maps": maps}, '
+        'open(s.out / "numbers.json", "w"))'))
+    nbformat.write(nb, tmp_path / "06.ipynb")
+    params = {"smoke": True, "data_path": str(mini_dest), "out_dir": str(tmp_path),
+              "epochs": 1, "per_class": 16, "seed": 5}
+    ran = pm.execute_notebook(tmp_path / "06.ipynb", tmp_path / "06_out.ipynb",
+                              parameters=params, cwd=NOTEBOOKS, progress_bar=False,
+                              kernel_name="python3")
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for c in ran.cells
+                       for o in c.get("outputs", []))
+    numbers = json.loads((tmp_path / "numbers.json").read_text())
+    assert "In this run (seed 5)" in markdown
+    for name, r in numbers["results"].items():
+        for key in ("clean accuracy", "swapped accuracy"):
+            assert f"{key.split()[0]} {r[key]:.3f}" in markdown, (name, key)
+        assert f"follows the mark {r['follows mark']:.0%}" in markdown, name
+    short, guided = numbers["results"]["shortcut"], numbers["maps"]["MaskGuidance"]
+    assert f"**{short['valid accuracy']:.3f}**" in markdown
+    assert f"**{short['follows mark']:.0%}**" in markdown
+    assert f"**{guided['mark: energy']:.3f}**" in markdown
