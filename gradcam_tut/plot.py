@@ -93,7 +93,7 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
                     shared_scale: bool = False, ncols: int = 5, colorbar: bool = True,
                     cmap: str = "magma", mask=None, suptitle: str | None = None,
                     save: str | Path | None = None, details: bool = True,
-                    centres: Sequence[CellCentres] | None = None) -> Figure:
+                    centres: Sequence[CellCentres | None] | None = None) -> Figure:
     """The image, then one panel per layer with that layer's Grad-CAM map over it.
 
     Each panel's title gives the layer, the map's native size and its raw maximum, so small

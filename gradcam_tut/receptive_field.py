@@ -26,12 +26,10 @@ from .hooks import Hooks
 @dataclass(frozen=True)
 class CellCentres:
     """Cell (i, j) of a layer's map is centred at input pixel (offset[0] + stride[0] * i,
-    offset[1] + stride[1] * j), pixel centres at integers. `traced`: computed from the
-    network's convolutions and pools; False: from the sizes alone, as interpolation assumes."""
+    offset[1] + stride[1] * j), pixel centres at integers."""
 
     stride: tuple[float, float]
     offset: tuple[float, float]
-    traced: bool = True
 
 
 SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -66,8 +64,7 @@ class _Trace(Hooks):
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], size: tuple[int, int]):
         self.stride, self.offset, self.size = [1.0, 1.0], [0.0, 0.0], tuple(size)
-        self.found: dict[str, CellCentres] = {}
-        self.input_size = tuple(size)
+        self.found: dict[str, CellCentres | None] = {}
         self.handles = [m.register_forward_hook(self.step) for m in model.modules()
                         if isinstance(m, SPATIAL)]
         self.handles += [m.register_forward_hook(self.snapshot(name))
@@ -85,24 +82,22 @@ class _Trace(Hooks):
 
     def snapshot(self, name: str):
         def hook(module: nn.Module, inputs, output) -> None:
-            h, w = output.shape[-2:] if isinstance(output, Tensor) and output.ndim == 4 else (
-                None, None)
-            if (h, w) == self.size:
+            spatial = isinstance(output, Tensor) and output.ndim == 4
+            if spatial and tuple(output.shape[-2:]) == self.size:
                 self.found[name] = CellCentres(tuple(self.stride), tuple(self.offset))
-            else:  # tokens, channels-last, a stride the chain cannot see: from the sizes
-                H, W = self.input_size
-                stride = (H / h, W / w) if h else (1.0, 1.0)
-                self.found[name] = CellCentres(stride, tuple((s - 1) / 2 for s in stride),
-                                               traced=False)
+            else:  # tokens, channels last, a stride no conv or pool shows: not traced
+                self.found[name] = None
         return hook
 
 
 @torch.no_grad()
 def cell_centres(model: nn.Module, layers: Layer | Sequence[Layer] | None,
-                 size: tuple[int, int] | int) -> dict[str, CellCentres]:
+                 size: tuple[int, int] | int) -> dict[str, CellCentres | None]:
     """The centres of each layer's cells on an input of `size` (H, W), from one forward of a
     zero image: the product of the strides, and the offsets d(k-1)/2 - padding of the
-    convolutions and pools on the way, scaled by the stride before each.
+    convolutions and pools on the way, scaled by the stride before each. None for a layer
+    whose output the chain of convolutions and pools does not explain (a transformer's tokens,
+    Swin's channels-last maps, a stride made by reshaping): `place` interpolates those.
 
     Args:
         layers: modules or names, as for `grad_cam`; None: `body_layers(model)`.
@@ -137,23 +132,25 @@ def interpolation_matrix(n_out: int, n_in: int, stride: float, offset: float) ->
 
 
 def place(maps: Tensor | Sequence[Tensor], size: tuple[int, int],
-          centres: CellCentres | Sequence[CellCentres] | None) -> Tensor:
+          centres: CellCentres | Sequence[CellCentres | None] | None) -> Tensor:
     """Upsample maps with each cell's value at its receptive field's centre, bilinear in
-    between; `cam.upsample` (plain interpolation) where `centres` is None. With stride H/h and
-    offset (stride - 1)/2 this equals `F.interpolate(..., "bilinear", align_corners=False)`.
+    between; plain interpolation (`cam.upsample`) where a map's centres are None. With
+    stride H/h and offset (stride - 1)/2 this equals `F.interpolate(..., "bilinear",
+    align_corners=False)`.
 
     Args:
         maps: one map batch (B, h, w) with one `CellCentres`, or a sequence of L of them (one
-            per layer) with a sequence of L `CellCentres`.
+            per layer) with a sequence of L `CellCentres` (or None).
         size: the image's (H, W).
 
     Returns:
         (B, H, W) for one map batch, (B, L, H, W) for a sequence.
     """
+    if not isinstance(maps, Tensor):
+        centres = [None] * len(maps) if centres is None else centres
+        return torch.stack([place(m, size, c) for m, c in zip(maps, centres)], dim=1)
     if centres is None:
         return upsample(maps, size)
-    if not isinstance(maps, Tensor):
-        return torch.stack([place(m, size, c) for m, c in zip(maps, centres)], dim=1)
     (H, W), (h, w) = size, maps.shape[-2:]
     ry = interpolation_matrix(H, h, centres.stride[0], centres.offset[0]).to(maps)
     rx = interpolation_matrix(W, w, centres.stride[1], centres.offset[1]).to(maps)

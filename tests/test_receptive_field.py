@@ -59,7 +59,7 @@ def test_cell_centres_match_the_gradient_probe(arch, layers, size):
     found = cell_centres(probe, list(centres), size)  # the same modules, by name
     assert found == centres
     for name, c in centres.items():
-        assert c.traced
+        assert c is not None
         (module,) = resolve_layers(probe, name).values()
         y, x, i, margin = probe_centre(probe, module, size)
         assert margin > 0, f"{name}: the receptive field reaches the border at {size} px"
@@ -104,3 +104,17 @@ def test_place_puts_each_cell_at_its_centre():
     interpolated = upsample(maps, (128, 128))[0]
     assert interpolated.argmax() // 128 >= 47  # the same cell drawn 15.5 px lower
     assert torch.allclose(interpolation_matrix(8, 1, 32, 0).sum(1), torch.ones(8))
+
+
+def test_tokens_are_not_traced_and_are_interpolated():
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                            hidden_dim=16, mlp_dim=32, num_classes=9).eval()
+    centres = cell_centres(vit, ["conv_proj", "encoder.layers.encoder_layer_0"], 32)
+    assert centres["conv_proj"] == CellCentres((8, 8), (3.5, 3.5))  # patchify: block middles
+    assert centres["encoder.layers.encoder_layer_0"] is None  # tokens (B, N, C)
+    maps = [torch.rand(2, 4, 4), torch.rand(2, 4, 4)]
+    torch.testing.assert_close(place(maps, (32, 32), list(centres.values())),
+                               upsample(maps, (32, 32)))
