@@ -142,6 +142,9 @@ def class_indices(targets: Targets, logits: Tensor) -> Tensor:
     idx = idx.long()
     if idx.ndim == 0:
         idx = idx.expand(B)
+    if idx.ndim > 1:  # (B, 1) has the right count and still is not a target per image
+        raise ValueError(f"targets of shape {tuple(idx.shape)}: pass one int for all images, "
+                         f"or a flat list of {B} ints, one per image (e.g. .flatten())")
     if idx.shape != (B,):
         raise ValueError(f"got {idx.numel()} targets for a batch of {B} images: "
                          f"pass one int for all, or exactly {B}")

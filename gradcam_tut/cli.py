@@ -1,8 +1,9 @@
 """The `gradcam-tut` command: run the notebooks, make the mini fish set, draw a grid, explain a
 folder.
 
-A user error (a wrong path, a file that would be overwritten, a bad value) prints one line,
-`gradcam-tut: error: ...`, and exits with 2; `--debug` shows the traceback instead.
+A user error (a wrong path, a file that would be overwritten, a bad value, a full disk or a
+read-only folder) prints one line, `gradcam-tut: error: ...`, and exits with 2; `--debug` shows
+the traceback instead. Results are written whole or not at all (`results.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from .results import ResultInUse, check_destination, os_error_message, written_file
 
 # torch and fastai are imported where a command needs them: `--help` answers at once
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +32,7 @@ DOCS = REPO / "docs" / "notebooks"  # executed copies, committed, for reading on
 # a FutureWarning torch prints when fastai is imported: the kernels need not show it
 QUIET = "ignore:`torch.jit.script` is deprecated:FutureWarning"
 METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # cam.METHODS
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-               ValueError)
+USER_ERRORS = (OSError, ResultInUse, ValueError)  # OSError: read-only, disk full, no such file
 
 
 class NotebookFailed(RuntimeError):
@@ -38,8 +40,8 @@ class NotebookFailed(RuntimeError):
 
 
 def new_run_dir(root: Path, name: str | None = None) -> Path:
-    """A new folder for one run under `root`, named `name` or by the time; `root/latest` is
-    pointed at it. An existing run is never reused.
+    """A new folder for one run under `root`, named `name` or by the time. An existing run is
+    never reused; `root/latest` is pointed at it only once it finished (`point_latest`).
 
     Raises:
         FileExistsError: `root/name` exists.
@@ -56,11 +58,19 @@ def new_run_dir(root: Path, name: str | None = None) -> Path:
         while run.exists():
             run, i = root / f"{stamp}-{i}", i + 1
     run.mkdir()
-    latest = root / "latest"
-    if latest.is_symlink() or not latest.exists():  # a folder of yours named latest stays
-        latest.unlink(missing_ok=True)
-        latest.symlink_to(run.name, target_is_directory=True)
     return run
+
+
+def point_latest(root: Path, run: Path) -> None:
+    """Point `root/latest` at `run`, a finished run, in one step: a new link renamed over the
+    old one, so `latest` always names a finished run. A folder of yours named latest stays."""
+    latest = root / "latest"
+    if latest.exists() and not latest.is_symlink():
+        return
+    link = root / f".latest.tmp-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(run.name, target_is_directory=True)
+    os.replace(link, latest)
 
 
 def notebook_files() -> list[Path]:
@@ -205,15 +215,21 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
                    help="each mark another class's, never its own (a counterfactual test set)")
 
 
-def grid_path(out: Path, image: Path, force: bool = False) -> Path:
+def grid_path(out: str | Path, image: Path, force: bool = False) -> Path:
     """Where `grid` writes: `out` (".png" added when it has no suffix), or
-    `out/<image>_gradcam.png` when `out` is a folder.
+    `out/<image>_gradcam.png` when `out` is a folder or ends with "/" (made when missing).
 
     Raises:
         FileExistsError: that is the input image, or a file that exists (without `force`).
+        NotADirectoryError: `out` ends with "/" but is a file.
         ValueError: `out` names another format than PNG.
     """
-    if out.is_dir():
+    folder = str(out).endswith(("/", os.sep))
+    out = Path(out).expanduser()
+    if folder and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}/ is a file, not a folder: drop the / to write "
+                                 "to it, or pick a folder")
+    if folder or out.is_dir():
         out = out / f"{image.stem}_gradcam.png"
     elif not out.suffix:
         out = out.with_name(out.name + ".png")
@@ -224,6 +240,17 @@ def grid_path(out: Path, image: Path, force: bool = False) -> Path:
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pick another --out, or add --force to replace it")
     return out
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,8 +274,9 @@ def parser() -> argparse.ArgumentParser:
     grid.add_argument("model", type=Path, help="a learner exported by learn.export")
     grid.add_argument("image", type=Path)
     grid.add_argument("--target", help="class name or index; default the predicted class")
-    grid.add_argument("--out", type=Path, default=Path("gradcam_grid.png"),
-                      help="a .png file, or a folder for <image>_gradcam.png")
+    grid.add_argument("--out", default="gradcam_grid.png",  # a str: Path drops a final "/"
+                      help="a .png file, or a folder (or a name ending in /) for "
+                      "<image>_gradcam.png")
     grid.add_argument("--force", action="store_true", help="replace an existing --out file")
     grid.add_argument("--method", default="gradcam", choices=METHOD_NAMES,
                       help="the CAM method (all from the same pass; default gradcam)")
@@ -260,10 +288,12 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", help="class name or index; default each image's prediction")
     ex.add_argument("--method", default="gradcam", choices=METHOD_NAMES)
     ex.add_argument("--out", type=Path, default=Path("explained"),
-                    help="folder for explain.csv, maps.npz and grids/ (default ./explained)")
+                    help="folder for explain.csv, maps.npz and grids/ (default ./explained), "
+                    "written whole: it appears only when every file is in it")
     ex.add_argument("--grids", action="store_true", help="also a grid PNG per image")
-    ex.add_argument("--bs", type=int, default=16, help="images per grad_cam pass")
-    ex.add_argument("--force", action="store_true", help="replace an earlier result in --out")
+    ex.add_argument("--bs", type=positive_int, default=16, help="images per grad_cam pass")
+    ex.add_argument("--force", action="store_true",
+                    help="replace an earlier result in --out, as a whole")
     return p
 
 
@@ -279,9 +309,15 @@ def run(args: argparse.Namespace) -> None:
     if args.data is not None and not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data} is not a folder: pass the Fish Dataset or a "
                                 "folder of class folders (<class>/<image>)")
+    data = args.data or os.environ.get("FISH_DATASET")
+    if data:  # the layout in a second, before any kernel starts (images decode in 01)
+        from .data import validate_layout
+
+        validate_layout(data, check_images=False)
     folder = new_run_dir(args.out, args.name)
     print(f"run folder: {folder}", flush=True)
-    executed = run_notebooks(folder, args.smoke, args.data)
+    executed = run_notebooks(folder, args.smoke, args.data)  # a failed run keeps its folder
+    point_latest(args.out, folder)
     figures = sorted((folder / "figures").glob("*.png"))
     print(f"{len(figures)} figures in {folder / 'figures'}:")
     print("\n".join(f"  {f.name}" for f in figures))
@@ -301,15 +337,19 @@ def grid(args: argparse.Namespace) -> None:
         raise ValueError(f"cannot read {f} as an image ({why}): pass a PNG or JPEG file")
     out = grid_path(args.out, args.image, args.force)
     learn = load_fish_learner(args.model)
-    gradcam_grid(learn, args.image, target=_target(args.target, learn.dls.vocab),
-                 method=args.method, save=out)
+    fig = gradcam_grid(learn, args.image, target=_target(args.target, learn.dls.vocab),
+                       method=args.method)
+    with written_file(out) as part:  # whole: never half a PNG under the name
+        fig.savefig(part, dpi=100, format="png")
     print(out)
 
 
 def explain(args: argparse.Namespace) -> None:
+    from .explain import RESULTS
     from .explain import explain as explain_images
     from .train import load_fish_learner
 
+    check_destination(args.out, RESULTS, args.force)  # before loading the learner
     learn = load_fish_learner(args.learner)
     table = explain_images(learn, args.paths, args.layers, _target(args.target, learn.dls.vocab),
                            args.method, args.bs, args.out, args.grids, args.force)
@@ -334,8 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, NotebookFailed) as exc:
         if args.debug:
             raise
-        print(f"gradcam-tut: error: {str(exc).strip()}", file=sys.stderr)  # a list stays whole
+        msg = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"gradcam-tut: error: {msg.strip()}", file=sys.stderr)  # a list stays whole
         return 1 if isinstance(exc, NotebookFailed) else 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("gradcam-tut: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

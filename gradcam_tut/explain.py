@@ -10,11 +10,13 @@ import pandas as pd
 from fastai.data.transforms import get_image_files
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
+from torch.nn import Module
 
 from .cam import Layer, grad_cam, resolve_layers
 from .data import damaged_images, damaged_listing
 from .hooks import HookForward
 from .plot import class_index, plot_layer_grid
+from .results import check_destination, written_whole
 
 RESULTS = ("explain.csv", "maps.npz", "grids")
 
@@ -43,6 +45,21 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def csv_safe(files: Sequence[Path]) -> None:
+    """Check that every file name can be written to a CSV (UTF-8) before any compute.
+
+    Raises:
+        ValueError: a name that is not valid UTF-8 (a Latin-1 name on a UTF-8 system).
+    """
+    for f in files:
+        try:
+            str(f).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the file name {ascii(str(f))} is not UTF-8, so explain.csv "
+                             "cannot hold it: rename the file (e.g. `convmv -f latin1 -t utf8`) "
+                             "or leave it out") from exc
+
+
 def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer] | None = None,
             target: int | str | None = None, method: str = "gradcam", bs: int = 16,
             out: str | Path | None = None, grids: bool = False,
@@ -55,21 +72,47 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
     Args:
         layers: default every layer of `body_layers(learn)`.
         target: a class name or index for every image; default each image's prediction.
+        bs: images per pass, at least 1.
         out: a folder for `explain.csv`, `maps.npz` (one (N, h, w) array per layer, and the
-            files) and, with `grids`, `grids/<n>_<image>.png`; an earlier result there is
-            replaced only with `force`.
+            files) and, with `grids`, `grids/<n>_<image>.png`. Written whole or not at all
+            (`results.written_whole`): an earlier result there is replaced, as a whole, only
+            with `force`; a second run to the same folder is refused while this one runs.
 
     Returns:
         One row per image: file, predicted class, confidence, target, and each layer's map max.
+
+    Raises:
+        ValueError: `bs` < 1, `grids` without `out`, a file name a CSV cannot hold.
+        FileExistsError: an earlier result in `out` (without `force`), or files not ours.
+        ResultInUse: another run writes to `out`.
+        NotWritten: the disk is full or read-only; `out` is left as it was.
     """
-    out = None if out is None else Path(out)
-    if out is not None and not force and any((out / f).exists() for f in RESULTS):
-        raise FileExistsError(f"{out} holds an earlier result: pick another --out, or add "
-                              "--force to replace it")
+    if bs < 1:
+        raise ValueError(f"bs={bs!r}: pass a batch size of at least 1 (images per pass)")
+    if grids and out is None:
+        raise ValueError("grids=True needs an out folder to write the grids into: pass out=")
+    if out is not None:
+        check_destination(out, RESULTS, force)  # before listing and decoding every image
     files = image_paths(paths)
     named = resolve_layers(learn.model, layers)
+    cls = None if target is None else class_index(learn.dls.vocab, target)
+    if out is None:
+        return _explain_batches(learn, files, named, cls, method, bs)[0]
+    csv_safe(files)
+    with written_whole(out, RESULTS, force, by="gradcam-tut explain") as tmp:
+        table, maps = _explain_batches(learn, files, named, cls, method, bs,
+                                       tmp / "grids" if grids else None)
+        table.to_csv(tmp / "explain.csv", index=False)
+        np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
+                            **{name: np.concatenate(m) for name, m in maps.items()})
+    return table
+
+
+def _explain_batches(learn: Learner, files: list[Path], named: dict[str, Module],
+                     cls: int | None, method: str, bs: int, grids: Path | None = None
+                     ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+    """The table and each layer's maps (a (b, h, w) array per batch); grid PNGs to `grids`."""
     vocab = learn.dls.vocab
-    cls = None if target is None else class_index(vocab, target)
     dl = learn.dls.test_dl(files, bs=bs)
     rows, maps = [], {name: [] for name in named}
     done = 0
@@ -85,19 +128,13 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
                          **{f"max_{n}": float(m[i].max()) for n, m in zip(named, batch)}})
         for name, m in zip(named, batch):
             maps[name].append(m.cpu().numpy())
-        if grids and out is not None:
-            (out / "grids").mkdir(parents=True, exist_ok=True)
+        if grids is not None:
+            grids.mkdir(exist_ok=True)
             for i, image in enumerate(dl.decode((xb,))[0]):
                 row = rows[done + i]
                 plot_layer_grid(image, [m[i] for m in batch], titles=list(named),
                                 suptitle=f"{row['predicted']} ({row['confidence']:.2f}) · "
                                          f"{method} map for {row['target']}",
-                                save=out / "grids" / f"{done + i:05d}_{files[done + i].stem}.png")
+                                save=grids / f"{done + i:05d}_{files[done + i].stem}.png")
         done += len(xb)
-    table = pd.DataFrame(rows)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "explain.csv", index=False)
-        np.savez_compressed(out / "maps.npz", files=np.array(table["file"], dtype=str),
-                            **{name: np.concatenate(m) for name, m in maps.items()})
-    return table
+    return pd.DataFrame(rows), maps

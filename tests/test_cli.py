@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gradcam_tut import cli
-from gradcam_tut.cli import main, new_run_dir
+from gradcam_tut.cli import main, new_run_dir, point_latest
 
 
 @pytest.fixture
@@ -78,14 +78,19 @@ def test_user_errors_are_one_line(tiny_model_file, fish, mini_root, tmp_path, ca
 def test_each_run_gets_a_new_folder(tmp_path):
     first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
     assert first != second and first.is_dir() and second.is_dir()
+    assert not (tmp_path / "latest").exists()  # pointed at a run only once it finished
+    point_latest(tmp_path, second)
     assert (tmp_path / "latest").resolve() == second.resolve()
     named = new_run_dir(tmp_path, "baseline")
+    point_latest(tmp_path, named)
     assert (tmp_path / "latest").resolve() == named.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [first.name, second.name, "baseline", "latest"])  # no link left half-made
     with pytest.raises(FileExistsError, match="never replaced"):
         new_run_dir(tmp_path, "baseline")
     mine = tmp_path / "other"
     (mine / "latest").mkdir(parents=True)  # a folder of the user's named latest
-    new_run_dir(mine)
+    point_latest(mine, new_run_dir(mine))
     assert (mine / "latest").is_dir() and not (mine / "latest").is_symlink()
 
 
