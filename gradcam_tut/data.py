@@ -8,7 +8,11 @@ check it, list its images, load it.
 out of 9 classes: the source article trained on both. Here images and masks are kept apart.
 
 Your own data: any folder in fastai's `parent_label` layout, `<root>/<class>/<image>`, or with
-`<root>/train/<class>/...` and `<root>/valid/<class>/...` for a fixed split; no masks.
+`<root>/train/<class>/...` and `<root>/valid/<class>/...` for a fixed split; a `<class> GT` folder
+holds masks, not a class; a folder inside a class folder is refused (its label would be unclear).
+
+One listing (`listed_images`) serves training, `explain` and the checks: each real file once
+(symlinks resolved, loops entered once), hidden and mask folders and earlier results skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,16 +33,16 @@ from fastai.data.core import DataLoaders
 from fastai.data.transforms import (
     GrandparentSplitter,
     RandomSplitter,
-    get_image_files,
+    image_extensions,
     parent_label,
 )
 from fastai.vision.augment import Resize, aug_transforms
-from fastai.vision.core import PILImage, PILMask, load_image
+from fastai.vision.core import PILImage, PILMask
 from fastai.vision.data import ImageBlock, MaskBlock
 from fastcore.basics import noop
 from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 CLASSES = ("Black Sea Sprat", "Gilt-Head Bream", "Hourse Mackerel", "Red Mullet",
            "Red Sea Bream", "Sea Bass", "Shrimp", "Striped Red Mullet", "Trout")
@@ -88,9 +93,117 @@ def mask_file(image_file: str | Path) -> Path:
     return f.parent.parent / f"{f.parent.name} GT" / f.name
 
 
+# the files that mark a folder as a result of `explain` (results.MARKER is complete.json)
+RESULT_FILES = frozenset({"explain.csv", "maps.npz", "complete.json", ".gradcam_tut_result"})
+
+
+def _is_output(entries: list[os.DirEntry]) -> bool:
+    """Whether a folder with these entries was written by this tool: an `explain` result, a
+    run of `gradcam-tut run` (its `notebooks/` and `figures/`) or a runs folder (`latest`)."""
+    names = {e.name for e in entries}
+    return bool(names & RESULT_FILES) or {"notebooks", "figures"} <= names or any(
+        e.name == "latest" and e.is_symlink() for e in entries)
+
+
+def is_output_folder(folder: str | Path) -> bool:
+    """True for a folder this tool wrote (`_is_output`): never read back as input."""
+    with os.scandir(folder) as it:
+        return _is_output(list(it))
+
+
+def _walk(root: Path) -> list[tuple[bool, str, str]]:
+    """(through a link?, path as found, real path) of the image files under `root`.
+
+    Hidden folders, `<x> GT` mask folders and output folders below `root` are skipped. Each real
+    folder is entered once (a symlink loop is not followed again), and a link to a folder
+    under `root` is not followed at all: that folder is listed under its own name.
+    """
+    top = os.path.realpath(root)
+    todo, visited, found = [(str(root), top, False)], {top}, []
+    while todo:
+        shown, real, through = todo.pop()
+        try:
+            with os.scandir(shown) as it:
+                entries = list(it)
+        except PermissionError:
+            if shown == str(root):
+                raise
+            continue  # an unreadable subfolder is skipped, as os.walk does
+        if shown != str(root) and _is_output(entries):
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            link = through or e.is_symlink()
+            if e.is_dir():
+                sub = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+                inside = sub == top or sub.startswith(top.rstrip(os.sep) + os.sep)
+                if e.name.endswith(" GT") or sub in visited or (e.is_symlink() and inside):
+                    continue
+                visited.add(sub)
+                todo.append((e.path, sub, link))
+            elif os.path.splitext(e.name)[1].lower() in image_extensions and e.is_file():
+                found.append((link, e.path,
+                              os.path.realpath(e.path) if link else os.path.join(real, e.name)))
+    return found
+
+
+def listed_images(paths: str | Path | Sequence[str | Path]) -> L:
+    """The image files named and under the folders named, each real file once, sorted within
+    each folder: the one listing of training, `explain` and the checks.
+
+    Below a folder named: symlinks are followed, each real folder and file is listed once (a
+    loop is entered once; of a file reached by its own name and through a link, the own name is
+    kept); hidden folders, `<x> GT` mask folders and folders this tool wrote (an `explain`
+    result, a run) are skipped. A folder named is listed as it is, whatever its name.
+
+    Args:
+        paths: files and folders (a file named is listed whatever its extension), or one.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    listed, seen = L(), set()
+    for p in (Path(p).expanduser() for p in paths):
+        if p.is_dir():
+            found = _walk(p)
+        elif p.is_file():
+            found = [(False, str(p), os.path.realpath(p))]
+        else:
+            raise FileNotFoundError(f"no file or folder at {p}")
+        mine = {}  # real path: (through a link?, the path split as Path sorts it, the path)
+        for through, f, real in found:
+            key = (through, f.split(os.sep), f)
+            if real not in seen and (real not in mine or key < mine[real]):  # own name first
+                mine[real] = key
+        seen |= mine.keys()
+        listed += [Path(f) for _, _, f in sorted(mine.values(), key=lambda k: k[1])]
+    return listed
+
+
 def class_folders(root: Path) -> list[str]:
-    """The names of the folders in `root`, sorted; hidden ones (`.ipynb_checkpoints`) skipped."""
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """The names of the class folders in `root`, sorted: hidden folders (`.ipynb_checkpoints`),
+    `<x> GT` mask folders and folders this tool wrote (`is_output_folder`) are not classes."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and not d.name.endswith(" GT") and not is_output_folder(d))
+
+
+def class_images(folder: Path, max_per_class: int | None = None) -> L:
+    """The images of one class folder of your own data, sorted (`listed_images`).
+
+    Raises:
+        DatasetLayoutError: the class folder holds a folder of images: its label would be
+            unclear (fastai's `parent_label` would make it a class of its own).
+    """
+    files = listed_images(folder)
+    nested = sorted({f.parent for f in files if f.parent != folder})
+    if nested:
+        raise DatasetLayoutError(
+            f"{nested[0]} is a folder inside the class folder {folder}: lay your images out as "
+            f"<root>/<class>/<image> (move them up into {folder.name}/, or make the folder a "
+            "class of its own beside it)")
+    return files[:max_per_class]
 
 
 def is_fish_layout(path: str | Path) -> bool:
@@ -114,14 +227,15 @@ def has_train_valid(path: str | Path) -> bool:
 
 
 def image_files(path: str | Path, max_per_class: int | None = None) -> L:
-    """The images to train on, sorted: `fish_image_files` for the Fish Dataset, else every
-    image under each class folder (of `train/` and `valid/` when there are both)."""
+    """The images to train on, sorted: `fish_image_files` for the Fish Dataset, else the
+    images of each class folder (of `train/` and `valid/` when there are both; `class_images`).
+    """
     if is_fish_layout(path):
         return fish_image_files(path, max_per_class)
     files = L()
     for split in _splits(dataset_root(path)):
         for cls in class_folders(split):
-            files += sorted(get_image_files(split / cls))[:max_per_class]
+            files += class_images(split / cls, max_per_class)
     return files
 
 
@@ -129,8 +243,8 @@ def validate_folder(path: str | Path) -> dict[str, int]:
     """Check a folder of class folders and return the image count per class.
 
     Raises:
-        DatasetLayoutError: fewer than 2 classes, an empty class, or `train/` and `valid/`
-            with different classes.
+        DatasetLayoutError: fewer than 2 classes, an empty class, a folder inside a class
+            folder, or `train/` and `valid/` with different classes.
     """
     root = dataset_root(path)
     splits = _splits(root)
@@ -148,7 +262,7 @@ def validate_folder(path: str | Path) -> dict[str, int]:
     counts = {}
     for split, names in zip(splits, classes):
         for cls in names:
-            n = len(get_image_files(split / cls))
+            n = len(class_images(split / cls))
             if n == 0:
                 raise DatasetLayoutError(f"no images in {split / cls}: every class needs images "
                                          "(an empty class would train a model without it)")
@@ -164,7 +278,7 @@ def fish_image_files(path: str | Path, max_per_class: int | None = None) -> L:
     root = dataset_root(path)
     files = L()
     for cls in class_folders(root):
-        files += sorted(get_image_files(root / cls / cls))[:max_per_class]
+        files += listed_images(root / cls / cls)[:max_per_class]
     return files
 
 
@@ -181,7 +295,7 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
     Raises:
         DatasetLayoutError: what is wrong and where; FileNotFoundError: no folder at `path`.
     """
-    from .mini_fish import MARKER
+    from .mini_fish import MARKER, read_marker
 
     root = dataset_root(path)
     if not is_fish_layout(root):
@@ -189,12 +303,13 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
         if check_images:
             checked_image_files(root)
         return counts
-    marker = root.parent.parent / MARKER
-    made = json.loads(marker.read_text()) if marker.is_file() else {}
-    if marker.is_file() and not made.get("complete"):
+    dest = root.parent.parent
+    made = read_marker(dest / MARKER) if (dest / MARKER).is_file() else {}
+    if made is None or (made and not made.get("complete")):  # None: empty or broken marker
+        why = "says so" if made else "is empty or broken"
         raise DatasetLayoutError(
-            f"the mini fish set in {root.parent.parent} was left unfinished: run "
-            f"`gradcam-tut mini-fish {root.parent.parent}` (with its options) to finish it")
+            f"the mini fish set in {dest} was left unfinished: run `gradcam-tut mini-fish "
+            f"{dest}` (with its options) to finish it, or remove it (its {MARKER} {why})")
     classes = made.get("classes") or CLASSES  # a mini set may be drawn with fewer
     found = set(class_folders(root))
     missing, extra = sorted(set(classes) - found), sorted(found - set(classes))
@@ -210,11 +325,11 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
             if not d.is_dir():
                 raise DatasetLayoutError(f"missing folder {d}: each class has <Class>/<Class>/ "
                                          "for images and <Class>/<Class> GT/ for masks")
-        files = get_image_files(images)
+        files = listed_images(images)
         if not files:
             raise DatasetLayoutError(f"no images in {images}: every class needs images "
                                      "(an empty class would train a model without it)")
-        names, mask_names = {f.name for f in files}, {f.name for f in get_image_files(masks)}
+        names, mask_names = {f.name for f in files}, {f.name for f in listed_images(masks)}
         if names != mask_names:
             unpaired = sorted(names ^ mask_names)
             raise DatasetLayoutError(
@@ -226,43 +341,51 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
     return counts
 
 
-def _decode(f: Path) -> str | None:
-    """None when `f` decodes fully as an image, else why not."""
+def _decode(f: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(None, its size as shown) when `f` decodes fully as an image, else (why not, None)."""
     try:
         with Image.open(f) as im:
             im.load()  # the pixels, not only the header: a truncated file fails here
+            return None, shown_size(im)
     except Exception as exc:  # any failure to decode is a damaged file
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", None
+
+
+def _checked(files, n_workers: int | None = None) -> dict[str, tuple]:
+    """`_decode` of every file, by absolute path, on `n_workers` threads; cached in
+    `CACHE_DIR` under the files' paths, sizes, modification and change times (a file
+    rewritten in place with its size and mtime kept still has a new ctime)."""
+    files = sorted(os.path.abspath(f) for f in files)
+    stats = [(f, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files for st in [os.stat(f)]]
+    key = hashlib.sha1(json.dumps(["v2", stats]).encode()).hexdigest()
+    cached = CACHE_DIR / "checked" / f"{key}.json"
+    if cached.is_file():
+        return {f: tuple(v) for f, v in json.loads(cached.read_text()).items()}
+    with ThreadPoolExecutor(n_workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
+        results = pool.map(_decode, files)
+        if len(files) > 1000:  # the full dataset: about a minute, once
+            print(f"checking that {len(files)} images decode (once: the answer is cached)")
+            results = progress_bar(results, total=len(files), leave=False)
+        checked = dict(zip(files, results))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_suffix(f".{os.getpid()}.part")
+        part.write_text(json.dumps(checked))
+        os.replace(part, cached)  # whole: a notebook running beside never reads half a file
+    except OSError:  # a read-only home: check again next time
+        pass
+    return checked
 
 
 def damaged_images(files, n_workers: int | None = None) -> dict[Path, str]:
     """Decode every file fully, on `n_workers` threads (default: one per core); return the
     ones that fail, with the reason (truncated, empty, not an image, too many pixels).
 
-    The answer is cached in `CACHE_DIR` under the files' paths, sizes and modification
-    times: a second check of the same files reads one small file instead of decoding them all.
+    The answer is cached in `CACHE_DIR` under the files' paths, sizes, modification and
+    change times: a second check of the same files reads one small file instead of decoding
+    them all, and a file changed in any way is decoded again.
     """
-    files = sorted(os.path.abspath(f) for f in files)
-    stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)]]
-    key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
-    cached = CACHE_DIR / "checked" / f"{key}.json"
-    if cached.is_file():
-        return {Path(f): why for f, why in json.loads(cached.read_text()).items()}
-    with ThreadPoolExecutor(n_workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
-        reasons = pool.map(_decode, files)
-        if len(files) > 1000:  # the full dataset: about a minute, once
-            print(f"checking that {len(files)} images decode (once: the answer is cached)")
-            reasons = progress_bar(reasons, total=len(files), leave=False)
-        damaged = {Path(f): why for f, why in zip(files, reasons) if why}
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        part = cached.with_suffix(f".{os.getpid()}.part")
-        part.write_text(json.dumps({str(f): why for f, why in damaged.items()}))
-        os.replace(part, cached)  # whole: a notebook running beside never reads half a file
-    except OSError:  # a read-only home: check again next time
-        pass
-    return damaged
+    return {Path(f): why for f, (why, _) in _checked(files, n_workers).items() if why}
 
 
 def damaged_listing(bad: dict[Path, str]) -> str:
@@ -286,16 +409,25 @@ def checked_image_files(path: str | Path, max_per_class: int | None = None,
         raise ValueError(f"damaged={damaged!r}: use 'raise' or 'skip'")
     files = image_files(path, max_per_class)
     masks = list(map(mask_file, files)) if is_fish_layout(path) else []
-    bad = damaged_images([*files, *masks])
-    if not bad:
-        return files
-    listing = damaged_listing(bad)
-    if damaged == "raise":
+    checked = _checked([*files, *masks])
+    bad = {Path(f): why for f, (why, _) in checked.items() if why}
+    if bad:
+        listing = damaged_listing(bad)
+        if damaged == "raise":
+            raise DatasetLayoutError(
+                f"{listing}\nReplace or delete "
+                "them (an image with its mask), or pass damaged='skip' to leave them out")
+        warnings.warn(f"leaving out {listing}", stacklevel=2)
+        files = files.filter(lambda f: f.absolute() not in bad
+                             and mask_file(f).absolute() not in bad)
+    size = {Path(f): tuple(wh or ()) for f, (_, wh) in checked.items()}
+    unfit = [(f, size[f.absolute()], size[mask_file(f).absolute()]) for f in files
+             if masks and size[f.absolute()] != size[mask_file(f).absolute()]]
+    if unfit:
         raise DatasetLayoutError(
-            f"{listing}\nReplace or delete "
-            "them (an image with its mask), or pass damaged='skip' to leave them out")
-    warnings.warn(f"leaving out {listing}", stacklevel=2)
-    return files.filter(lambda f: f.absolute() not in bad and mask_file(f).absolute() not in bad)
+            f"{len(unfit)} mask(s) of another size than their image:" + "".join(
+                f"\n  {pair_message(f, mask_file(f), a, b)}" for f, a, b in unfit))
+    return files
 
 
 def _kaggle_credentials() -> bool:
@@ -362,19 +494,70 @@ def is_mini_fish(path: str | Path) -> bool:
     return (dataset_root(path).parent.parent / MARKER).is_file()
 
 
-def load_rgb(fn) -> Image.Image:
-    """An image file (or PIL image) as 8-bit RGB. 16-bit grey values are scaled to 8 bits:
-    PIL's `convert("RGB")`, which fastai's `PILImage` uses, clips them: a 16-bit scan turns white.
+INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def shown_size(image: str | Path | Image.Image) -> tuple[int, int]:
+    """(width, height) of an image as a viewer shows it (turned by its EXIF orientation),
+    read from the file's header."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            return shown_size(im)
+    w, h = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (h, w) if turned else (w, h)
+
+
+def _opened(fn: str | os.PathLike | Image.Image) -> Image.Image:
+    """The picture as a viewer shows it, loaded: turned by its EXIF orientation."""
+    if isinstance(fn, Image.Image):
+        return ImageOps.exif_transpose(fn)  # a copy, turned or not
+    with Image.open(fn) as im:
+        return ImageOps.exif_transpose(im)
+
+
+def _to_8_bits(im: Image.Image, name) -> Image.Image:
+    """A grey image of 16 or 32 bits ("I;16", "I", "F") as 8-bit grey ("L").
+
+    16-bit integers are divided by 257 (65535 -> 255); 32-bit integers by the depth their
+    values fit (0..255: 8-bit values stored in 32 bits, kept; 0..65535: divided by 257);
+    floats in 0..1 are multiplied by 255. Anything else (negative values, integers above
+    65535, floats outside 0..1) is scaled from its minimum to its maximum, with a warning.
     """
-    im = fn if isinstance(fn, Image.Image) else load_image(fn)
-    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        scaled = np.asarray(im, dtype=np.float32) / 257  # 65535 -> 255
-        im = Image.fromarray(scaled.clip(0, 255).round().astype(np.uint8))
+    a = np.asarray(im, dtype=np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    if im.mode in INT16_MODES or (im.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif not (im.mode == "I" and lo >= 0 and hi <= 255):
+        fits = "0..1" if im.mode == "F" else "16 bits (0..65535)"
+        warnings.warn(f"{name}: its {im.mode} values {lo:g}..{hi:g} do not fit {fits}: "
+                      "scaled from their minimum to their maximum; save it as 8 or 16 bits "
+                      "to be sure of its brightness", stacklevel=3)
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else a * 0
+    return Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
+
+
+def load_rgb(fn: str | os.PathLike | Image.Image) -> Image.Image:
+    """An image file (or PIL image) as 8-bit RGB, as a viewer shows it.
+
+    Turned by its EXIF orientation (`ImageOps.exif_transpose`), and 16- and 32-bit grey
+    scaled to 8 bits by their bit depth or range (`_to_8_bits`): PIL's `convert("RGB")`,
+    which fastai's `PILImage` uses, clips them, so a 16-bit scan turns white and a float
+    image of 0..1 black.
+    """
+    im = _opened(fn)
+    if im.mode in (*INT16_MODES, "I", "F"):
+        im = _to_8_bits(im, getattr(fn, "filename", "") or fn)
     return im.convert("RGB")
 
 
 class RGBImage(PILImage):
-    """fastai's `PILImage`, made from a file or PIL image with `load_rgb` (16-bit scaled)."""
+    """fastai's `PILImage`, made from a file or PIL image with `load_rgb` (EXIF orientation
+    applied, 16- and 32-bit grey scaled)."""
 
     @classmethod
     def create(cls, fn: Path | str | torch.Tensor | np.ndarray | bytes | Image.Image, **kwargs):
@@ -384,10 +567,31 @@ class RGBImage(PILImage):
         return super().create(fn, **kwargs)
 
 
+def pair_message(image: Path, mask: Path, image_size: tuple, mask_size: tuple) -> str:
+    """One line naming an image and a mask of different sizes, and the fix."""
+    def wxh(size):
+        return "x".join(map(str, size)) or "?"
+    return (f"the mask {mask} is {wxh(mask_size)} pixels but its image {image} is "
+            f"{wxh(image_size)}: save the mask at its image's size")
+
+
 def fish_mask(image_file: Path) -> PILMask:
-    """The image's GT mask as a fastai mask: 0 background, 1 fish."""
-    mask = np.asarray(Image.open(mask_file(image_file)).convert("L")) > 127
-    return PILMask.create(mask.astype(np.uint8))
+    """The image's GT mask as a fastai mask: 0 background, 1 fish.
+
+    Any value above 0 is fish, so masks saved as 0/1 and as 0/255 read alike; the mask is
+    turned by its EXIF orientation, as its image is.
+
+    Raises:
+        ValueError: the mask's size is not its image's; the message names both files.
+    """
+    image_file = Path(image_file)
+    mask = _opened(mask_file(image_file))
+    if mask.mode not in ("1", "L", "P", "I", "F", *INT16_MODES):  # P: palette indices
+        mask = mask.convert("L")
+    if mask.size != shown_size(image_file):
+        raise ValueError(pair_message(image_file, mask_file(image_file),
+                                      shown_size(image_file), mask.size))
+    return PILMask.create((np.asarray(mask) > 0).astype(np.uint8))
 
 
 def fish_dataloaders(path: str | Path, size: int = 224, bs: int = 64, seed: int = 42,

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fastai.data.transforms import get_image_files
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from torch.nn import Module
 
 from .cam import Layer, grad_cam, resolve_layers
-from .data import damaged_images, damaged_listing
+from .data import damaged_images, damaged_listing, listed_images
 from .hooks import HookForward
 from .plot import class_index, plot_layer_grid
 from .results import check_destination, written_whole
@@ -28,14 +27,7 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
         FileNotFoundError: a path that does not exist, or no image at all.
         ValueError: files that cannot be decoded, all listed.
     """
-    files = []
-    for p in (Path(p).expanduser() for p in paths):
-        if p.is_dir():
-            files += sorted(get_image_files(p))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"no file or folder at {p}")
+    files = list(listed_images(paths))  # each real file once; masks and results left out
     if not files:
         raise FileNotFoundError(f"no images in {', '.join(map(str, paths))}: pass image files "
                                 "or folders that hold some (.png, .jpg, ...)")

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,6 +23,11 @@ import numpy as np
 from fastcore.parallel import parallel
 from filelock import FileLock
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+try:
+    import fcntl
+except ImportError:  # Windows: filelock's lock, whose file stays
+    fcntl = None
 
 from .data import CLASSES, mask_file
 
@@ -63,6 +71,8 @@ class MiniFishSpec:
     classes: tuple[str, ...] | None = None  # a subset of CLASSES; None: all 9
 
     def __post_init__(self):
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed}: use a whole number from 0 up")
         if self.per_class < 1:
             raise ValueError(f"per_class={self.per_class}: ask for at least 1 image per class")
         if min(self.width, self.height) < 16:
@@ -267,13 +277,61 @@ def _spec(marker: Path) -> MiniFishSpec:
         raise FileNotFoundError(f"no {MARKER} at {marker.parent}: mark_mask reads the images of a "
                                 "set written by make_mini_fish (<dest>/Fish_Dataset/Fish_Dataset/"
                                 "<Class>/<Class>/00001.png)")
-    made = _made(marker)
+    made = read_marker(marker)
+    if made is None:
+        raise ValueError(f"{marker} is empty or broken: an unfinished set: rerun `gradcam-tut "
+                         f"mini-fish {marker.parent}` (with its options) or remove it")
     return MiniFishSpec(**{k: made[k] for k in asdict(MiniFishSpec())})
 
 
-def _made(marker: Path) -> dict:
-    """A marker file's fields; fields added since it was written are read as their defaults."""
-    return {**asdict(MiniFishSpec()), **json.loads(marker.read_text())}
+def read_marker(marker: Path) -> dict | None:
+    """A marker file's fields (those added since it was written read as their defaults), or
+    None when it is empty or broken: a write that was cut short."""
+    try:
+        made = json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        return None
+    return {**asdict(MiniFishSpec()), **made} if isinstance(made, dict) else None
+
+
+def _write_marker(marker: Path, fields: dict) -> None:
+    """Write the marker whole (a temporary file renamed over it): never half a file."""
+    part = marker.with_name(f".{marker.name}.{os.getpid()}.part")
+    part.write_text(json.dumps(fields))
+    os.replace(part, marker)
+
+
+@contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file`, and remove the file after.
+
+    A process that was waiting on the removed file finds it gone once it holds the lock, and
+    locks the new one instead: only one process at a time holds a lock under that name.
+    """
+    if fcntl is None:
+        with FileLock(lock_file):
+            yield
+        return
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            st, here = os.fstat(fd), os.stat(lock_file)
+            if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed (or replaced) while we waited: try again
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)  # before the unlock: a waiter then sees it gone
+        os.close(fd)
+
+
+def _is_lock(name: str) -> bool:
+    """A lock file of this module (`.<name>.lock`, `..lock` from older versions)."""
+    return name.startswith(".") and name.endswith(".lock")
 
 
 def image_file(root: Path, cls: str, index: int) -> Path:
@@ -304,10 +362,16 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     """
     if n_workers < 0:
         raise ValueError(f"n_workers={n_workers}: use 0 (this process) or more worker processes")
-    dest = Path(dest)
+    dest = Path(dest).absolute()  # "." has no name to lock beside it
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is a file: pass a new or empty folder for the set")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # two notebooks running at once (`gradcam-tut run`) may both ask for the set: one draws it
-    with FileLock(dest.parent / f".{dest.name}.lock"):
+    # two notebooks running at once (`gradcam-tut run`) may both ask for the set: one draws it.
+    # The lock goes beside `dest`, or into it when its parent is read-only (`mini-fish ~`)
+    beside = os.access(dest.parent, os.W_OK)
+    if not beside:
+        dest.mkdir(exist_ok=True)
+    with _locked((dest.parent if beside else dest) / f".{dest.name}.lock"):
         return _make(dest, spec, n_workers, progress)
 
 
@@ -317,7 +381,10 @@ def _make(dest: Path, spec: MiniFishSpec, n_workers: int, progress: bool) -> Pat
     asked = json.loads(json.dumps(asdict(spec)))  # as the marker file holds it (lists)
     wanted = {**asked, "generator": GENERATOR, "complete": True}
     if marker.exists():
-        made = _made(marker)
+        made = read_marker(marker)
+        if made is None:  # cut short while written: an unfinished set of unknown spec
+            _remove_drawn(root)
+            made = {**asked, "generator": GENERATOR, "complete": False}
         if made == wanted:
             return root
         older = made.get("generator", 1) < GENERATOR
@@ -331,18 +398,27 @@ def _make(dest: Path, spec: MiniFishSpec, n_workers: int, progress: bool) -> Pat
                     f.unlink(missing_ok=True)
                     mask_file(f).unlink(missing_ok=True)
         # its own set, unfinished or outdated: drawn (again) file by file
-    elif dest.exists() and any(dest.iterdir()):
+    elif dest.exists() and any(not _is_lock(p.name) for p in dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty and was not made by make_mini_fish: "
                               "pass a new or empty folder; nothing was written")
     dest.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({**wanted, "complete": False}))
+    _write_marker(marker, {**wanted, "complete": False})
     for cls in spec.class_names:
         (root / cls / cls).mkdir(parents=True, exist_ok=True)
         (root / cls / f"{cls} GT").mkdir(exist_ok=True)
     items = [(cls, i) for cls in spec.class_names for i in range(spec.per_class)]
     parallel(_write, items, root=root, spec=spec, n_workers=n_workers, progress=progress)
-    marker.write_text(json.dumps(wanted))
+    _write_marker(marker, wanted)
     return root
+
+
+def _remove_drawn(root: Path) -> None:
+    """Remove the files the generator draws (`<Class>/<Class>[ GT]/00001.png`), and only
+    those: a set whose marker does not say how many there are."""
+    for cls in CLASSES:
+        for folder in (root / cls / cls, root / cls / f"{cls} GT"):
+            for f in folder.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+                f.unlink()
 
 
 def run(args: argparse.Namespace) -> Path:
