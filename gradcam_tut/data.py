@@ -197,7 +197,8 @@ def class_images(folder: Path, max_per_class: int | None = None) -> L:
             unclear (fastai's `parent_label` would make it a class of its own).
     """
     files = listed_images(folder)
-    nested = sorted({f.parent for f in files if f.parent != folder})
+    nested = sorted({folder / f.relative_to(folder).parts[0] for f in files
+                     if f.parent != folder})  # the folders right inside the class folder
     if nested:
         raise DatasetLayoutError(
             f"{nested[0]} is a folder inside the class folder {folder}: lay your images out as "

@@ -123,21 +123,6 @@ def test_replaces_its_own_set_from_an_older_generator(tmp_path):
     assert mine.read_text() == "not the generator's"  # what it did not write stays
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--per-class", "0"], "per_class=0: ask for at least 1"),
-    (["--per-class", "-3"], "per_class=-3: ask for at least 1"),
-    (["--workers", "-1"], "n_workers=-1: use 0"),
-    (["--mark", "1.5"], "mark=1.5: the share of marked images is in 0..1"),
-])
-def test_bad_options_write_nothing(tmp_path, capsys, args, match):
-    from gradcam_tut.cli import main
-
-    dest = tmp_path / "m"
-    assert main(["mini-fish", str(dest), *args]) == 2
-    assert match in capsys.readouterr().err
-    assert not dest.exists()  # no marker, no folder
-
-
 def test_too_small_to_draw():
     with pytest.raises(ValueError, match="too small for a fish"):
         MiniFishSpec(width=8, height=8)
