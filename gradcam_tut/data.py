@@ -410,7 +410,7 @@ def checked_image_files(path: str | Path, max_per_class: int | None = None,
         raise ValueError(f"damaged={damaged!r}: use 'raise' or 'skip'")
     files = image_files(path, max_per_class)
     masks = list(map(mask_file, files)) if is_fish_layout(path) else []
-    checked = _checked([*files, *masks])
+    checked = _checked([*files, *masks])  # by absolute path, as os.path.abspath writes it
     bad = {Path(f): why for f, (why, _) in checked.items() if why}
     if bad:
         listing = damaged_listing(bad)
@@ -419,11 +419,12 @@ def checked_image_files(path: str | Path, max_per_class: int | None = None,
                 f"{listing}\nReplace or delete "
                 "them (an image with its mask), or pass damaged='skip' to leave them out")
         warnings.warn(f"leaving out {listing}", stacklevel=2)
-        files = files.filter(lambda f: f.absolute() not in bad
-                             and mask_file(f).absolute() not in bad)
-    size = {Path(f): tuple(wh or ()) for f, (_, wh) in checked.items()}
-    unfit = [(f, size[f.absolute()], size[mask_file(f).absolute()]) for f in files
-             if masks and size[f.absolute()] != size[mask_file(f).absolute()]]
+        files = files.filter(lambda f: not checked[os.path.abspath(f)][0]
+                             and not checked[os.path.abspath(mask_file(f))][0])
+    size = {f: tuple(wh or ()) for f, (_, wh) in checked.items()}
+    pairs = [(f, size[os.path.abspath(f)], size[os.path.abspath(mask_file(f))])
+             for f in (files if masks else [])]
+    unfit = [(f, a, b) for f, a, b in pairs if a != b]
     if unfit:
         raise DatasetLayoutError(
             f"{len(unfit)} mask(s) of another size than their image:" + "".join(

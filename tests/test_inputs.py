@@ -164,8 +164,9 @@ def test_values_that_do_not_fit_their_depth_warn_with_the_file(grey, tmp_path):
         assert got.min() == 0 and got.max() == 255
 
 
-def test_exif_rotated_jpeg_is_loaded_as_a_viewer_shows_it(tmp_path, mini_root):
+def test_exif_rotated_jpeg_is_loaded_as_a_viewer_shows_it(tmp_path, tiny_learner):
     from gradcam_tut.data import RGBImage
+    from gradcam_tut.plot import _one_image
 
     stored = np.zeros((20, 40, 3), np.uint8)
     stored[:, :20] = (255, 0, 0)  # red on the left as stored
@@ -180,6 +181,10 @@ def test_exif_rotated_jpeg_is_loaded_as_a_viewer_shows_it(tmp_path, mini_root):
         assert loaded.size == (20, 40)
         np.testing.assert_array_equal(np.asarray(loaded), np.asarray(viewed.convert("RGB")))
     assert np.asarray(load_rgb(f))[:10, :, 0].mean() > 200  # red is on top as viewed
+    # explain (the learner's test_dl) and grid (_one_image) get the picture as viewed
+    (x,) = tiny_learner.dls.test_dl([f]).one_batch()
+    assert x.equal(_one_image(tiny_learner, viewed.convert("RGB"))[0])
+    assert x.equal(_one_image(tiny_learner, f)[0])
 
 
 # masks
@@ -206,7 +211,7 @@ def test_masks_saved_as_0_1_give_the_same_report_as_0_255(fish, tiny_learner):
     assert again.equals(report) and (report["chance"] > 0).all()
 
 
-def test_a_mask_of_another_size_is_an_error_naming_the_pair(fish):
+def test_a_mask_of_another_size_is_an_error_naming_the_pair(fish, monkeypatch):
     image = sorted((fish / "Trout" / "Trout").iterdir())[0]
     Image.open(mask_file(image)).resize((40, 30)).save(mask_file(image))
     pair = re.escape(f"the mask {mask_file(image)} is 40x30 pixels but its image {image} is "
@@ -216,6 +221,9 @@ def test_a_mask_of_another_size_is_an_error_naming_the_pair(fish):
     with pytest.raises(DatasetLayoutError, match=r"1 mask\(s\) of another size than their "
                                                  rf"image:\n  {pair}"):
         fish_dataloaders(fish, size=16)
+    monkeypatch.chdir(fish / "Trout")
+    with pytest.raises(DatasetLayoutError, match="1 mask.s. of another size"):
+        fish_dataloaders("../../Fish_Dataset", size=16)  # a path with ..: the same check
 
 
 # mini-fish
