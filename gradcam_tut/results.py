@@ -14,6 +14,7 @@ Standard library and `filelock` only: the command line imports it before torch.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -75,7 +76,8 @@ def _temp_name(dest: Path, kind: str) -> Path:
 
 def _leftovers(dest: Path) -> list[Path]:
     """Temporary folders of runs that stopped without cleaning up (killed, power cut)."""
-    return sorted(p for kind in ("tmp", "old") for p in dest.parent.glob(f".{dest.name}.{kind}-*")
+    name = glob.escape(dest.name)
+    return sorted(p for kind in ("tmp", "old") for p in dest.parent.glob(f".{name}.{kind}-*")
                   if p.name.rsplit("-", 1)[1].isdigit())
 
 

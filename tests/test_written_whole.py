@@ -267,6 +267,10 @@ def test_grid_out_ending_in_a_slash_is_a_folder(tiny_model_file, images, tmp_pat
     assert (tmp_path / "newdir" / f"{image.stem}_gradcam.png").stat().st_size > 1000
     assert not (tmp_path / "newdir.png").exists()
     assert [p.name for p in (tmp_path / "newdir").iterdir()] == [f"{image.stem}_gradcam.png"]
+    (tmp_path / "a_file").write_text("mine")
+    assert main(["grid", str(tiny_model_file), str(image), "--out", "a_file/"]) == 2
+    assert "--out a_file/ is a file, not a folder: drop the / to write to it" in error_line(capsys)
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_latest_only_ever_points_at_a_finished_run(tmp_path, monkeypatch, capsys):
