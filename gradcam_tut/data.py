@@ -134,17 +134,16 @@ def _walk(root: Path) -> list[tuple[bool, str, str]]:
         for e in entries:
             if e.name.startswith("."):
                 continue
-            link = through or e.is_symlink()
+            link = e.is_symlink()  # `real` is resolved: only a link needs realpath
+            sub = os.path.realpath(e.path) if link else os.path.join(real, e.name)
             if e.is_dir():
-                sub = os.path.realpath(e.path) if link else os.path.join(real, e.name)
                 inside = sub == top or sub.startswith(top.rstrip(os.sep) + os.sep)
-                if e.name.endswith(" GT") or sub in visited or (e.is_symlink() and inside):
+                if e.name.endswith(" GT") or sub in visited or (link and inside):
                     continue
                 visited.add(sub)
-                todo.append((e.path, sub, link))
+                todo.append((e.path, sub, through or link))
             elif os.path.splitext(e.name)[1].lower() in image_extensions and e.is_file():
-                found.append((link, e.path,
-                              os.path.realpath(e.path) if link else os.path.join(real, e.name)))
+                found.append((through or link, e.path, sub))
     return found
 
 
@@ -397,14 +396,16 @@ def damaged_listing(bad: dict[Path, str]) -> str:
 
 def checked_image_files(path: str | Path, max_per_class: int | None = None,
                         damaged: str = "raise") -> L:
-    """`image_files` after checking them: every image (and mask) must decode.
+    """`image_files` after checking them: every image (and mask) must decode, and each mask
+    must have its image's size.
 
     Args:
         damaged: "raise" lists every damaged file in one error; "skip" warns with that list
             and leaves those images (or those whose mask is damaged) out.
 
     Raises:
-        DatasetLayoutError: damaged files, with `damaged="raise"`.
+        DatasetLayoutError: damaged files, with `damaged="raise"`; masks of another size than
+            their image (each pair named).
     """
     if damaged not in ("raise", "skip"):
         raise ValueError(f"damaged={damaged!r}: use 'raise' or 'skip'")

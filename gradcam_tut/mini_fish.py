@@ -354,11 +354,15 @@ def make_mini_fish(dest: str | Path, spec: MiniFishSpec = MiniFishSpec(),
     The layout is Kaggle's: `dest/Fish_Dataset/Fish_Dataset/<Class>/<Class>/*.png` and
     `.../<Class>/<Class> GT/*.png`. `dest` must be empty, missing, or a folder this function
     made before (its marker file says so); a complete set made with the same spec is reused,
-    an unfinished one is finished, and one that an older version of this generator drew is
-    replaced (its files removed, nothing else, and the set drawn anew).
+    an unfinished one is finished (a marker left empty or broken: its images drawn anew), and
+    one that an older version of this generator drew is replaced (its files removed, nothing
+    else, and the set drawn anew). One process at a time draws into `dest`: it holds a lock
+    file beside it, removed when done.
 
     Raises:
-        FileExistsError: `dest` holds anything else, or a mini set made with another spec.
+        FileExistsError: `dest` is a file, holds anything else, or a mini set made with
+            another spec.
+        ValueError: `n_workers` < 0 (the spec checks its own fields when made).
     """
     if n_workers < 0:
         raise ValueError(f"n_workers={n_workers}: use 0 (this process) or more worker processes")
