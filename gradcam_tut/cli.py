@@ -16,7 +16,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .results import ResultInUse, check_destination, os_error_message, written_file
+from .results import (
+    ResultInUse,
+    check_destination,
+    check_writable,
+    os_error_message,
+    written_file,
+)
 
 # torch and fastai are imported where a command needs them: `--help` answers at once
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +228,7 @@ def grid_path(out: str | Path, image: Path, force: bool = False) -> Path:
     Raises:
         FileExistsError: that is the input image, or a file that exists (without `force`).
         NotADirectoryError: `out` ends with "/" but is a file.
+        PermissionError: its folder cannot be written in.
         ValueError: `out` names another format than PNG.
     """
     folder = str(out).endswith(("/", os.sep))
@@ -239,6 +246,7 @@ def grid_path(out: str | Path, image: Path, force: bool = False) -> Path:
         raise FileExistsError(f"--out {out} is the input image: pick another name")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pick another --out, or add --force to replace it")
+    check_writable(out)
     return out
 
 

@@ -86,6 +86,23 @@ def _foreign(folder: Path, ours: Collection[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in {*ours, MARKER})
 
 
+def check_writable(dest: str | Path) -> None:
+    """Check that `dest` can be made: the nearest folder above it that exists is a folder
+    this process can write in.
+
+    Raises:
+        NotADirectoryError: that is a file. PermissionError: it cannot be written in.
+    """
+    dest = Path(os.path.abspath(Path(dest).expanduser()))
+    base = next(p for p in dest.parents if p.exists())
+    if not base.is_dir():
+        raise NotADirectoryError(f"{base} is a file, so --out {dest} cannot be made: pick "
+                                 "another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write in {base}: pick an --out in a folder you can "
+                              "write to, or change its permissions")
+
+
 def check_destination(dest: str | Path, ours: Collection[str], force: bool = False) -> bool:
     """Check that `dest` can take a result, before any compute; True when it holds one (or
     is an empty folder) to be replaced.
@@ -106,13 +123,7 @@ def check_destination(dest: str | Path, ours: Collection[str], force: bool = Fal
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"--out {dest} is a file: the result is a folder, pick a new "
                                  "folder name")
-    base = next(p for p in dest.parents if p.exists())
-    if not base.is_dir():
-        raise NotADirectoryError(f"{base} is a file, so --out {dest} cannot be made: pick "
-                                 "another --out")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write in {base}: pick an --out in a folder you can "
-                              "write to, or change its permissions")
+    check_writable(dest)
     if not dest.is_dir():
         return False
     foreign = _foreign(dest, ours)

@@ -114,18 +114,29 @@ def test_a_full_disk_leaves_no_half_result(explain_cmd, tmp_path, monkeypatch, c
     assert main(explain_cmd(out, "--force")) == 0  # and a rerun works
 
 
-def test_a_read_only_folder_is_one_line(explain_cmd, tmp_path, monkeypatch, capsys):
+def test_a_read_only_folder_is_one_line(explain_cmd, tiny_model_file, images, tmp_path,
+                                        monkeypatch, capsys):
+    """Refused before the model pass, for explain and grid alike."""
     parent = tmp_path / "read_only"
     parent.mkdir()
     out = parent / "ex"
+    real_access = os.access
     if os.geteuid() != 0:
         parent.chmod(0o555)
-        try:
-            assert main(explain_cmd(out)) == 2
-        finally:
-            parent.chmod(0o755)
+    else:  # root may write anywhere: a folder it may not write in, as os.access answers
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != parent and
+                            real_access(path, mode, **kw))
+    try:
+        assert main(explain_cmd(out)) == 2
         err = error_line(capsys)
         assert f"cannot write in {parent}: pick an --out in a folder you can write to" in err
+        assert main(["grid", str(tiny_model_file), str(next(images.iterdir())),
+                     "--out", f"{parent}/"]) == 2
+        err = error_line(capsys)
+        assert f"cannot write in {parent}: pick an --out in a folder you can write to" in err
+    finally:
+        parent.chmod(0o755)
+    monkeypatch.setattr(os, "access", real_access)
     # root writes anyway (and a disk mounted read-only fails only at the write): a mock
     def refused(self, path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
