@@ -99,10 +99,11 @@ RESULT_FILES = frozenset({"explain.csv", "maps.npz", "complete.json", ".gradcam_
 
 def _is_output(entries: list[os.DirEntry]) -> bool:
     """Whether a folder with these entries was written by this tool: an `explain` result, a
-    run of `gradcam-tut run` (its `notebooks/` and `figures/`) or a runs folder (`latest`)."""
+    run (its `figures/` beside `notebooks/` or `models/`) or a runs folder (`latest`)."""
     names = {e.name for e in entries}
-    return bool(names & RESULT_FILES) or {"notebooks", "figures"} <= names or any(
-        e.name == "latest" and e.is_symlink() for e in entries)
+    run = "figures" in names and bool({"notebooks", "models"} & names)
+    runs = any(e.name == "latest" and e.is_symlink() for e in entries)
+    return bool(names & RESULT_FILES) or run or runs
 
 
 def is_output_folder(folder: str | Path) -> bool:

@@ -122,7 +122,9 @@ def test_an_output_folder_inside_the_input_is_skipped(mini_root, tmp_path):
         (run / d).mkdir(parents=True)
     shutil.copy(photos / "cat" / "00001.png", run / "figures" / "01_fig.png")
     (photos / "runs" / "latest").symlink_to(run.name, target_is_directory=True)
-    assert len(get_image_files(photos)) == 6 + 4  # fastai reads the results back
+    (photos / "nb" / "models").mkdir(parents=True)  # a notebook run alone: out=photos/nb
+    shutil.copytree(run / "figures", photos / "nb" / "figures")
+    assert len(get_image_files(photos)) == 6 + 5  # fastai reads the results back
     assert [f.parent.name for f in image_paths([photos])] == ["cat"] * 3 + ["dog"] * 3
     assert validate_layout(photos) == {"cat": 3, "dog": 3}  # not classes either
     assert len(image_paths([photos / "explained"])) == 1  # a result named: listed as asked
