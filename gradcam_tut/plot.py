@@ -54,13 +54,15 @@ def saved(fig: Figure, save: str | Path | None) -> Figure:
 
 
 def heat_cmap(name: str = "magma", max_alpha: float = 0.85) -> ListedColormap:
-    """`name` with an opacity that follows the value: 0 is transparent, the top `max_alpha`.
+    """`name` with an opacity that grows with the value's square root: 0 is transparent, the
+    top `max_alpha`, and a tenth of the top still a third as opaque (thin, spread-out evidence
+    stays visible).
 
     The overlay then shows the image where there is no evidence, and a colour bar drawn with
     the same colormap shows the colours as they look over the image.
     """
     colors = plt.get_cmap(name)(np.linspace(0, 1, 256))
-    colors[:, 3] = np.linspace(0, max_alpha, 256)
+    colors[:, 3] = max_alpha * np.sqrt(np.linspace(0, 1, 256))  # low values stay visible
     return ListedColormap(colors, name=f"{name}_fade")
 
 
@@ -82,6 +84,20 @@ def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", vmax: float =
     outline(ax, mask)
     ax.set_axis_off()
     return im
+
+
+def mark_peak(ax: Axes, heat: Tensor, mask=None) -> None:
+    """Mark the peak of `heat` (H, W) as the pointing game finds it: a green dot inside `mask`,
+    a red cross outside it, a white dot when there is no mask; nothing on an all-zero map."""
+    if float(heat.max()) <= 0:
+        return
+    py, px = peak_points(heat[None].float())
+    y, x = int(py[0]), int(px[0])
+    inside = None if mask is None else bool(mask[y, x])
+    if inside is False:
+        ax.plot(x, y, "x", color="red", ms=9, mew=2.5)
+    else:
+        ax.plot(x, y, "o", color="white" if inside is None else "lime", ms=8, mec="k")
 
 
 def map_title(name: str, m: Tensor) -> str:
@@ -138,8 +154,8 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     for ax in axs[n:]:
         ax.remove()
     if colorbar:
-        label = ("Grad-CAM x h*w / max over layers" if shared_scale
-                 else "Grad-CAM / max of its map")
+        label = ("share of the largest, on the CAM scale" if shared_scale
+                 else "share of the map's own maximum")
         fig.colorbar(im, ax=list(axs[:n]), shrink=0.8, label=label)
     if suptitle:
         fig.suptitle(suptitle)
@@ -239,7 +255,7 @@ def plot_methods(learn: Learner, img, methods: Sequence[str] | None = None,
         for ax, h, m, name in zip(row[1:], heat, maps, named):
             im = overlay(ax, img, h, mask=mask)
             ax.set_title(map_title(name, m), fontsize=9)
-    fig.colorbar(im, ax=axs.ravel().tolist(), shrink=0.6, label="map / max of its map")
+    fig.colorbar(im, ax=axs.ravel().tolist(), shrink=0.6, label="share of the map's own maximum")
     fig.suptitle(f"{learn.dls.vocab[cls]} ({probs[cls]:.2f}) · {len(methods)} methods, one pass")
     return saved(fig, save)
 
@@ -262,7 +278,8 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
     The two class maps of a row share one colour scale (divided by the larger maximum, printed
     in the titles), so a row compares the strength of the evidence for the two classes. The
     contrastive map, Grad-CAM of y_pred - y_other, shows where the evidence for the prediction
-    exceeds that for the other class; it has its own scale.
+    exceeds that for the other class; it has its own scale. Each map's peak is marked (a green
+    dot inside the mask, a red cross outside: `mark_peak`).
     """
     learn, vocab = self.learn, self.vocab
     losses, idxs = self.top_losses(k)
@@ -282,16 +299,18 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
         row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)
         for ax, h, m, c, what in zip(row[1:], heat, maps, (pred, true), ("pred", "true")):
             im = overlay(ax, image, h, mask=mask)
+            mark_peak(ax, h, mask)
             ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
                          fontsize=9)
-        overlay(row[3], image, normalize_maps(place(why.cpu(), xb.shape[-2:], where))[0],
-                mask=mask)
+        why_heat = normalize_maps(place(why.cpu(), xb.shape[-2:], where))[0]
+        overlay(row[3], image, why_heat, mask=mask)
+        mark_peak(row[3], why_heat, mask)
         row[3].set_title(f"why not {vocab[other]} · max {float(why.max()):.2g}", fontsize=9)
     name = next(iter(resolve_layers(learn.model, layer)))
     fig.suptitle(f"Grad-CAM at {name}: predicted class, true class, and why the prediction",
                  fontsize=10)
     fig.colorbar(im, ax=axs[:, 1:].ravel().tolist(), shrink=0.6,
-                 label="pred, true: / larger max of the two · why: / its max")
+                 label="share of the row's larger maximum (pred, true) or of its own (why)")
     return saved(fig, save)
 
 

@@ -90,10 +90,12 @@ def test_top_losses_gradcam(tiny_learner, mini_root):
     assert " · max " in titles[1] and "at layer4" in fig._suptitle.get_text()
 
 
-def test_overlay_is_transparent_where_the_map_is_zero():
+def test_overlay_is_transparent_where_the_map_is_zero_and_low_values_show():
     cmap = heat_cmap()
     assert cmap(0.0)[3] == 0.0 and cmap(1.0)[3] == pytest.approx(0.85)
-    assert cmap(0.5)[3] == pytest.approx(0.85 * 128 / 255, abs=0.01)
+    # opacity grows with the square root: a tenth of the peak is still a third as opaque, so
+    # a map whose mass is spread thinly over the water does not look empty there
+    assert cmap(0.1)[3] == pytest.approx(0.85 * 0.1**0.5, abs=0.02)
 
 
 def test_mask_outline_on_every_panel():
