@@ -153,6 +153,9 @@ def test_32_bit_tiffs_are_not_black(grey, tmp_path):
             warnings.simplefilter("error")  # they fit their depth: no warning
             got = np.asarray(load_rgb(tmp_path / name))
         np.testing.assert_array_equal(got, eight, err_msg=name)
+    big_endian = Image.frombytes("I;16B", (64, 48), (grey.astype(">u2") * 257).tobytes())
+    assert big_endian.mode == "I;16B"
+    np.testing.assert_array_equal(np.asarray(load_rgb(big_endian)), eight)
 
 
 def test_values_that_do_not_fit_their_depth_warn_with_the_file(grey, tmp_path):
