@@ -55,16 +55,21 @@ def new_run_dir(root: Path, name: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if name:
         run = root / name
-        if run.exists() or run.is_symlink():
+        try:
+            run.mkdir()  # one step: two runs started at once never share a folder
+        except FileExistsError as exc:
             raise FileExistsError(f"{run} exists and a run is never replaced: pick another "
-                                  "--name")
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run, i = root / stamp, 2
-        while run.exists():
-            run, i = root / f"{stamp}-{i}", i + 1
-    run.mkdir()
-    return run
+                                  "--name") from exc
+        return run
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1, 1000):
+        run = root / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"999 runs named {root / stamp}: pass --name")
 
 
 def point_latest(root: Path, run: Path) -> None:

@@ -326,3 +326,26 @@ def test_2d_targets_say_one_true_thing():
     assert str(err.value) == ("targets of shape (3, 1): pass one int for all images, or a flat "
                               "list of 3 ints, one per image (e.g. .flatten())")
     assert class_indices([1, 2, 0], logits).tolist() == [1, 2, 0]
+
+
+def test_ctrl_c_between_the_renames_puts_the_old_result_back(tmp_path, monkeypatch):
+    """`--force`'s swap: old renamed away, new renamed in; stopped between, the old comes back."""
+    from gradcam_tut.results import written_whole
+
+    dest = tmp_path / "ex"
+    with written_whole(dest, ["a.txt"]) as tmp:
+        (tmp / "a.txt").write_text("old")
+    before = tree(tmp_path)
+    real_rename, renames = os.rename, []
+
+    def stopped(src, dst):
+        renames.append(Path(dst).name)
+        if len(renames) == 2:  # the new result's rename: Ctrl-C
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        with written_whole(dest, ["a.txt"], force=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert renames[:2] == [f".ex.old-{os.getpid()}", "ex"]
+    assert tree(tmp_path) == before
