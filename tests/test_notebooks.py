@@ -123,3 +123,19 @@ def test_06_sentences_state_this_runs_numbers(tmp_path, mini_dest):
     assert f"**{short['valid accuracy']:.3f}**" in markdown
     assert f"**{short['follows mark']:.0%}**" in markdown
     assert f"**{guided['mark: energy']:.3f}**" in markdown
+
+
+@pytest.mark.parametrize("name", NAMES[:5])
+def test_core_path_is_short(name):
+    """01-05 open with a core path a learner can retype: at most 20 code cells before the
+    "Going further" part (or in all, when there is none), parameters cell included."""
+    import json
+
+    nb = json.loads((NOTEBOOKS / name).read_text())
+    core = 0
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith(
+                "# Going further"):
+            break
+        core += cell["cell_type"] == "code"
+    assert core <= 20, f"{name}: {core} code cells before Going further"
