@@ -60,7 +60,6 @@ def project_dir(package: Path | None = None) -> Path:
 
 PROJECT_DIR = project_dir()
 DATA_DIR = PROJECT_DIR / "data"
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gradcam_tut"
 HOW_TO_GET = (
     f"Download {KAGGLE_HANDLE} from Kaggle and unzip it into data/ (giving data/Fish_Dataset), "
     f"or set {ENV_VAR} to where it is, or `pip install kagglehub` with Kaggle credentials "
@@ -342,6 +341,12 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
     return counts
 
 
+def cache_dir() -> Path:
+    """Where the image check keeps its answers: `$XDG_CACHE_HOME/gradcam_tut` (default
+    `~/.cache/gradcam_tut`), read from the environment at each call."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gradcam_tut"
+
+
 def _decode(f: str) -> tuple[str | None, tuple[int, int] | None]:
     """(None, its size as shown) when `f` decodes fully as an image, else (why not, None)."""
     try:
@@ -354,12 +359,12 @@ def _decode(f: str) -> tuple[str | None, tuple[int, int] | None]:
 
 def _checked(files, n_workers: int | None = None) -> dict[str, tuple]:
     """`_decode` of every file, by absolute path, on `n_workers` threads; cached in
-    `CACHE_DIR` under the files' paths, sizes, modification and change times (a file
+    `cache_dir()` under the files' paths, sizes, modification and change times (a file
     rewritten in place with its size and mtime kept still has a new ctime)."""
     files = sorted(os.path.abspath(f) for f in files)
     stats = [(f, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files for st in [os.stat(f)]]
     key = hashlib.sha1(json.dumps(["v2", stats]).encode()).hexdigest()
-    cached = CACHE_DIR / "checked" / f"{key}.json"
+    cached = cache_dir() / "checked" / f"{key}.json"
     if cached.is_file():
         return {f: tuple(v) for f, v in json.loads(cached.read_text()).items()}
     with ThreadPoolExecutor(n_workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
@@ -382,7 +387,7 @@ def damaged_images(files, n_workers: int | None = None) -> dict[Path, str]:
     """Decode every file fully, on `n_workers` threads (default: one per core); return the
     ones that fail, with the reason (truncated, empty, not an image, too many pixels).
 
-    The answer is cached in `CACHE_DIR` under the files' paths, sizes, modification and
+    The answer is cached in `cache_dir()` under the files' paths, sizes, modification and
     change times: a second check of the same files reads one small file instead of decoding
     them all, and a file changed in any way is decoded again.
     """

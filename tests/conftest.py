@@ -1,15 +1,15 @@
-import atexit
-import os
-import shutil
-import tempfile
-
 import pytest
 import torch
 import torchvision
 
-# the image check's cache goes to a temporary folder, for the notebooks' kernels too
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gradcam_tut_cache_")
-atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """The image check's cache (`data.cache_dir()`, read at each call) in a temporary folder,
+    for the notebooks' kernels too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

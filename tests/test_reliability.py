@@ -113,6 +113,15 @@ def test_the_check_is_cached_and_sees_changes(fish, monkeypatch):
     assert list(damaged_images(files)) == [files[0].absolute()]
 
 
+def test_the_cache_folder_is_read_from_the_environment_at_each_call(fish, tmp_path, monkeypatch):
+    files = _images(fish, "Trout")
+    for home in ("a", "b"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / home))
+        assert damaged_images(files) == {}
+        assert len(list((tmp_path / home / "gradcam_tut" / "checked").glob("*.json"))) == 1
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.cache_dir() == Path.home() / ".cache" / "gradcam_tut"
+
 def test_empty_class_and_wrong_folder(fish, tmp_path):
     for f in _images(fish, "Shrimp"):
         f.unlink()
