@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from gradcam_tut import grad_cam
 from gradcam_tut.plot import class_index, gradcam_grid, heat_cmap, image_hwc, plot_layer_grid
+from gradcam_tut.receptive_field import cell_centres, place
 
 matplotlib.use("Agg")
 
@@ -24,6 +25,20 @@ def test_layer_grid_figure_and_png(tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 1000
     heat = panels[3].get_images()[1].get_array()
     assert heat.shape == (40, 60) and float(heat.max()) == 0.0  # zero map: no NaN
+
+
+def test_drawn_values_and_opacity_of_a_known_map():
+    image = torch.zeros(3, 2, 2)
+    maps = [torch.tensor([[0.0, 1.0], [2.0, 4.0]]), torch.tensor([[0.0, 2.0], [2.0, 2.0]])]
+    own = plot_layer_grid(image, maps, colorbar=False)  # the image's size: not resampled
+    drawn = [ax.get_images()[1] for ax in own.axes[1:3]]
+    np.testing.assert_allclose(drawn[0].get_array(), [[0, 0.25], [0.5, 1]])  # / its own max
+    np.testing.assert_allclose(drawn[1].get_array(), [[0, 1], [1, 1]])
+    alpha = drawn[0].to_rgba(drawn[0].get_array())[..., 3]
+    np.testing.assert_allclose(alpha, 0.85 * np.sqrt([[0, 0.25], [0.5, 1]]), atol=0.01)
+    shared = plot_layer_grid(image, maps, shared_scale=True, colorbar=False)
+    np.testing.assert_allclose(shared.axes[2].get_images()[1].get_array(),
+                               [[0, 0.5], [0.5, 0.5]])  # / the largest of both maps
 
 
 def test_shared_scale_keeps_relative_strength():
@@ -60,11 +75,15 @@ def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
     assert fig.axes[8].get_title().startswith("layer4 · 1x1 · max ")  # 32 px input
     assert all(ax.collections for ax in fig.axes[:9])  # a mini fish image: its mask outline
     assert "map for Trout" in fig._suptitle.get_text()
-    # the layer4 panel shows grad_cam's map for Trout, upsampled and scaled to its max
-    x = tiny_learner.dls.test_dl([img]).one_batch()[0]
-    (m,) = grad_cam(tiny_learner.model, x, "layer4", tiny_learner.dls.vocab.o2i["Trout"])
-    shown = torch.as_tensor(fig.axes[8].get_images()[1].get_array())
-    assert shown.shape == x.shape[-2:] and (m.max() == 0 or float(shown.max()) == 1.0)
+    # the layer3 panel shows grad_cam's 2x2 map for Trout (not all zero, not flat), each cell
+    # placed at its receptive field's centre, scaled to its max
+    x, model = tiny_learner.dls.test_dl([img]).one_batch()[0], tiny_learner.model
+    m = grad_cam(model, x, "layer3", tiny_learner.dls.vocab.o2i["Trout"])[0]
+    assert m.shape == (1, 2, 2) and m.max() > m.min()
+    placed = place(m, x.shape[-2:], cell_centres(model, "layer3", x.shape[-2:])["layer3"])[0]
+    shown = torch.as_tensor(fig.axes[7].get_images()[1].get_array())
+    assert fig.axes[7].get_title().startswith("layer3 · 2x2 · max ")
+    torch.testing.assert_close(shown, placed / placed.max())
     with pytest.raises(ValueError, match="no class named"):
         gradcam_grid(tiny_learner, img, target="Tuna")
     why = tiny_learner.gradcam(img, layers=["layer3"], target="Trout", contrast="Shrimp")

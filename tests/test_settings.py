@@ -1,18 +1,45 @@
 import shutil
+from contextlib import nullcontext
+from urllib.error import URLError
 
 import pytest
 import torch
 from torchvision.models import ResNet34_Weights, resnet34
 
-from gradcam_tut import data
+from gradcam_tut import data, settings
 from gradcam_tut.data import find_fish_dataset
 from gradcam_tut.settings import SMOKE_ENV, pretrained_weights_available, run_settings
 from gradcam_tut.train import fish_learner
 
 
+def _offline(url, timeout):
+    raise URLError("offline")
+
+
 @pytest.fixture(autouse=True)
 def no_env(monkeypatch):
     monkeypatch.delenv(SMOKE_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No request leaves the machine: the tests answer the same online and offline."""
+    monkeypatch.setattr(settings, "urlopen", _offline)
+
+
+def test_weights_are_available_when_their_url_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # nothing cached
+    asked = []
+
+    def answering(url, timeout):
+        asked.append((url, timeout))
+        return nullcontext()  # a response: a context manager
+
+    monkeypatch.setattr(settings, "urlopen", answering)
+    assert pretrained_weights_available(timeout=0.5)
+    assert asked == [(ResNet34_Weights.DEFAULT.url, 0.5)]
+    monkeypatch.setattr(settings, "urlopen", _offline)
+    assert not pretrained_weights_available(timeout=0.5)
 
 
 def test_auto_mode_says_why(mini_dest, tmp_path, capsys):
@@ -77,7 +104,7 @@ def test_cpu_mode_fine_tunes_imagenet_weights(full_size_replica, tmp_path, monke
     if torch.cuda.is_available():
         pytest.skip("checks the CPU decision")
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    assert not pretrained_weights_available(timeout=0.5)  # offline, nothing cached
+    assert not pretrained_weights_available(timeout=0.5)  # offline (mocked), nothing cached
     s = run_settings(data=full_size_replica, out=tmp_path)
     assert s.mode == "smoke" and "no pretrained weights" in s.reason
     weights = tmp_path / "hub" / "checkpoints" / ResNet34_Weights.DEFAULT.url.rsplit("/", 1)[1]
