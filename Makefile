@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench docs
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it is
+
+.PHONY: setup run test lint bench docs browser
 
 setup: $(STAMP)
 
@@ -20,8 +22,12 @@ run: setup
 docs: setup  # run every notebook and keep readable copies in docs/notebooks (committed)
 	$(BIN)/gradcam-tut run --out runs --publish docs/notebooks
 
-test: setup lint
+test: setup lint browser
 	$(BIN)/python -m pytest -q
+
+browser:  # tests/test_audit.py opens report.html in headless Chromium (Debian's package)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq chromium; }
 
 lint: setup
 	$(BIN)/ruff check .

@@ -307,6 +307,18 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--bs", type=positive_int, default=16, help="images per grad_cam pass")
     ex.add_argument("--force", action="store_true",
                     help="replace an earlier result in --out, as a whole")
+    au = sub.add_parser("audit", help="cluster every class's maps and flag the clusters that "
+                        "look away from the object (no masks): clusters.csv and report.html")
+    au.add_argument("paths", nargs="+", type=Path, help="images and folders of images "
+                    "(<class>/<image> folders named like the learner's classes: labelled)")
+    au.add_argument("--learner", type=Path, required=True, help="a learner saved by learn.export")
+    au.add_argument("--out", type=Path, required=True, help="folder for clusters.csv and "
+                    "report.html, written whole: it appears only when both are in it")
+    au.add_argument("--layer", help="one layer's name; default the deepest with >= 7x7 cells")
+    au.add_argument("--method", default="gradcam", choices=METHOD_NAMES)
+    au.add_argument("--bs", type=positive_int, default=16, help="images per grad_cam pass")
+    au.add_argument("--force", action="store_true",
+                    help="replace an earlier result in --out, as a whole")
     return p
 
 
@@ -370,6 +382,21 @@ def explain(args: argparse.Namespace) -> None:
           + (f", {args.out / 'grids'}/" if args.grids else ""))
 
 
+def audit(args: argparse.Namespace) -> None:
+    from .audit import RESULTS
+    from .audit import audit as audit_images
+    from .train import load_fish_learner
+
+    check_destination(args.out, RESULTS, args.force)  # before loading the learner
+    learn = load_fish_learner(args.learner)
+    result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
+                          force=args.force)
+    clusters = result.clusters
+    print(f"{len(result.images)} images, {len(clusters)} clusters at {result.layer}, "
+          f"{int(clusters['flagged'].sum())} flagged: {args.out / 'clusters.csv'}, "
+          f"{args.out / 'report.html'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on a user error (one line), 1 on a failed notebook."""
     args = parser().parse_args(argv)
@@ -382,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             mini_fish.run(args)
         elif args.cmd == "explain":
             explain(args)
+        elif args.cmd == "audit":
+            audit(args)
         else:
             grid(args)
     except (*USER_ERRORS, NotebookFailed) as exc:

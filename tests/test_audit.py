@@ -1,0 +1,224 @@
+"""`audit` and `gradcam-tut audit`: clusters of maps without masks, the flag rule, the files it
+writes (whole, never over an earlier result without --force), one-line errors, and the report
+as a person sees it in a real browser (Debian's chromium, installed by `make test`)."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradcam_tut import audit as audit_module
+from gradcam_tut.audit import (
+    Audit,
+    _clusters,
+    audit,
+    cluster_maps,
+    flag_reason,
+    mass_numbers,
+    regions,
+    report_html,
+)
+from gradcam_tut.cli import main
+from gradcam_tut.results import MARKER
+
+COLUMNS = ["file", "class", "cluster", "flagged", "label", "predicted", "confidence", "correct",
+           "cluster_size", "centre", "edges", "corners", "compactness", "peak_row", "peak_col",
+           "empty"]
+
+
+def blobs(n: int, where: str, seed: int, grid: int = 8) -> np.ndarray:
+    """n maps (n, grid, grid) with a Gaussian blob near the centre or the top-left corner,
+    jittered, with noise, scaled to a maximum of 1."""
+    rng = np.random.default_rng(seed)
+    pos = (np.arange(grid) + 0.5) / grid
+    y, x = np.meshgrid(pos, pos, indexing="ij")
+    centre = (0.5, 0.5) if where == "centre" else (0.08, 0.08)
+    cy, cx = (rng.normal(c, 0.05, n)[:, None, None] for c in centre)
+    maps = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / rng.uniform(0.01, 0.03, (n, 1, 1)))
+    maps = np.clip(maps + rng.normal(0, 0.03, maps.shape), 0, None)
+    return maps / maps.max(axis=(1, 2), keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def families():
+    """30 centre blobs then 20 corner blobs."""
+    return np.concatenate([blobs(30, "centre", 0), blobs(20, "corner", 1)]).astype(np.float32)
+
+
+def test_clustering_separates_centre_and_corner_maps_and_flags_the_corner(families):
+    labels, eigenvalues = cluster_maps(families)
+    assert labels.max() == 1, eigenvalues  # the eigengap finds 2 clusters
+    assert np.diff(eigenvalues).argmax() == 1 and eigenvalues[1] < 0.1 < eigenvalues[2]
+    assert (labels[:30] == 0).all() and (labels[30:] == 1).all()  # numbered by size
+    numbers = mass_numbers(np.stack([families[labels == c].mean(0) for c in (0, 1)]))
+    assert numbers.loc[0, "centre"] > 0.6 and numbers.loc[1, "corners"] > 0.6
+    assert flag_reason(numbers.loc[0]) == ""
+    assert flag_reason(numbers.loc[1]).startswith("corners hold")
+
+
+def test_one_family_is_one_cluster_and_sparse_agrees_with_dense(families):
+    labels, _ = cluster_maps(blobs(40, "centre", 2))
+    assert (labels == 0).all()
+    dense, _ = cluster_maps(families)
+    sparse, _ = cluster_maps(families, dense_max=0)  # the nearest-neighbour affinity
+    assert (dense == sparse).all()
+    assert (cluster_maps(families[:5])[0] == 0).all()  # too few to split
+
+
+def test_mass_numbers_and_the_flag_rule():
+    G = 8
+    assert [r.sum() for r in regions(G).values()] == [16, 32, 16]  # centre, edges, corners
+    flat, point, ring, empty = np.ones((G, G)), np.zeros((G, G)), np.ones((G, G)), np.zeros((G, G))
+    point[3, 4] = 1
+    ring[1:-1, 1:-1] = 0
+    numbers = mass_numbers(np.stack([flat, point, ring, empty]))
+    assert numbers.loc[0, ["centre", "edges", "corners"]].tolist() == [0.25, 0.5, 0.25]
+    assert numbers.loc[0, "compactness"] == pytest.approx(0, abs=1e-9)
+    assert numbers.loc[1, "compactness"] == 1 and numbers.loc[1, "centre"] == 1
+    assert (numbers.loc[1, "peak_row"], numbers.loc[1, "peak_col"]) == (3, 4)
+    assert numbers.loc[3, ["centre", "corners"]].isna().all() and numbers.loc[3, "empty"] == 1
+    assert flag_reason(numbers.loc[0]) == "" and flag_reason(numbers.loc[1]) == ""
+    assert "along the border" in flag_reason(numbers.loc[2])  # the centre holds 0
+    with pytest.raises(ValueError, match="multiple of 4"):
+        regions(6)
+
+
+@pytest.fixture(scope="module")
+def audited(tiny_learner, mini_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "audited"
+    return audit(tiny_learner, [mini_root], out=out), out
+
+
+def test_audit_writes_one_row_per_image(audited, tiny_learner):
+    result, out = audited
+    assert sorted(p.name for p in out.iterdir()) == ["clusters.csv", MARKER, "report.html"]
+    table = pd.read_csv(out / "clusters.csv", keep_default_na=False)
+    assert list(table.columns) == COLUMNS and len(table) == 54  # 6 mini fish x 9 classes
+    assert set(table["class"]) == set(tiny_learner.dls.vocab)
+    assert (table["class"] == table["label"]).all()  # <class>/<image> folders: labelled
+    assert set(table["flagged"]) <= {0, 1} and set(table["correct"]) <= {0, 1}
+    sizes = table.groupby(["class", "cluster"])["file"].transform("size")
+    assert (sizes == table["cluster_size"]).all()
+    assert result.features.shape == (54, 8, 8) and result.maps.shape[0] == 54
+    assert result.layer == "layer1"  # the deepest with 8x8 cells at 32 px
+    flagged = result.clusters.set_index(["class", "cluster"])["flagged"]
+    assert (table.set_index(["class", "cluster"]).index.map(flagged) == table["flagged"]).all()
+
+
+def test_unlabelled_images_are_grouped_by_prediction(tiny_learner, mini_root, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in sorted((mini_root / "Trout" / "Trout").iterdir())[:4]:
+        shutil.copy(f, photos / f.name)
+    result = audit(tiny_learner, photos, layer="layer2")
+    table = result.images
+    assert (table["label"] == "").all() and table["correct"].isna().all()
+    assert (table["class"] == table["predicted"]).all() and result.layer == "layer2"
+
+
+def test_rerun_refused_without_force_and_replaced_with_it(audited, tiny_learner, mini_root):
+    _, out = audited
+    before = (out / "clusters.csv").read_bytes()
+    with pytest.raises(FileExistsError, match="--force"):
+        audit(tiny_learner, [mini_root], out=out)
+    assert (out / "clusters.csv").read_bytes() == before
+    audit(tiny_learner, [mini_root], out=out, force=True)
+    assert (out / "clusters.csv").read_bytes() == before  # the same run again, replaced whole
+
+
+def test_cli_audit_and_its_one_line_errors(tiny_model_file, mini_root, tmp_path, capsys,
+                                           monkeypatch):
+    out = tmp_path / "audited"
+    cmd = ["audit", str(mini_root / "Trout"), "--learner", str(tiny_model_file), "--out",
+           str(out)]
+    assert main(cmd) == 0
+    assert "6 images" in capsys.readouterr().out and (out / "report.html").is_file()
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the model ran before the check")
+
+    monkeypatch.setattr(audit_module, "_explain_all", computed)
+    cases = [(cmd, "holds an earlier result: pick another --out, or add --force"),
+             (cmd[:-1] + [str(tmp_path / "x")] + ["--layer", "nope"], "no layer named 'nope'"),
+             (["audit", str(tmp_path / "none"), *cmd[2:4], "--out", str(tmp_path / "y")],
+              "no file or folder at"),
+             (["audit", str(mini_root), "--learner", str(tmp_path / "none.pkl"), "--out",
+               str(tmp_path / "z")], "run notebook 01"),
+             (cmd[:-1] + [str(tiny_model_file)], "is a file")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gradcam-tut: error: "), err
+        assert message in err, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def synthetic_report(families) -> Audit:
+    """An Audit of the two families (one class with a centre and a corner cluster, one class
+    of centre maps), no images."""
+    table = pd.DataFrame({"file": [f"/data/{'Trout' if i < 50 else 'Shrimp'}/{i}.png"
+                                   for i in range(70)],
+                          "predicted": ["Trout"] * 45 + ["Shrimp"] * 25,
+                          "confidence": 0.9})
+    table["label"] = ["Trout"] * 50 + ["Shrimp"] * 20
+    features = np.concatenate([families, blobs(20, "centre", 3)]).astype(np.float32)
+    images, clusters = _clusters(table, features, 6)
+    return Audit(images, clusters, features, features, "layer2")
+
+
+@pytest.fixture(scope="module")
+def page():
+    """A page of headless Chromium: Debian's `chromium` (`make test` installs it), else
+    Playwright's own browser. Fails, not skips, without one."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                    args=["--no-sandbox"])  # root in CI
+        yield browser.new_page(viewport={"width": 1280, "height": 900})
+        browser.close()
+
+
+def sizes_and_accuracies(page) -> list[list[tuple[float, float]]]:
+    """Per class section, the cards' (size, accuracy) in the order shown (NaN: no labels)."""
+    return page.evaluate("""() => [...document.querySelectorAll('.clusters')].map(list =>
+        [...list.children].map(c => [parseFloat(c.dataset.size),
+                                     parseFloat(c.dataset.accuracy)]))""")
+
+
+def test_report_in_a_browser(audited, page, tmp_path):
+    result, out = audited
+    page.goto((out / "report.html").resolve().as_uri())
+    page.wait_for_load_state("load")
+    classes = page.locator("section.class h2").all_inner_texts()
+    assert [t.split(":")[0] for t in classes] == sorted(result.clusters["class"].unique())
+    assert page.locator(".cluster").count() == len(result.clusters)
+    n_images = page.evaluate("document.images.length")
+    assert n_images >= len(result.clusters) * 2  # a mean map and examples per cluster
+    assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator(".cluster.flagged").count() == result.clusters["flagged"].sum()
+    page.screenshot(path=tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_sorts_and_marks_flagged_clusters(families, page, tmp_path):
+    result = synthetic_report(families)
+    file = tmp_path / "report.html"
+    file.write_text(report_html(result, {}), encoding="utf-8")
+    page.goto(file.as_uri())
+    assert page.locator("section.class").count() == 2
+    flagged = page.locator(".cluster.flagged")
+    assert flagged.count() == 1 and flagged.locator(".flag").is_visible()
+    assert "corners hold" in flagged.inner_text()
+    assert "1 flagged: Trout 1 (20 images)" in page.inner_text("p.note")
+    assert flagged.evaluate("e => getComputedStyle(e).borderTopColor") == "rgb(221, 34, 34)"
+    page.click("button[data-key=size]")
+    shown = sizes_and_accuracies(page)
+    assert all([s for s, _ in c] == sorted([s for s, _ in c], reverse=True) for c in shown)
+    page.click("button[data-key=size]")  # again: smallest first
+    assert [s for s, _ in sizes_and_accuracies(page)[1]] == [20, 30]
+    page.click("button[data-key=accuracy]")
+    trout = [a for _, a in sizes_and_accuracies(page)[1]]
+    assert trout == sorted(trout, reverse=True) and trout[0] > trout[1]
+    assert page.get_attribute("button[data-key=accuracy]", "aria-pressed") == "true"
