@@ -8,7 +8,9 @@ Here one `explain` pass gives each image's map at one layer (for its true class 
 image sits in a `<class>/<image>` folder named like a class of the learner, else for its
 prediction), each map is placed on a `grid` x `grid` grid of the image and scaled to a maximum
 of 1, and each class's maps are clustered with scikit-learn's `SpectralClustering`, the number
-of clusters chosen by the eigengap. Each cluster's mean map says where its mass lies:
+of clusters chosen by the eigengap. Maps are compared up to mirror images (each averaged with
+its three flips): a tag in the top-left corner and one in the bottom-right are one strategy.
+Each cluster's mean map says where its mass lies, and its maps' peaks where they point:
 
     centre   cells whose centres lie in the middle half of both axes   (1/4 of the image)
     corners  cells in the outer quarter of both axes: 4 squares        (1/4 of the image)
@@ -16,10 +18,18 @@ of clusters chosen by the eigengap. Each cluster's mean map says where its mass 
     compactness  1 - spread / a flat map's spread, clipped to 0..1 (spread: the root mean
              squared distance of the mass from its centroid); 1 is a point, 0 flat or split
 
-A cluster is **flagged** when its mean map's mass lies in the corners or along the border
-rather than on a compact central region: `corners >= 0.45` (1.8x a flat map's 0.25), or
-`centre <= 0.10` (0.4x a flat map's 0.25). A flag asks a person to look; it is no verdict
-(an object that sits near the border of every photo is flagged too).
+A cluster is **flagged** when its maps look at the corners or along the border rather than
+at a compact central region, by any of three numbers:
+
+    peaks in corners >= 0.5   half its maps or more peak in a corner (a random peak: 0.25)
+    corners >= 0.45           its mean map's mass in the corners (a flat map: 0.25)
+    centre <= 0.10            its mean map's mass in the centre (a flat map: 0.25)
+
+Measured on notebook 06's shortcut (`benchmarks/bench_audit.py`): a map that peaks on the
+corner mark peaks in the corners 99% of the time, a map on the fish 13%; the mean maps stay
+spread (layer2's receptive fields are wide), so the peaks catch what the mass alone misses.
+A flag asks a person to look; it is no verdict (an object that sits in a corner of most photos
+is flagged too).
 
     audited/
       clusters.csv   one row per image: file, class, cluster, flagged, the numbers
@@ -61,10 +71,12 @@ GRID = 8  # maps are compared on GRID x GRID cells of the image
 MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many cells a side
 MAX_CLUSTERS = 6  # at most this many clusters per class
 MIN_PER_CLUSTER = 4  # and at most n // this many, so that a cluster has a few images
+GAP_TIE = 0.8  # eigengaps within 20% of the largest are ties, won by fewer clusters
 NEIGHBOURS = 7  # local scale: the distance to the 7th nearest map (Zelnik-Manor & Perona)
 DENSE_MAX = 4000  # more maps in a class: a sparse nearest-neighbour affinity (memory ~ n^2)
 SPARSE_NEIGHBOURS = 15  # the neighbours each map keeps in the sparse affinity
-CORNER_FLAG = 0.45  # a cluster is flagged with at least this share of its mass in the corners
+PEAK_FLAG = 0.5  # a cluster is flagged when at least this share of its maps peak in a corner,
+CORNER_FLAG = 0.45  # ... or at least this share of its mean map's mass is in the corners,
 CENTRE_FLAG = 0.10  # ... or at most this share in the centre
 EXAMPLES = 6  # example images per cluster in the report
 THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
@@ -110,8 +122,9 @@ def regions(grid: int = GRID) -> dict[str, np.ndarray]:
 
 def mass_numbers(maps: np.ndarray) -> pd.DataFrame:
     """Where the mass of each map (N, grid, grid) lies: its share in the centre, the edges and
-    the corners, its compactness (see the module), and the row and column of its peak cell.
-    An all-zero map gets NaN shares (it holds no evidence anywhere) and `empty` 1."""
+    the corners, its compactness (see the module), the row and column of its peak cell and the
+    region it is in (`peak_in`). An all-zero map gets NaN shares, no peak (-1, "") and `empty`
+    1: it holds no evidence anywhere."""
     maps = np.asarray(maps, dtype=np.float64)
     N, G, _ = maps.shape
     total = maps.sum(axis=(1, 2))
@@ -127,13 +140,25 @@ def mass_numbers(maps: np.ndarray) -> pd.DataFrame:
     peak = maps.reshape(N, -1).argmax(1)
     table = pd.DataFrame(out)
     table.loc[empty, list(out)] = np.nan
-    table["peak_row"], table["peak_col"] = peak // G, peak % G
+    rows, cols = peak // G, peak % G
+    names = np.array(list(regions(G)))
+    where = np.select([r[rows, cols] for r in regions(G).values()], names, "")
+    table["peak_row"], table["peak_col"] = np.where(empty, -1, rows), np.where(empty, -1, cols)
+    table["peak_in"] = np.where(empty, "", where)
     table["empty"] = empty.astype(int)
     return table
 
 
 def flag_reason(numbers: pd.Series | dict) -> str:
-    """Why a cluster's mean map is flagged (see the module), or "" when it is not."""
+    """Why a cluster is flagged (see the module), or "" when it is not.
+
+    Args:
+        numbers: its mean map's `centre` and `corners` (`mass_numbers`), and
+            `peaks_in_corners`, the share of its maps whose peak is in a corner (NaN: none).
+    """
+    peaks = numbers.get("peaks_in_corners", np.nan)
+    if peaks >= PEAK_FLAG:
+        return f"{peaks:.0%} of its maps peak in a corner (flag at {PEAK_FLAG:.0%})"
     if numbers["corners"] >= CORNER_FLAG:
         return f"corners hold {numbers['corners']:.2f} of the mass (flag at {CORNER_FLAG})"
     if numbers["centre"] <= CENTRE_FLAG:
@@ -192,21 +217,35 @@ def laplacian_spectrum(W: np.ndarray | sparse.spmatrix, n: int) -> np.ndarray:
     return np.clip(1 - mu, 0, 2)
 
 
-def eigengap_clusters(eigenvalues: np.ndarray) -> int:
-    """The number of clusters k that maximises the gap lambda_{k+1} - lambda_k between the
+def eigengap_clusters(eigenvalues: np.ndarray, tie: float = GAP_TIE) -> int:
+    """The number of clusters k with the largest gap lambda_{k+1} - lambda_k between the
     Laplacian's smallest eigenvalues (ascending): k well separated groups give k eigenvalues
-    near 0 and then a jump (von Luxburg, "A tutorial on spectral clustering", 2007, 8.3)."""
+    near 0 and then a jump (von Luxburg, "A tutorial on spectral clustering", 2007, 8.3).
+    A gap of at least `tie` x the largest is a tie, and ties go to fewer clusters: maps with
+    no cluster structure give gaps that are all alike, and the largest is then chance."""
     if len(eigenvalues) < 2:
         return 1
-    return int(np.argmax(np.diff(eigenvalues))) + 1
+    gaps = np.diff(eigenvalues)
+    return int(np.flatnonzero(gaps >= tie * gaps.max())[0]) + 1
+
+
+def mirrored(features: np.ndarray) -> np.ndarray:
+    """Maps (N, h, w) averaged with their left-right, up-down and both flips, scaled to a
+    maximum of 1: where a map looks, up to which side or corner."""
+    f = np.asarray(features, dtype=np.float32)
+    g = f + f[:, ::-1] + f[:, :, ::-1] + f[:, ::-1, ::-1]
+    return g / np.maximum(g.max(axis=(1, 2), keepdims=True), 1e-12)
 
 
 def cluster_maps(features: np.ndarray, max_clusters: int = MAX_CLUSTERS,
-                 dense_max: int = DENSE_MAX, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 dense_max: int = DENSE_MAX, seed: int = 0,
+                 mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Spectral clustering of one class's maps, the number of clusters from the eigengap.
 
     Args:
-        features: (N, grid, grid) or (N, D) maps, each scaled to a maximum of 1.
+        features: (N, grid, grid) maps, each scaled to a maximum of 1.
+        mirror: compare the maps up to mirror images (`mirrored`): the same place in another
+            corner or on the other side is the same strategy.
         max_clusters: the cap; also at most N // `MIN_PER_CLUSTER` clusters.
         dense_max: above this many maps the affinity is sparse (`affinity`).
 
@@ -214,7 +253,8 @@ def cluster_maps(features: np.ndarray, max_clusters: int = MAX_CLUSTERS,
         Labels (N,) numbered by size, 0 the largest cluster; and the Laplacian's smallest
         eigenvalues that chose their number.
     """
-    X = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    X = mirrored(features) if mirror else np.asarray(features, dtype=np.float32)
+    X = X.reshape(len(X), -1)
     N = len(X)
     cap = min(max_clusters, N // MIN_PER_CLUSTER)
     if cap < 2:
@@ -279,8 +319,8 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     Returns:
         An `Audit`; its `images` has one row per image: file, class, cluster, flagged (1 when
         its cluster is), label ("" when none), predicted, confidence, correct (empty without
-        a label), its own map's centre, edges, corners, compactness, peak_row, peak_col,
-        empty (an all-zero map), and its cluster's size.
+        a label), its cluster's size, its own map's centre, edges, corners, compactness,
+        peak_row, peak_col, peak_in (centre, edges, corners) and empty (an all-zero map).
 
     Raises:
         ValueError: `bs` < 1, a `grid` that is not a multiple of 4, an unknown layer or method,
@@ -358,6 +398,7 @@ def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int
                            "correct": pd.array(np.where(labelled,
                                                         table["label"] == table["predicted"],
                                                         pd.NA), dtype="Int64")})
+    own = mass_numbers(features)
     rows = []
     for cls in sorted(images["class"].unique()):
         pos = np.flatnonzero(images["class"] == cls)
@@ -367,19 +408,22 @@ def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int
             members = pos[labels == c]
             mean = features[members].mean(0)
             numbers = mass_numbers(mean[None]).iloc[0]
+            peaks = own["peak_in"].iloc[members]
+            numbers["peaks_in_corners"] = ((peaks == "corners").sum() / (peaks != "").sum()
+                                           if (peaks != "").any() else np.nan)
             correct = images.loc[members, "correct"].dropna()
             why = "" if numbers["empty"] else flag_reason(numbers)
             rows.append({"class": cls, "cluster": c, "size": len(members),
                          "accuracy": float(correct.mean()) if len(correct) else np.nan,
                          "labelled": len(correct),
-                         **numbers[["centre", "edges", "corners", "compactness"]].to_dict(),
+                         **numbers[["centre", "edges", "corners", "compactness",
+                                    "peaks_in_corners"]].to_dict(),
                          "flagged": int(bool(why)), "why": why, "mean_map": mean,
                          "members": members, "eigenvalues": eigenvalues})
     clusters = pd.DataFrame(rows)
     for row in clusters.itertuples():
         images.loc[row.members, "flagged"] = row.flagged
         images.loc[row.members, "cluster_size"] = row.size
-    own = mass_numbers(features)
     images = pd.concat([images, own.round(4)], axis=1)
     images["cluster_size"] = images["cluster_size"].astype(int)
     return images, clusters
@@ -468,9 +512,11 @@ h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; margin-top: 1.6em; }}
 <h1>Grad-CAM audit</h1>
 <p class="note">{summary}</p>
 <p class="note">Each class's maps at <code>{layer}</code> ({method}, on {grid}x{grid} cells of the
-image, each scaled to a maximum of 1) are clustered with spectral clustering, the number of
-clusters from the eigengap. The mean map of a cluster shows the centre (cyan square) and the
-four corners (grey squares), each a quarter of the image. <b>Flagged</b>: the corners hold at
+image, each scaled to a maximum of 1) are clustered with spectral clustering, up to mirror
+images, the number of clusters from the eigengap. The mean map of a cluster shows the centre
+(cyan square) and the four corners (grey squares), each a quarter of the image; the numbers are
+the shares of its mass there, and the share of its maps that peak in a corner. <b>Flagged</b>:
+at least {peak} of its maps peak in a corner (a random peak: 0.25), or the corners hold at
 least {corner} of the mean map's mass, or the centre at most {centre} (a flat map: 0.25 each).
 Examples: the images nearest their cluster's mean map, as the network saw them, and their map.
 A flag asks you to look; it is no verdict.</p>
@@ -521,8 +567,10 @@ def report_html(result: Audit, thumbs: dict[int, tuple[str, str]],
             acc_text = (f"accuracy {row.accuracy:.2f} ({row.labelled} labelled)" if acc
                         else "no labels")
             flag = ('<span class="flag">flagged</span> ' if row.flagged else "")
-            numbers = "".join(f"<tr><td>{k}</td><td>{getattr(row, k):.2f}</td></tr>"
-                              for k in ("centre", "edges", "corners", "compactness")
+            numbers = "".join(f"<tr><td>{k.replace('_', ' ')}</td>"
+                              f"<td>{getattr(row, k):.2f}</td></tr>"
+                              for k in ("centre", "edges", "corners", "compactness",
+                                        "peaks_in_corners")
                               if not np.isnan(getattr(row, k)))
             shown = []
             for i in row.members:
@@ -557,4 +605,5 @@ def report_html(result: Audit, thumbs: dict[int, tuple[str, str]],
                + ".")
     return PAGE.format(title=esc(f"{len(images)} images"), summary=summary,
                        layer=esc(result.layer), method=esc(method), grid=result.features.shape[1],
-                       corner=CORNER_FLAG, centre=CENTRE_FLAG, classes="\n".join(sections))
+                       peak=PEAK_FLAG, corner=CORNER_FLAG, centre=CENTRE_FLAG,
+                       classes="\n".join(sections))

@@ -24,18 +24,18 @@ from gradcam_tut.results import MARKER
 
 COLUMNS = ["file", "class", "cluster", "flagged", "label", "predicted", "confidence", "correct",
            "cluster_size", "centre", "edges", "corners", "compactness", "peak_row", "peak_col",
-           "empty"]
+           "peak_in", "empty"]
 
 
-def blobs(n: int, where: str, seed: int, grid: int = 8) -> np.ndarray:
+def blobs(n: int, where: str, seed: int, grid: int = 8, width=(0.01, 0.03)) -> np.ndarray:
     """n maps (n, grid, grid) with a Gaussian blob near the centre or the top-left corner,
-    jittered, with noise, scaled to a maximum of 1."""
+    jittered, of a squared width drawn from `width`, with noise, scaled to a maximum of 1."""
     rng = np.random.default_rng(seed)
     pos = (np.arange(grid) + 0.5) / grid
     y, x = np.meshgrid(pos, pos, indexing="ij")
     centre = (0.5, 0.5) if where == "centre" else (0.08, 0.08)
     cy, cx = (rng.normal(c, 0.05, n)[:, None, None] for c in centre)
-    maps = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / rng.uniform(0.01, 0.03, (n, 1, 1)))
+    maps = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / rng.uniform(*width, (n, 1, 1)))
     maps = np.clip(maps + rng.normal(0, 0.03, maps.shape), 0, None)
     return maps / maps.max(axis=(1, 2), keepdims=True)
 
@@ -58,8 +58,10 @@ def test_clustering_separates_centre_and_corner_maps_and_flags_the_corner(famili
 
 
 def test_one_family_is_one_cluster_and_sparse_agrees_with_dense(families):
-    labels, _ = cluster_maps(blobs(40, "centre", 2))
-    assert (labels == 0).all()
+    labels, _ = cluster_maps(blobs(40, "centre", 2, width=(0.02, 0.02)))
+    assert (labels == 0).all()  # the same blob, jittered
+    labels, _ = cluster_maps(blobs(40, "centre", 2, width=(0.005, 0.05)))
+    assert labels.max() >= 1  # small and large blobs: two ways of looking
     dense, _ = cluster_maps(families)
     sparse, _ = cluster_maps(families, dense_max=0)  # the nearest-neighbour affinity
     assert (dense == sparse).all()
@@ -76,10 +78,14 @@ def test_mass_numbers_and_the_flag_rule():
     assert numbers.loc[0, ["centre", "edges", "corners"]].tolist() == [0.25, 0.5, 0.25]
     assert numbers.loc[0, "compactness"] == pytest.approx(0, abs=1e-9)
     assert numbers.loc[1, "compactness"] == 1 and numbers.loc[1, "centre"] == 1
-    assert (numbers.loc[1, "peak_row"], numbers.loc[1, "peak_col"]) == (3, 4)
+    assert numbers.loc[1, ["peak_row", "peak_col", "peak_in"]].tolist() == [3, 4, "centre"]
     assert numbers.loc[3, ["centre", "corners"]].isna().all() and numbers.loc[3, "empty"] == 1
+    assert numbers.loc[3, ["peak_row", "peak_in"]].tolist() == [-1, ""]  # no peak
     assert flag_reason(numbers.loc[0]) == "" and flag_reason(numbers.loc[1]) == ""
     assert "along the border" in flag_reason(numbers.loc[2])  # the centre holds 0
+    spread = {"centre": 0.3, "corners": 0.3}  # mass that does not say it, peaks that do
+    assert flag_reason(spread | {"peaks_in_corners": 0.49}) == ""
+    assert flag_reason(spread | {"peaks_in_corners": 0.5}).startswith("50% of its maps peak")
     with pytest.raises(ValueError, match="multiple of 4"):
         regions(6)
 
@@ -210,7 +216,7 @@ def test_report_sorts_and_marks_flagged_clusters(families, page, tmp_path):
     assert page.locator("section.class").count() == 2
     flagged = page.locator(".cluster.flagged")
     assert flagged.count() == 1 and flagged.locator(".flag").is_visible()
-    assert "corners hold" in flagged.inner_text()
+    assert "100% of its maps peak in a corner" in flagged.inner_text()
     assert "1 flagged: Trout 1 (20 images)" in page.inner_text("p.note")
     assert flagged.evaluate("e => getComputedStyle(e).borderTopColor") == "rgb(221, 34, 34)"
     page.click("button[data-key=size]")
