@@ -60,7 +60,7 @@ def _cascade(model: nn.Module, x: Tensor, layers, targets: Targets, seed: int, m
     x = x.as_subclass(Tensor)
     work = copy.deepcopy(model)  # the model, its weights and its mode stay as they were
     idx = class_indices(targets, work.eval()(x))
-    names = list(resolve_layers(work, layers))
+    names = list(resolve_layers(model, layers))  # a module of `model` by its name in `work`
     torch.manual_seed(seed)
 
     def maps() -> list[Tensor]:  # every layer from one grad_cam pass

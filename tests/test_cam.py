@@ -291,3 +291,12 @@ def test_every_public_name_imports():
     import gradcam_tut
 
     assert all(getattr(gradcam_tut, name) is not None for name in gradcam_tut.__all__)
+
+
+def test_cascading_randomization_takes_a_module_of_the_model(resnet18, batch):
+    """A module of the model is found again by name in the copy that is re-initialised."""
+    from gradcam_tut.sanity import cascading_randomization
+
+    by_module, _ = cascading_randomization(resnet18, batch[:1], resnet18.layer3)
+    by_name, _ = cascading_randomization(resnet18, batch[:1], "layer3")
+    assert by_module.equals(by_name) and by_module.index[0] == "trained"
