@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from .hooks import HookForwardMany
 
 Layer = str | nn.Module
-Targets = int | Sequence[int] | Tensor | None
+ScoreFn = Callable[[Tensor], Tensor]  # logits (B, C) -> one score per image (B,)
+Targets = int | str | Sequence[int | str] | Tensor | ScoreFn | None
 Reshape = Callable[[Tensor], Tensor]
 
 # torchvision ResNet children up to the global pool; fastai's `create_body` keeps them unnamed
@@ -301,17 +302,46 @@ def resolve_layers(model: nn.Module,
     return out
 
 
-def class_indices(targets: Targets, logits: Tensor) -> Tensor:
-    """One class index per image, shape (B,): the prediction when `targets` is None.
+def _index_of(name: str, vocab: Sequence[str] | None) -> int:
+    """A class name's index in `vocab`; digits that are not a class name are an index."""
+    if vocab is not None and name in vocab:
+        return list(vocab).index(name)
+    if name.isdigit():
+        return int(name)
+    if vocab is None:
+        raise ValueError(f"targets {name!r} are not class indices: pass ints, or class names "
+                         "with vocab=learn.dls.vocab (the index is learn.dls.vocab.o2i[name])")
+    raise ValueError(f"no class named {name!r}: use one of {list(vocab)}")
+
+
+def class_indices(targets: Targets, logits: Tensor,
+                  vocab: Sequence[str] | None = None) -> Tensor:
+    """The one place targets become classes: one class index per image, shape (B,).
+
+    Args:
+        targets: None for each image's prediction; one class for every image (an int, or a
+            name in `vocab`); or one per image (a list of B ints or names, a tensor, fastai's
+            `TensorCategory` from a batch).
+        logits: (B, C), the model's output for the batch.
+        vocab: the class names (`learn.dls.vocab`), for targets given by name; a string of
+            digits that is not a class name is an index ("3", as typed on a command line).
 
     Raises:
-        ValueError: targets of the wrong length or out of range for the number of classes.
+        ValueError: a bool, a float or a callable (it gives scores, not classes), an unknown
+            name, targets of the wrong length or out of range for the number of classes.
     """
     B, C = logits.shape
     if targets is None:
         return logits.argmax(dim=1)
+    if callable(targets) and not isinstance(targets, Tensor):
+        raise ValueError("a callable target gives a score per image, not a class: pass class "
+                         "indices or names here (grad_cam takes either)")
     if isinstance(targets, Tensor):
         targets = targets.as_subclass(Tensor)  # fastai's TensorCategory from a batch
+    elif isinstance(targets, str):
+        targets = _index_of(targets, vocab)
+    elif isinstance(targets, Sequence) and any(isinstance(t, str) for t in targets):
+        targets = [_index_of(t, vocab) if isinstance(t, str) else t for t in targets]
     try:
         idx = torch.as_tensor(targets, device=logits.device)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -334,6 +364,37 @@ def class_indices(targets: Targets, logits: Tensor) -> Tensor:
         raise ValueError(f"target {bad[0].item()} is out of range: the model has {C} classes, "
                          f"so a target is in 0..{C - 1}")
     return idx
+
+
+def target_scores(targets: Targets, logits: Tensor,
+                  vocab: Sequence[str] | None = None) -> Tensor:
+    """The score per image whose gradient the maps follow, float32 (B,).
+
+    Class targets (anything `class_indices` takes) give each image's logit y_c. A callable
+    gives what it makes of the logits, pytorch-grad-cam's convention: `targets(logits)` with
+    logits (B, C) returns (B,), e.g. `lambda z: z[:, 3] - z[:, 5]` or `contrast_target(3, 5)`.
+
+    Raises:
+        ValueError: as `class_indices`; a callable that does not return B scores.
+    """
+    if callable(targets) and not isinstance(targets, Tensor):
+        scores = targets(logits.float())
+        if not isinstance(scores, Tensor) or scores.shape != (len(logits),):
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"a target callable returned {got}: it must return one score per "
+                             f"image, shape ({len(logits)},), e.g. lambda z: z[:, 3]")
+        return scores.float()
+    return logits.float().gather(1, class_indices(targets, logits, vocab)[:, None])[:, 0]
+
+
+def contrast_target(targets: Targets, other: Targets,
+                    vocab: Sequence[str] | None = None) -> ScoreFn:
+    """"Why c rather than d" as a target: logits (B, C) -> y_c - y_d (B,), where c and d are
+    any targets `target_scores` takes (grad_cam's `contrast=d` is this)."""
+    def difference(logits: Tensor) -> Tensor:
+        return target_scores(targets, logits, vocab) - target_scores(other, logits, vocab)
+
+    return difference
 
 
 def _gradcam_pp(A: Tensor, G: Tensor) -> Tensor:
@@ -409,8 +470,9 @@ def default_reshape(model: nn.Module) -> Reshape | None:
 @torch.enable_grad()  # also inside a user's `torch.no_grad()` block
 def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
              targets: Targets = None, contrast: Targets = None,
-             method: str | Sequence[str] = "gradcam",
-             reshape: Reshape | None = None) -> list[Tensor] | dict[str, list[Tensor]]:
+             method: str | Sequence[str] = "gradcam", reshape: Reshape | None = None,
+             vocab: Sequence[str] | None = None, return_logits: bool = False
+             ) -> list[Tensor] | dict[str, list[Tensor]] | tuple:
     """Grad-CAM maps for several layers from ONE forward and ONE backward pass.
 
     For a layer with activations A (B, K, h, w) and class score y_c (the logit):
@@ -428,18 +490,25 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         model: a classifier returning logits (B, C); fastai's `learn.model`.
         x: a batch (B, 3, H, W) on the model's device; fastai's `TensorImage` too.
         layers: modules of `model`, or names from `body_layers(model)` or dotted paths.
-        targets: None for each image's predicted class, one int for every image, or B ints
-            (a list, a tensor, or fastai's `TensorCategory` from `dls.one_batch()`).
+        targets: None for each image's predicted class, one int (or a name of `vocab`) for
+            every image, or B of them (a list, a tensor, or fastai's `TensorCategory` from
+            `dls.one_batch()`); or a callable on the logits, (B, C) -> one score per image
+            (B,), as pytorch-grad-cam's targets (`target_scores`).
         contrast: the class d to contrast with, in the same forms; None for plain Grad-CAM.
+            The same as targets=contrast_target(targets, contrast).
         method: a key of `METHODS`, or a sequence of them.
         reshape: turns a layer's output into (B, C, h, w), applied to activations and
             gradients alike, as pytorch-grad-cam's `reshape_transform`: `vit_reshape` for a
             ViT's tokens, `channels_last` for Swin; None picks it from the model
             (`default_reshape`).
+        vocab: the class names (`learn.dls.vocab`), for targets given by name.
+        return_logits: also return the logits (B, C) of this pass, detached (no second
+            forward to get the predictions).
 
     Returns:
         One float32 map per layer, plain `torch.Tensor` (B, h_l, w_l), on x's device; not
-        normalised or upsampled. For a sequence of methods: {method: that list}.
+        normalised or upsampled. For a sequence of methods: {method: that list}. With
+        `return_logits`: (those maps, logits).
     """
     if x.ndim != 4:
         raise ValueError(f"x must be a batch (B, C, H, W), got shape {tuple(x.shape)}: "
@@ -472,17 +541,17 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"model returned {got}; expected logits (B, C): wrap the model so "
                          "that it returns the class scores as one tensor")
-    idx = class_indices(targets, logits)
-    score = logits.float().gather(1, idx[:, None]).sum()  # images are independent: sum is fine
     if contrast is not None:
-        score = score - logits.float().gather(1, class_indices(contrast, logits)[:, None]).sum()
+        targets = contrast_target(targets, contrast, vocab)
+    score = target_scores(targets, logits, vocab).sum()  # images are independent: sum is fine
     grads = torch.autograd.grad(score, stored)  # no parameter .grad is touched
     maps = {m: [] for m in methods}
     for act, grad in zip(stored, grads):  # float32 also under autocast
         act, grad = reshape(act.detach()).float(), reshape(grad).float()  # (B, K, h, w)
         for m in methods:
             maps[m].append(weighted_map(act, grad, m))  # (B, h, w)
-    return maps[method] if isinstance(method, str) else maps
+    maps = maps[method] if isinstance(method, str) else maps
+    return (maps, logits.detach()) if return_logits else maps
 
 
 @torch.no_grad()

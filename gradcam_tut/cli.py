@@ -322,11 +322,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _target(target: str | None, vocab) -> int | str | None:
-    """A class name as given, or an index when it is digits and not itself a class name."""
-    if target is not None and target not in vocab and target.isdigit():
-        return int(target)
-    return target
+def _target(target: str | None, vocab) -> int | None:
+    """--target as a class index, by the one resolver (`cam.class_indices`): a class name, or
+    digits that are not a class name."""
+    from .plot import class_index  # torch and matplotlib only once a command needs them
+
+    return None if target is None else class_index(vocab, target)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ from torch.nn import Module
 
 from .cam import Layer, grad_cam, resolve_layers
 from .data import damaged_images, damaged_listing, listed_images
-from .hooks import HookForward
 from .plot import class_index, plot_layer_grid
 from .results import check_destination, written_whole
 
@@ -109,9 +108,9 @@ def _explain_batches(learn: Learner, files: list[Path], named: dict[str, Module]
     rows, maps = [], {name: [] for name in named}
     done = 0
     for (xb,) in progress_bar(dl, leave=False):
-        with HookForward(learn.model) as logits:  # the forward inside grad_cam
-            batch = grad_cam(learn.model, xb, list(named.values()), cls, method=method)
-        probs = logits.stored.float().softmax(dim=1).cpu()
+        batch, logits = grad_cam(learn.model, xb, list(named.values()), cls, method=method,
+                                 return_logits=True)  # the predictions of the same pass
+        probs = logits.float().softmax(dim=1).cpu()
         preds = probs.argmax(dim=1).tolist()
         for i, (p, pred) in enumerate(zip(probs, preds)):
             target_i = pred if cls is None else cls

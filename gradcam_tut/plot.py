@@ -18,7 +18,15 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .cam import METHODS, Layer, body_layers, grad_cam, normalize_maps, resolve_layers
+from .cam import (
+    METHODS,
+    Layer,
+    body_layers,
+    class_indices,
+    grad_cam,
+    normalize_maps,
+    resolve_layers,
+)
 from .data import RGBImage, fish_mask, mask_file
 from .metrics import mask_dl, peak_points, pointing_game
 from .receptive_field import CellCentres, cell_centres, place
@@ -163,14 +171,9 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
 
 
 def class_index(vocab: Sequence[str], target: int | str) -> int:
-    """`target` as an index into `vocab`; a class name is looked up, an unknown one listed."""
-    if isinstance(target, str):
-        if target not in vocab:
-            raise ValueError(f"no class named {target!r}: use one of {list(vocab)}")
-        return list(vocab).index(target)
-    if not 0 <= target < len(vocab):
-        raise ValueError(f"class index {target} out of range 0..{len(vocab) - 1}")
-    return int(target)
+    """`target` (a class name, an index, or digits) as an index into `vocab`, by the one
+    resolver `cam.class_indices`: an unknown name is listed, a bool or a float refused."""
+    return int(class_indices(target, torch.zeros(1, len(vocab)), vocab)[0])
 
 
 def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor | None]:

@@ -258,7 +258,8 @@ def test_fastai_batch_in_plain_tensors_out(tiny_learner, mini_root):
     plain = torch.from_numpy(xb.cpu().numpy())
     plain = grad_cam(tiny_learner.model, plain, ["layer3", "layer4"], targets=yb.tolist())
     assert all(torch.equal(a, b) for a, b in zip(maps, plain))
-    assert f"{maps[1].max():.3f}"  # formats like any tensor
+    top = maps[1].max()
+    assert f"{top:.3f}" == f"{top.item():.3f}"  # formats like a float, not like a TensorBase
 
 
 def test_cam_is_grad_cam_for_an_average_pool_and_one_linear(resnet18, batch):
@@ -300,3 +301,53 @@ def test_cascading_randomization_takes_a_module_of_the_model(resnet18, batch):
     by_module, _ = cascading_randomization(resnet18, batch[:1], resnet18.layer3)
     by_name, _ = cascading_randomization(resnet18, batch[:1], "layer3")
     assert by_module.equals(by_name) and by_module.index[0] == "trained"
+
+
+def test_one_target_resolver(resnet18, batch):
+    """An index, a name (with a vocab), digits, per image, or a callable on the logits; the
+    contrast is one callable. Each equals the same target given as indices."""
+    from gradcam_tut.cam import class_indices, contrast_target, target_scores
+
+    vocab = [f"c{i}" for i in range(9)]
+    with torch.no_grad():
+        logits = resnet18(batch)
+    assert class_indices("c3", logits, vocab).tolist() == [3, 3, 3]
+    assert class_indices(["c0", 5, "8"], logits, vocab).tolist() == TARGETS
+    torch.testing.assert_close(target_scores(TARGETS, logits), logits[[0, 1, 2], TARGETS])
+    (ref,) = grad_cam(resnet18, batch, "layer4", TARGETS)
+    (by_name,) = grad_cam(resnet18, batch, "layer4", ["c0", "c5", "c8"], vocab=vocab)
+    assert torch.equal(by_name, ref) and ref.amax() > 0
+    rows = torch.arange(3)
+    (by_fn,) = grad_cam(resnet18, batch, "layer4", lambda z: z[rows, TARGETS])
+    torch.testing.assert_close(by_fn, ref)
+    (contrast,) = grad_cam(resnet18, batch, "layer4", 2, contrast=4)
+    (by_diff,) = grad_cam(resnet18, batch, "layer4", lambda z: z[:, 2] - z[:, 4])
+    (by_contrast_fn,) = grad_cam(resnet18, batch, "layer4", contrast_target(2, 4))
+    torch.testing.assert_close(by_diff, contrast)
+    torch.testing.assert_close(by_contrast_fn, contrast)
+    with pytest.raises(ValueError, match=r"returned \(3, 1\): it must return one score per"):
+        grad_cam(resnet18, batch, "layer4", lambda z: z[:, :1])
+    with pytest.raises(ValueError, match="no class named 'Tuna': use one of"):
+        grad_cam(resnet18, batch, "layer4", "Tuna", vocab=vocab)
+    with pytest.raises(ValueError, match="a callable target gives a score per image"):
+        class_indices(lambda z: z[:, 0], logits)
+    assert hooks_left(resnet18) == 0
+
+
+def test_return_logits_are_those_of_the_same_pass(resnet18, batch):
+    maps, logits = grad_cam(resnet18, batch, ["layer3", "layer4"], TARGETS, return_logits=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, resnet18(batch))
+    assert not logits.requires_grad and logits.shape == (3, 9)
+    for a, b in zip(maps, grad_cam(resnet18, batch, ["layer3", "layer4"], TARGETS)):
+        assert torch.equal(a, b)
+    by_method, _ = grad_cam(resnet18, batch, "layer4", method=["gradcam"], return_logits=True)
+    assert list(by_method) == ["gradcam"]
+
+
+def test_learner_gradcam_refuses_a_bool_as_grad_cam_does(tiny_learner, mini_root):
+    image = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
+    with pytest.raises(ValueError, match="must be integer class indices, got torch.bool"):
+        tiny_learner.gradcam(image, target=True)
+    with pytest.raises(ValueError, match="must be integer class indices, got torch.bool"):
+        tiny_learner.gradcam(image, contrast=False)
