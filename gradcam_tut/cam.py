@@ -397,25 +397,109 @@ def contrast_target(targets: Targets, other: Targets,
     return difference
 
 
-def _gradcam_pp(A: Tensor, G: Tensor) -> Tensor:
-    """Grad-CAM++'s closed form (Chattopadhay et al., 2018). With Y = exp(y_c) and y_c
-    piecewise linear in A, Y's 2nd and 3rd derivatives are Y*G^2 and Y*G^3, so Y cancels in
-    alpha; the weights' remaining factor Y scales each image's map and is dropped, as
-    pytorch-grad-cam does. Its 1e-6 is kept: where gradients are tiny it decides alpha."""
+# Each method weighs the activations A (B, K, h, w) of a layer by the gradient G = dy/dA of
+# the score (same shape); the map is ReLU of the sum over the channels (`weighted_map`). They
+# differ only in the weights, as pytorch-grad-cam's classes do, and all equal its maps.
+
+
+def gradcam(A: Tensor, G: Tensor) -> Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017, "Grad-CAM: Visual Explanations from Deep
+    Networks via Gradient-based Localization"): one weight per channel, its mean gradient.
+
+        alpha_k = mean_{i,j} G_k[i,j]        map = ReLU(sum_k alpha_k * A_k)
+
+    Args:
+        A: activations (B, K, h, w).
+        G: the gradient of the score with respect to A, (B, K, h, w).
+
+    Returns:
+        The weighted activations alpha_k * A_k, (B, K, h, w).
+    """
+    return G.mean(dim=(2, 3), keepdim=True) * A
+
+
+def gradcam_pp(A: Tensor, G: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018, "Grad-CAM++: Improved Visual Explanations
+    for Deep Convolutional Networks"): each pixel's positive gradient weighted by alpha, so
+    that several instances of a class each count, where Grad-CAM's mean favours the largest.
+
+        alpha_k[i,j] = G^2 / (2 G^2 + sum_{a,b} A_k[a,b] * G^3)
+        w_k = sum_{i,j} alpha_k[i,j] * ReLU(G_k[i,j])        map = ReLU(sum_k w_k * A_k)
+
+    The closed form with Y = exp(y_c) and y_c piecewise linear in A: Y's 2nd and 3rd
+    derivatives are Y*G^2 and Y*G^3, so Y cancels in alpha; the factor Y left in the weights
+    scales each image's map and is dropped, as pytorch-grad-cam does. Its 1e-6 is kept: where
+    gradients are tiny it decides alpha.
+
+    Args:
+        A: activations (B, K, h, w).
+        G: the gradient of the score with respect to A, (B, K, h, w).
+
+    Returns:
+        The weighted activations w_k * A_k, (B, K, h, w).
+    """
     g2 = G * G  # where G is 0 alpha is 0 too: 0 / 1e-6, no masking needed
     alpha = g2 / (2 * g2 + A.sum(dim=(2, 3), keepdim=True) * g2 * G + 1e-6)
     return (alpha * G.relu()).sum(dim=(2, 3), keepdim=True) * A
 
 
-# Each method weighs the activations A (B, K, h, w) by the gradient G of the score; the map is
-# ReLU of the sum over channels. Grad-CAM: one weight per channel, the mean gradient.
+def hirescam(A: Tensor, G: Tensor) -> Tensor:
+    """HiResCAM (Draelos & Carin, 2020, "Use HiResCAM instead of Grad-CAM for faithful
+    explanations of convolutional neural networks"): no average, the gradient times the
+    activation element by element, so the map shows where the score really came from.
+
+        map = ReLU(sum_k G_k * A_k)        (captum's gradient x activation, summed)
+
+    Args:
+        A: activations (B, K, h, w).
+        G: the gradient of the score with respect to A, (B, K, h, w).
+
+    Returns:
+        G * A, (B, K, h, w).
+    """
+    return G * A
+
+
+def xgradcam(A: Tensor, G: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al., BMVC 2020, "Axiom-based Grad-CAM: Towards Accurate Visualization
+    and Explanation of CNNs"): each channel's gradient averaged with its activations as
+    weights, which makes the map satisfy sensitivity and conservation.
+
+        w_k = sum_{i,j} G_k[i,j] * A_k[i,j] / (sum_{i,j} A_k[i,j] + 1e-7)
+        map = ReLU(sum_k w_k * A_k)
+
+    Args:
+        A: activations (B, K, h, w).
+        G: the gradient of the score with respect to A, (B, K, h, w).
+
+    Returns:
+        The weighted activations w_k * A_k, (B, K, h, w).
+    """
+    return ((G * A).sum(dim=(2, 3), keepdim=True)
+            / (A.sum(dim=(2, 3), keepdim=True) + 1e-7) * A)
+
+
+def layercam(A: Tensor, G: Tensor) -> Tensor:
+    """LayerCAM (Jiang et al., IEEE TIP 2021, "LayerCAM: Exploring Hierarchical Class
+    Activation Maps for Localization"): the positive gradient as a weight at every pixel, so
+    that the early layers' fine maps are usable too.
+
+        map = ReLU(sum_k ReLU(G_k) * A_k)
+
+    Args:
+        A: activations (B, K, h, w).
+        G: the gradient of the score with respect to A, (B, K, h, w).
+
+    Returns:
+        ReLU(G) * A, (B, K, h, w).
+    """
+    return G.relu() * A
+
+
+# the weightings by name (`grad_cam(..., method=name)`); help(METHODS[name]) gives its paper
 METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gradcam": lambda A, G: G.mean(dim=(2, 3), keepdim=True) * A,
-    "gradcam++": _gradcam_pp,
-    "hirescam": lambda A, G: G * A,  # Draelos & Carin, 2020: no averaging, element by element
-    "xgradcam": lambda A, G: ((G * A).sum(dim=(2, 3), keepdim=True)  # Fu et al., 2020
-                              / (A.sum(dim=(2, 3), keepdim=True) + 1e-7) * A),
-    "layercam": lambda A, G: G.relu() * A,  # Jiang et al., 2021: positive gradients, per pixel
+    "gradcam": gradcam, "gradcam++": gradcam_pp, "hirescam": hirescam,
+    "xgradcam": xgradcam, "layercam": layercam,
 }
 
 

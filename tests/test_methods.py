@@ -164,3 +164,17 @@ def test_methods_in_the_report_the_grid_and_the_cli(tiny_learner, tiny_model_fil
     assert fig._suptitle.get_text().split(" · ")[1].startswith("gradcam++ map for")
     assert main(["grid", str(tiny_model_file), str(image), "--method",
                  "hirescam", "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_every_method_is_a_documented_function():
+    """help(METHODS[name]) shows the paper, the formula of the map and the shapes."""
+    import pydoc
+    import re
+
+    from gradcam_tut import cam
+
+    for name, weigh in METHODS.items():
+        assert getattr(cam, weigh.__name__) is weigh, name  # a module-level function
+        text = pydoc.render_doc(weigh, renderer=pydoc.plaintext)
+        assert "map = ReLU(sum_k" in text and "(B, K, h, w)" in text, name
+        assert re.search(r"et al\.|&", text) and re.search(r"\b20[12]\d\b", text), name
