@@ -1,4 +1,5 @@
-# `make run` executes every notebook (figures in runs/figures); `make test` runs the tests.
+# `make run` executes every notebook (figures in runs/figures); `make test` runs the tests;
+# `make test-fast` all but those marked slow (notebooks, trainings, large architectures).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it is
 
-.PHONY: setup run test lint bench docs browser
+.PHONY: setup run test test-fast lint bench docs browser
 
 setup: $(STAMP)
 
@@ -24,6 +25,9 @@ docs: setup  # run every notebook and keep readable copies in docs/notebooks (co
 
 test: setup lint browser
 	$(BIN)/python -m pytest -q
+
+test-fast: setup lint browser  # the edit-test loop
+	$(BIN)/python -m pytest -q -m "not slow"
 
 browser:  # tests/test_audit.py opens report.html in headless Chromium (Debian's package)
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \

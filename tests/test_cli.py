@@ -193,6 +193,7 @@ def execute_notebook(nb, target, **kwargs):
 """
 
 
+@pytest.mark.slow
 def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, capsys):
     """With a stand-in for papermill, in the worker processes too: when each notebook ran, in
     which order, and with how many threads."""

@@ -41,6 +41,7 @@ def _fit(mini_root, guidance=None):
     return learn
 
 
+@pytest.mark.slow
 def test_guidance_trains_through_the_map(mini_root):
     plain_cb = MaskGuidance("layer3", weight=0)
     plain = _fit(mini_root, plain_cb)
@@ -119,6 +120,7 @@ def test_background_swap_leaves_validation_and_p0_alone():
         BackgroundSwap(2)
 
 
+@pytest.mark.slow
 def test_train_fish_with_background_swap(mini_root, tmp_path):
     """A training with the callback: batches carry masks, the exported learner does not."""
     from gradcam_tut.guidance import BackgroundSwap

@@ -28,6 +28,7 @@ def test_same_seed_identical_files(tmp_path):
     assert digest(c) != digest(a)
 
 
+@pytest.mark.slow
 def test_two_processes_asking_at_once_get_one_whole_set(tmp_path):
     """Notebooks 01 and 06 run at once and both ask for the set: one draws, the other waits."""
     import multiprocessing

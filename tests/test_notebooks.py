@@ -43,6 +43,7 @@ def assert_figures_shown(nb):
             assert any("image/png" in d for d in data), f"no image shown by: {cell.source}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, out, mini_dest):
     params = {"smoke": True, "data_path": str(mini_dest), "out_dir": str(out), "epochs": 1}
@@ -94,6 +95,7 @@ def test_no_run_numbers_typed_into_markdown(name):
         assert not set(typed) - FIXED_FACTS, f"{name}: typed numbers {typed} in: {text[:200]}"
 
 
+@pytest.mark.slow
 def test_06_sentences_state_this_runs_numbers(tmp_path, mini_dest):
     """With another seed notebook 06 trains other networks: every number its rendered
     sentences state is that run's own (a cell appended for the test saves the run's values)."""

@@ -73,6 +73,7 @@ def test_folder_errors_name_the_fix(mini_root, tmp_path):
         fish_dataloaders(one, size=32)
 
 
+@pytest.mark.slow
 def test_train_and_settings_on_your_own_data(pets, tmp_path):
     learn = train_fish(pets, epochs=1, size=32, bs=4, pretrained=False)
     assert list(learn.dls.vocab) == ["bird", "cat", "dog"]
@@ -83,6 +84,7 @@ def test_train_and_settings_on_your_own_data(pets, tmp_path):
         s.require_masks("Notebook 05")
 
 
+@pytest.mark.slow
 def test_the_notebooks_on_your_own_data(pets, tmp_path, capsys, monkeypatch):
     """`gradcam-tut run --data pets`: 01 to 04 run; 05 (masks) and 06 (its own data) are
     skipped, each with a line."""

@@ -96,6 +96,7 @@ def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
     tiny_learner.model.eval()
 
 
+@pytest.mark.slow
 def test_top_losses_gradcam(tiny_learner, mini_root):
     from gradcam_tut.data import fish_dataloaders
 

@@ -50,6 +50,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layers,size", CASES)
 def test_cell_centres_match_the_gradient_probe(arch, layers, size):
     torch.manual_seed(0)
@@ -77,6 +78,7 @@ def test_resnet_and_vgg_offsets():
     assert v[last] == CellCentres((32, 32), (15.5, 15.5))
 
 
+@pytest.mark.slow
 def test_timm_convnext_centres():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

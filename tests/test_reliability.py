@@ -173,6 +173,7 @@ def test_data_and_runs_never_go_into_site_packages(tmp_path, monkeypatch):
     assert project_dir(installed) == tmp_path  # installed: the current folder
 
 
+@pytest.mark.slow
 def test_importing_the_package_is_quiet():
     code = "import gradcam_tut.plot, gradcam_tut.train, gradcam_tut.settings"
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,

@@ -1,5 +1,6 @@
 """The model-parameter randomisation check (Adebayo et al., 2018)."""
 
+import pytest
 import torch
 import torchvision
 
@@ -13,6 +14,7 @@ def test_steps_top_down(resnet18, tiny_learner):
         "head", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
 
 
+@pytest.mark.slow
 def test_maps_change_as_the_weights_go(resnet18, batch):
     before = [p.clone() for p in resnet18.parameters()]
     table, maps = cascading_randomization(resnet18, batch, "layer3", targets=[0, 5, 8])
@@ -30,6 +32,7 @@ def test_spearman():
     assert spearman(a, a ** 3) == 1 and spearman(a, -a) == -1 and spearman(a, a * 0) == 0
 
 
+@pytest.mark.slow
 def test_the_model_keeps_its_mode(batch):
     model = torchvision.models.resnet18(num_classes=9).train()
     model.bn1.eval()  # a frozen BatchNorm
@@ -37,6 +40,7 @@ def test_the_model_keeps_its_mode(batch):
     assert model.training and not model.bn1.training
 
 
+@pytest.mark.slow
 def test_every_layer_at_once_equals_one_layer_at_a_time(resnet18, batch):
     from gradcam_tut.sanity import randomization_by_layer
 

@@ -49,6 +49,7 @@ def test_load_missing_model_says_what_to_run(tmp_path):
         load_fish_learner(tmp_path / "none.pkl")
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(mini_root, tmp_path):
     """Seeded: the same data, seed and settings train the same weights (so the same maps)."""
     from gradcam_tut.train import train_fish
