@@ -66,6 +66,10 @@ def test_one_family_is_one_cluster_and_sparse_agrees_with_dense(families):
     sparse, _ = cluster_maps(families, dense_max=0)  # the nearest-neighbour affinity
     assert (dense == sparse).all()
     assert (cluster_maps(families[:5])[0] == 0).all()  # too few to split
+    many = np.concatenate([blobs(200, "centre", 4), blobs(200, "corner", 5)])
+    labels, eigenvalues = cluster_maps(many, dense_max=0)  # in 2 pieces: LOBPCG sees 2 zeros
+    assert eigenvalues[1] < 1e-4 and labels.max() >= 1
+    assert not set(labels[:200]) & set(labels[200:])  # no cluster mixes the families
 
 
 def test_mass_numbers_and_the_flag_rule():
