@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fastai.learner import Learner
 from PIL import Image, ImageDraw
@@ -300,6 +302,21 @@ def on_grid(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None
     return normalize_maps(torch.cat(out)).numpy()
 
 
+def process_group() -> tuple[int, int]:
+    """This process's rank and the number of processes. Under `accelerate launch
+    --num_processes N` or `torchrun --nproc_per_node N` (they set RANK and WORLD_SIZE)
+    torch.distributed is started, with gloo (the maps are gathered as CPU objects) and each
+    process on its own GPU (LOCAL_RANK) when there are GPUs; alone: (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
 def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
           out: str | Path | None = None, layer: Layer | None = None,
           method: str = "gradcam", bs: int = 16, grid: int = GRID,
@@ -311,6 +328,9 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     One `explain` pass over `items` (a batch at a time) gives each image's map at `layer` for
     its true class where it lies in a `<class>/<image>` folder whose name is one of
     `learn.dls.vocab`, else for its predicted class; images are grouped the same way.
+    Under `accelerate launch --num_processes N` (or `torchrun`) each process explains every
+    N-th image, the maps are gathered, every process clusters them and the first one writes
+    `out` (`process_group`).
 
     Args:
         items: image files and folders (searched recursively, as `explain` does).
@@ -345,13 +365,22 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     files = image_paths(items)
     if out is not None:
         csv_safe(files)
+    rank, world = process_group()
+    if len(files) < world:
+        raise ValueError(f"{len(files)} images for {world} processes: run fewer processes "
+                         "than images")
+    if world > 1 and torch.cuda.is_available():
+        learn.dls.to(torch.device("cuda", torch.cuda.current_device()))
+        learn.model.to(learn.dls.device)
     start = time.perf_counter()
     (x,) = learn.dls.test_dl(files[:1]).one_batch()
     size = tuple(x.shape[-2:])
     layer = default_layer(learn, x) if layer is None else layer
     named = resolve_layers(learn.model, layer)
     name, module = next(iter(named.items()))
-    table, maps = _explain_all(learn, files, named, method, bs)
+    table, maps = _explain_all(learn, files[rank::world], named, method, bs)
+    if world > 1:
+        table, maps = _gathered(table, maps, world)
     seconds = {"explain": time.perf_counter() - start}
 
     start = time.perf_counter()
@@ -361,7 +390,7 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     seconds["cluster"] = time.perf_counter() - start
 
     result = Audit(images, clusters, features, maps, name, seconds)
-    if out is not None:
+    if out is not None and rank == 0:
         start = time.perf_counter()
         with written_whole(out, RESULTS, force, by="gradcam-tut audit") as tmp:
             images.to_csv(tmp / "clusters.csv", index=False)
@@ -370,6 +399,18 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
             (tmp / "report.html").write_text(page, encoding="utf-8")
         seconds["report"] = time.perf_counter() - start
     return result
+
+
+def _gathered(table: pd.DataFrame, maps: np.ndarray, world: int
+              ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Every process's rows and maps (process r had files r, r + world, ...), in file order."""
+    parts = [None] * world
+    dist.all_gather_object(parts, (table, maps))
+    sizes = [len(t) for t, _ in parts]
+    order = np.concatenate([np.arange(r, r + world * n, world) for r, n in enumerate(sizes)])
+    back = np.argsort(order)
+    table = pd.concat([t for t, _ in parts], ignore_index=True).iloc[back]
+    return table.reset_index(drop=True), np.concatenate([m for _, m in parts])[back]
 
 
 def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs: int

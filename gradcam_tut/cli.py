@@ -393,6 +393,8 @@ def audit(args: argparse.Namespace) -> None:
     result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
                           force=args.force)
     clusters = result.clusters
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the first process says it
+        return
     print(f"{len(result.images)} images, {len(clusters)} clusters at {result.layer}, "
           f"{int(clusters['flagged'].sum())} flagged: {args.out / 'clusters.csv'}, "
           f"{args.out / 'report.html'}")

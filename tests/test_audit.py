@@ -232,3 +232,28 @@ def test_report_sorts_and_marks_flagged_clusters(families, page, tmp_path):
     trout = [a for _, a in sizes_and_accuracies(page)[1]]
     assert trout == sorted(trout, reverse=True) and trout[0] > trout[1]
     assert page.get_attribute("button[data-key=accuracy]", "aria-pressed") == "true"
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_does(audited, tiny_model_file, mini_root, tmp_path):
+    """Under torchrun (what `accelerate launch` runs) each process explains half the images;
+    the first writes the one result, the same rows as one process."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "-m", "gradcam_tut.cli", "audit", str(mini_root), "--learner",
+                           str(tiny_model_file), "--out", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("54 images") == 1  # one line, from the first process
+    assert sorted(p.name for p in out.iterdir()) == ["clusters.csv", MARKER, "report.html"]
+    one = pd.read_csv(audited[1] / "clusters.csv", keep_default_na=False)
+    two = pd.read_csv(out / "clusters.csv", keep_default_na=False)
+    numbers = ["confidence", "centre", "edges", "corners", "compactness"]
+    pd.testing.assert_frame_equal(one.drop(columns=numbers), two.drop(columns=numbers))
+    one, two = (pd.read_csv(f / "clusters.csv")[numbers] for f in (audited[1], out))
+    assert np.allclose(one, two, atol=2e-4, equal_nan=True)
