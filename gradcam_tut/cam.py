@@ -117,9 +117,9 @@ _RUNS: WeakKeyDictionary = WeakKeyDictionary()  # model -> (structure, size, wha
 
 
 @torch.no_grad()
-def _what_runs(model: nn.Module, size: tuple[int, int]) -> dict[nn.Module, tuple]:
-    """Run `model` once, in eval mode, on zeros (1, 3, H, W): for each module that runs, in the
-    order it starts, (order, (h, w) of its output as a map or None). Every submodule's mode is
+def _what_runs(model: nn.Module, size: tuple[int, int]) -> dict[int, tuple]:
+    """Run `model` once, in eval mode, on zeros (1, 3, H, W): for each module that runs, by its
+    id, (the order it starts in, (h, w) of its output as a map or None). Every submodule's mode is
     restored and every hook removed, also when the forward raises; cached per model and size
     while its modules stay the same."""
     structure = tuple(map(id, model.modules()))
@@ -132,10 +132,10 @@ def _what_runs(model: nn.Module, size: tuple[int, int]) -> dict[nn.Module, tuple
     reshape, seen = default_reshape(model), {}
 
     def started(m, args):
-        seen.setdefault(m, [len(seen), None])
+        seen.setdefault(id(m), [len(seen), None])
 
     def finished(m, args, out):
-        seen[m][1] = _map_side(out, reshape)
+        seen[id(m)][1] = _map_side(out, reshape)
 
     modes = {m: m.training for m in model.modules()}
     handles = []
@@ -152,7 +152,7 @@ def _what_runs(model: nn.Module, size: tuple[int, int]) -> dict[nn.Module, tuple
             h.remove()
         for m, training in modes.items():
             m.training = training
-    found = {m: tuple(v) for m, v in seen.items()}
+    found = {i: tuple(v) for i, v in seen.items()}  # by id: no reference to the model
     _RUNS[model] = (structure, size, found)
     return found
 
@@ -162,11 +162,11 @@ def _ran_children(module: nn.Module, prefix: str, ran: dict) -> list[tuple[str, 
     runs itself (a ModuleList iterated in `forward`) stands for its children that did."""
     out = []
     for name, child in module.named_children():
-        if child in ran:
+        if id(child) in ran:
             out.append((prefix + name, child))
         else:
             out += _ran_children(child, f"{prefix}{name}.", ran)
-    return sorted(out, key=lambda pc: ran[pc[1]][0])
+    return sorted(out, key=lambda pc: ran[id(pc[1])][0])
 
 
 def _spatial_stages(module: nn.Module, prefix: str, ran: dict) -> dict[str, nn.Module]:
@@ -178,7 +178,7 @@ def _spatial_stages(module: nn.Module, prefix: str, ran: dict) -> dict[str, nn.M
     for path, child in _ran_children(module, prefix, ran):
         if isinstance(child, _HEAD_TYPES) and stages:
             break
-        if ran[child][1] is not None and not isinstance(child, _HEAD_TYPES):
+        if ran[id(child)][1] is not None and not isinstance(child, _HEAD_TYPES):
             stages[path] = child
     if len(stages) == 1:
         (path, child), = stages.items()
@@ -255,7 +255,7 @@ def body_layers(learn_or_model, size: int | tuple[int, int] | None = None
     known = _known_stages(model)
     if known is not None:  # a known layout, checked against the run
         known = {p: m for p, m in known.items()
-                 if m in ran and ran[m][1] is not None and not isinstance(m, _HEAD_TYPES)}
+                 if id(m) in ran and ran[id(m)][1] is not None and not isinstance(m, _HEAD_TYPES)}
     body = _fastai_body(model)
     stages = known or _spatial_stages(body if body is not None else model,
                                       "0." if body is not None else "", ran)

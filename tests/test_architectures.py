@@ -150,3 +150,21 @@ def test_body_layers_restores_mode_and_says_what_to_pass():
     pooled = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 9))
     with pytest.raises(ValueError, match="no module of Sequential outputs a spatial map"):
         grad_cam(pooled, X, None)
+
+
+def test_body_layers_runs_once_per_model_and_keeps_none_alive():
+    import gc
+    import weakref
+
+    model = ConvHeadNet()
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    assert body_layers(model) == body_layers(model) and len(calls) == 1  # the run is kept
+    model.head = nn.Sequential(nn.Conv2d(16, 9, 1), nn.AdaptiveAvgPool2d(1))
+    assert list(body_layers(model)) == ["body.0", "body.1", "body.2", "body.3"]
+    assert len(calls) == 2  # a new module: run again
+    handle.remove()
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
