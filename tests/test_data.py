@@ -94,6 +94,7 @@ def test_find_order(no_dataset, mini_dest, monkeypatch):
     assert find_fish_dataset(mini_dest / "Fish_Dataset") == dataset_root(mini_dest)
 
 
+@pytest.mark.slow  # builds the default mini set
 def test_find_falls_back_to_mini(no_dataset):
     root = find_fish_dataset(allow_mini=True)
     assert root == no_dataset / "mini_fish" / "Fish_Dataset" / "Fish_Dataset"
