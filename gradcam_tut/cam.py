@@ -224,8 +224,9 @@ def body_layers(learn_or_model, size: int | tuple[int, int] | None = None
     shape of their outputs. The stages are the modules whose outputs are spatial maps
     (B, C, h, w) with h * w > 1, in the order they run, before the last of them feeds the
     head: never a module that does not run (an aux head in eval mode, a ModuleList itself),
-    never a global pool, a flattened output or the classifier. For a fastai learner or a plain
-    model:
+    never a global pool, a flattened output or the classifier. The run is kept for the model
+    while its modules stay the same (a new head runs it again). For a fastai learner or a
+    plain model:
     - torchvision resnets: conv1, bn1, relu, maxpool, layer1..layer4;
     - densenet, mobilenet, efficientnet, convnext, swin: the children of `features`
       ("features.denseblock3", "features.7"); vgg: its pools ("features.43");
