@@ -12,8 +12,9 @@ warnings.filterwarnings("ignore", "The 'mode.chained_assignment' option", module
 __version__ = "0.1.0"
 _WHERE = {"HookBwd": "hooks", "HookForward": "hooks", "HookForwardMany": "hooks",
           "METHODS": "cam", "body_layers": "cam", "channels_last": "cam",
-          "class_activation_map": "cam", "grad_cam": "cam", "normalize_maps": "cam",
-          "resolve_layers": "cam", "upsample": "cam", "vit_reshape": "cam"}
+          "class_activation_map": "cam", "contrast_target": "cam", "grad_cam": "cam",
+          "normalize_maps": "cam", "resolve_layers": "cam", "target_scores": "cam",
+          "upsample": "cam", "vit_reshape": "cam"}
 __all__ = sorted(_WHERE)
 
 
