@@ -10,9 +10,10 @@ the share of each map's mass on the mark (maps placed at their receptive fields,
 depend on what the network learned), split into the explain pass, the clustering and the report.
 (3) Times `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, each size in a fresh process for
 its peak memory, with the dense affinity and with the sparse nearest-neighbour one.
+(4) Times `gradcam-tut audit` of (2)'s images with one process and with two (torchrun).
 
-    .venv/bin/python benchmarks/bench_audit.py             # all three, ~15 min on 2 cores
-    .venv/bin/python benchmarks/bench_audit.py --only shortcut   # or: time, scaling
+    .venv/bin/python benchmarks/bench_audit.py             # all four, ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_audit.py --only shortcut   # or: time, scaling, processes
 """
 
 from __future__ import annotations
@@ -137,6 +138,45 @@ def time_rows(data: Path, per_class: int = 112) -> None:
           + f", total {total * 1000 / n:.1f} s")
 
 
+def process_rows(data: Path, per_class: int = 112) -> None:
+    """`gradcam-tut audit` of the same 1,008 images with one process (2 threads, then 1) and
+    under torchrun with two (1 thread each), wall clock including start-up; the rows of the
+    first and the last compared."""
+    import pandas as pd
+    import torch
+    from torchvision.models import resnet34
+
+    from gradcam_tut.data import fish_dataloaders
+    from gradcam_tut.mini_fish import MiniFishSpec, make_mini_fish
+    from gradcam_tut.train import fish_learner
+
+    root = make_mini_fish(data / f"time-{per_class}", MiniFishSpec(per_class=per_class, seed=3),
+                          progress=False)
+    model = data / "random34-128.pkl"
+    if not model.is_file():
+        torch.manual_seed(0)
+        dls = fish_dataloaders(root, size=128, bs=16)
+        fish_learner(dls, resnet34, pretrained=False)[0].export(model)
+    runs = {"1 process, 2 threads": ([], "2"), "1 process, 1 thread": ([], "1"),
+            "2 processes, 1 thread each": ([sys.executable, "-m", "torch.distributed.run",
+                                            "--nproc_per_node", "2", "-m", "gradcam_tut.cli"],
+                                           "1")}
+    tables = {}
+    for name, (launch, threads) in runs.items():
+        out = data / f"audit-{len(launch) > 0}-{threads}"
+        cmd = (launch or [sys.executable, "-m", "gradcam_tut.cli"]) + [
+            "audit", str(root), "--learner", str(model), "--out", str(out), "--force"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": threads})
+        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+        tables[name] = pd.read_csv(out / "clusters.csv")
+    one, *_, two = tables.values()
+    same = (one[["file", "class", "cluster", "flagged"]] == two[["file", "class", "cluster",
+                                                                 "flagged"]]).all().all()
+    print(f"same files, classes, clusters and flags: {same}")
+
+
 def synthetic_maps(n: int, grid: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n maps in three families: a blob near the centre, a blob in a corner, a band along an
     edge; positions, widths and noise drawn at random. Returns the maps (n, grid, grid),
@@ -206,7 +246,7 @@ def scaling_rows(sizes: tuple[int, ...] = (1000, 5000, 20000), dense_up_to: int 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["shortcut", "time", "scaling"])
+    p.add_argument("--only", choices=["shortcut", "time", "scaling", "processes"])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -222,6 +262,8 @@ def main() -> None:
         time_rows(args.data)
     if args.only in (None, "scaling"):
         scaling_rows()
+    if args.only in (None, "processes"):
+        process_rows(args.data)
 
 
 if __name__ == "__main__":

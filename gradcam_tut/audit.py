@@ -26,7 +26,7 @@ at a compact central region, by any of three numbers:
     centre <= 0.10            its mean map's mass in the centre (a flat map: 0.25)
 
 Measured on notebook 06's shortcut (`benchmarks/bench_audit.py`): a map that peaks on the
-corner mark peaks in the corners 99% of the time, a map on the fish 13%; the mean maps stay
+corner mark peaks in the corners 99% of the time, the other maps 13%; the mean maps stay
 spread (layer2's receptive fields are wide), so the peaks catch what the mass alone misses.
 A flag asks a person to look; it is no verdict (an object that sits in a corner of most photos
 is flagged too).
