@@ -193,20 +193,33 @@ def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
         im.save(buf, "JPEG", quality=quality, optimize=True)
         return base64.b64encode(buf.getvalue()).decode()
 
+    def unplaced(text: str | list[str]) -> str | list[str]:
+        """`text` (a string or nbformat's list of lines) with machine paths replaced."""
+        if isinstance(text, list):
+            return [unplaced(line) for line in text]
+        for path, shown in ((run.resolve(), "runs/latest"), (REPO, "."), (Path.home(), "~")):
+            text = text.replace(str(path), shown)
+        return text
+
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for nb_path in notebooks:
-        text = nb_path.read_text()
-        for path, shown in ((run.resolve(), "runs/latest"), (REPO, "."), (Path.home(), "~")):
-            text = text.replace(str(path), shown)
-        nb = json.loads(text)
+        nb = json.loads(nb_path.read_text())
         for meta in [nb["metadata"], *(c["metadata"] for c in nb["cells"])]:
             meta.pop("papermill", None)
             meta.pop("execution", None)
-        for out in (o for c in nb["cells"] for o in c.get("outputs", [])):
-            if "image/png" in out.get("data", {}):
-                out["data"]["image/jpeg"] = small(out["data"].pop("image/png"))
-                out.get("metadata", {}).pop("image/png", None)
+        for cell in nb["cells"]:
+            cell["source"] = unplaced(cell["source"])
+            for out in cell.get("outputs", []):
+                for key in ("text", "evalue", "traceback"):
+                    if key in out:
+                        out[key] = unplaced(out[key])
+                data = out.get("data", {})
+                for kind in [k for k in data if not k.startswith("image/")]:  # not base64
+                    data[kind] = unplaced(data[kind])
+                if "image/png" in data:
+                    data["image/jpeg"] = small(data.pop("image/png"))
+                    out.get("metadata", {}).pop("image/png", None)
         written.append(dest / nb_path.name)
         written[-1].write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return written

@@ -138,12 +138,14 @@ def test_explain_a_folder(tiny_model_file, mini_root, tmp_path, capsys):
     assert err.startswith("gradcam-tut: error: 1 damaged file\n  ") and "bad.png" in err
 
 
-def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path):
+def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path, monkeypatch):
     """`make docs` copies: run folder, clone and home shown as runs/latest, . and ~; PNG
-    figures as JPEG at most 960 px wide; papermill's timings dropped."""
+    figures as JPEG at most 960 px wide; papermill's timings dropped. A figure whose base64
+    happens to hold a machine path's characters is left whole (a docs run once failed so)."""
     import base64
     import io
     import json
+    from pathlib import Path
 
     import nbformat
     import numpy as np
@@ -155,6 +157,8 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (500, 1168, 3), dtype=np.uint8)).save(buf, "PNG")
     png = base64.b64encode(buf.getvalue()).decode()
+    at = next(i for i in range(len(png) - 7) if png[i] == "/" and "/" not in png[i + 1:i + 7])
+    monkeypatch.setattr(Path, "home", lambda: Path(png[at:at + 7]))  # "home" inside the PNG
     run = tmp_path / "runs" / "20261127-010203"
     cell = nbformat.v4.new_code_cell("plot()", metadata={"papermill": {"duration": 1.0}})
     cell.outputs = [
