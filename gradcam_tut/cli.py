@@ -225,20 +225,6 @@ def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
     return written
 
 
-def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `gradcam-tut mini-fish`, and of `python -m gradcam_tut.mini_fish`."""
-    p.add_argument("dest", type=Path)
-    p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
-    p.add_argument("--per-class", type=int)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--mark", type=float, default=0.0,
-                   help="share of images with their class's coloured corner mark (a shortcut)")
-    p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
-    p.add_argument("--swap-marks", action="store_true",
-                   help="each mark another class's, never its own (a counterfactual test set)")
-
-
 def grid_path(out: str | Path, image: Path, force: bool = False) -> Path:
     """Where `grid` writes: `out` (".png" added when it has no suffix), or
     `out/<image>_gradcam.png` when `out` is a folder or ends with "/" (made when missing).
@@ -280,6 +266,8 @@ def positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .mini_fish import add_mini_fish_arguments  # numpy and PIL, not torch
+
     p = argparse.ArgumentParser(prog="gradcam-tut", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")

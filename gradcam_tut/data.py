@@ -44,8 +44,9 @@ from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
 from PIL import ExifTags, Image, ImageOps
 
-CLASSES = ("Black Sea Sprat", "Gilt-Head Bream", "Hourse Mackerel", "Red Mullet",
-           "Red Sea Bream", "Sea Bass", "Shrimp", "Striped Red Mullet", "Trout")
+from .fish_layout import CLASSES, mask_file
+from .mini_fish import MARKER, make_mini_fish, read_marker
+
 KAGGLE_HANDLE = "crowww/a-large-scale-fish-dataset"
 KAGGLE_INPUT = Path("/kaggle/input/a-large-scale-fish-dataset")  # in a Kaggle notebook
 ENV_VAR = "FISH_DATASET"
@@ -84,12 +85,6 @@ def dataset_root(path: str | Path) -> Path:
         if (path / "Fish_Dataset").is_dir():
             path = path / "Fish_Dataset"
     return path
-
-
-def mask_file(image_file: str | Path) -> Path:
-    """The GT mask of an image: `<Class>/<Class>/x.png` -> `<Class>/<Class> GT/x.png`."""
-    f = Path(image_file)
-    return f.parent.parent / f"{f.parent.name} GT" / f.name
 
 
 # the files that mark a folder as a result of `explain` (results.MARKER is complete.json)
@@ -295,8 +290,6 @@ def validate_layout(path: str | Path, check_images: bool = True) -> dict[str, in
     Raises:
         DatasetLayoutError: what is wrong and where; FileNotFoundError: no folder at `path`.
     """
-    from .mini_fish import MARKER, read_marker
-
     root = dataset_root(path)
     if not is_fish_layout(root):
         counts = validate_folder(root)
@@ -487,8 +480,6 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
 
         root = dataset_root(kagglehub.dataset_download(KAGGLE_HANDLE))
     elif allow_mini:
-        from .mini_fish import make_mini_fish
-
         return make_mini_fish(DATA_DIR / "mini_fish")
     else:
         raise FileNotFoundError(f"no Fish Dataset found. {HOW_TO_GET}")
@@ -498,8 +489,6 @@ def find_fish_dataset(path: str | Path | None = None, allow_mini: bool = False,
 
 def is_mini_fish(path: str | Path) -> bool:
     """True for a set written by `make_mini_fish` (its marker sits two levels up)."""
-    from .mini_fish import MARKER
-
     return (dataset_root(path).parent.parent / MARKER).is_file()
 
 

@@ -29,7 +29,7 @@ try:
 except ImportError:  # Windows: filelock's lock, whose file stays
     fcntl = None
 
-from .data import CLASSES, mask_file
+from .fish_layout import CLASSES, mask_file
 
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
@@ -435,9 +435,21 @@ def run(args: argparse.Namespace) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    from .cli import add_mini_fish_arguments
+def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `gradcam-tut mini-fish`, and of `python -m gradcam_tut.mini_fish`."""
+    p.add_argument("dest", type=Path)
+    p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
+    p.add_argument("--per-class", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--mark", type=float, default=0.0,
+                   help="share of images with their class's coloured corner mark (a shortcut)")
+    p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
+    p.add_argument("--swap-marks", action="store_true",
+                   help="each mark another class's, never its own (a counterfactual test set)")
 
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the synthetic mini fish set.")
     add_mini_fish_arguments(p)
     run(p.parse_args(argv))
