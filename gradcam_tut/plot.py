@@ -361,11 +361,11 @@ def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, d
         masks = mb.as_subclass(Tensor).cpu().bool()
         (where,) = cell_centres(learn.model, layer, masks.shape[-2:]).values()
         heat = normalize_maps(place(maps.cpu(), masks.shape[-2:], where))
-        hits, (py, px) = pointing_game(heat, masks), peak_points(heat)
+        hits = pointing_game(heat, masks)
         images = dl.decode((xb.cpu(),))[0]
         for i, hit in enumerate(hits.tolist()):
             if len(found[hit]) < n:
-                found[hit].append((images[i], heat[i], masks[i], (py[i], px[i]), int(yb[i])))
+                found[hit].append((images[i], heat[i], masks[i], int(yb[i])))
         if all(len(v) == n for v in found.values()):
             break
     fig = new_figure(figsize=(2.3 * n, 5.0), layout="constrained")
@@ -374,9 +374,9 @@ def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, d
             if shown is None:
                 ax.set_axis_off()
                 continue
-            image, h, mask, (y, x), cls = shown
+            image, h, mask, cls = shown
             overlay(ax, image, h, mask=mask)
-            ax.plot(x, y, "o" if hit else "x", color="lime" if hit else "red", ms=8, mew=2)
+            mark_peak(ax, h, mask)
             ax.set_title(f"{'hit' if hit else 'miss'} · {vocab[cls]}", fontsize=9)
     name = next(iter(resolve_layers(learn.model, layer)))
     fig.suptitle(f"Pointing game at {name}: peaks inside the mask (top) and outside (bottom)")
