@@ -367,6 +367,12 @@ def class_indices(targets: Targets, logits: Tensor,
     return idx
 
 
+def class_index(vocab: Sequence[str], target: int | str) -> int:
+    """`target` (a class name, an index, or digits) as an index into `vocab`, by the one
+    resolver `cam.class_indices`: an unknown name is listed, a bool or a float refused."""
+    return int(class_indices(target, torch.zeros(1, len(vocab)), vocab)[0])
+
+
 def target_scores(targets: Targets, logits: Tensor,
                   vocab: Sequence[str] | None = None) -> Tensor:
     """The score per image whose gradient the maps follow, float32 (B,).

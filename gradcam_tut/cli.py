@@ -326,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
 def _target(target: str | None, vocab) -> int | None:
     """--target as a class index, by the one resolver (`cam.class_indices`): a class name, or
     digits that are not a class name."""
-    from .plot import class_index  # torch and matplotlib only once a command needs them
+    from .cam import class_index  # torch only once a command needs it
 
     return None if target is None else class_index(vocab, target)
 

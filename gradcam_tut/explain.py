@@ -11,9 +11,9 @@ from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from torch.nn import Module
 
-from .cam import Layer, grad_cam, resolve_layers
+from .cam import Layer, class_index, grad_cam, resolve_layers
 from .data import damaged_images, damaged_listing, listed_images
-from .plot import class_index, plot_layer_grid
+from .plot import plot_layer_grid
 from .results import check_destination, written_whole
 
 RESULTS = ("explain.csv", "maps.npz", "grids")

@@ -22,7 +22,7 @@ from .cam import (
     METHODS,
     Layer,
     body_layers,
-    class_indices,
+    class_index,
     grad_cam,
     normalize_maps,
     resolve_layers,
@@ -168,12 +168,6 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     if suptitle:
         fig.suptitle(suptitle)
     return saved(fig, save)
-
-
-def class_index(vocab: Sequence[str], target: int | str) -> int:
-    """`target` (a class name, an index, or digits) as an index into `vocab`, by the one
-    resolver `cam.class_indices`: an unknown name is listed, a bool or a float refused."""
-    return int(class_indices(target, torch.zeros(1, len(vocab)), vocab)[0])
 
 
 def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor | None]:

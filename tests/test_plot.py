@@ -7,7 +7,8 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
 from gradcam_tut import grad_cam
-from gradcam_tut.plot import class_index, gradcam_grid, heat_cmap, image_hwc, plot_layer_grid
+from gradcam_tut.cam import class_index
+from gradcam_tut.plot import gradcam_grid, heat_cmap, image_hwc, plot_layer_grid
 from gradcam_tut.receptive_field import cell_centres, place
 
 matplotlib.use("Agg")
