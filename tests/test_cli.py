@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from gradcam_tut import cli
-from gradcam_tut.cli import main, new_run_dir, point_latest
+from gradcam_tut import runner
+from gradcam_tut.cli import main
+from gradcam_tut.runner import new_run_dir, point_latest
+from gradcam_tut.settings import RunSettings
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ def test_each_run_gets_a_new_folder(tmp_path):
 
 
 def test_run_without_notebooks_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "NOTEBOOKS", tmp_path / "site-packages" / "notebooks")
+    monkeypatch.setattr(runner, "NOTEBOOKS", tmp_path / "site-packages" / "notebooks")
     assert main(["run", "--out", str(tmp_path / "runs")]) == 2
     assert "run `make run` in a clone" in error_line(capsys)
     assert not (tmp_path / "runs").exists()  # no empty run folder left behind
@@ -151,7 +153,7 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path, m
     import numpy as np
     from PIL import Image
 
-    from gradcam_tut.cli import REPO, publish_notebooks
+    from gradcam_tut.runner import REPO, publish_notebooks
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
@@ -189,7 +191,7 @@ class PapermillExecutionError(RuntimeError):
 def execute_notebook(nb, target, **kwargs):
     start = time.time()
     time.sleep(1.0 if nb.name.startswith(("01", "06")) else 0.1)
-    record = [start, time.time(), os.environ["OMP_NUM_THREADS"]]
+    record = [start, time.time(), os.environ["OMP_NUM_THREADS"], kwargs["parameters"]]
     (Path(os.environ["FAKE_RUNS"]) / nb.name[:2]).write_text(json.dumps(record))
     if nb.name[:2] == os.environ.get("FAKE_FAIL"):
         raise PapermillExecutionError()
@@ -198,9 +200,11 @@ def execute_notebook(nb, target, **kwargs):
 
 
 @pytest.mark.slow
-def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, capsys):
+def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, capsys,
+                                                       mini_dest):
     """With a stand-in for papermill, in the worker processes too: when each notebook ran, in
-    which order, and with how many threads."""
+    which order, with how many threads, and with the run's settings file as its one
+    parameter."""
     (tmp_path / "papermill.py").write_text(FAKE_PAPERMILL)
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers import it from here too
     monkeypatch.setenv("FAKE_RUNS", str(tmp_path))
@@ -209,17 +213,24 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     def runs():
         return {f.name: json.loads(f.read_text()) for f in tmp_path.glob("0?")}
 
-    done = cli.run_notebooks(tmp_path / "run")
+    def decided(run):  # a run folder with its settings file
+        s = RunSettings("smoke", "asked for smoke", mini_dest, 128, 16, 4, False, out=run)
+        return s.save(run / "settings.json")
+
+    settings_file = decided(tmp_path / "run")
+    done = runner.run_notebooks(settings_file)
     assert [p.name[:2] for p in done] == ["01", "02", "03", "04", "05", "06"]  # in order
+    assert all(p.parent == tmp_path / "run" / "notebooks" for p in done)
     ran = runs()
     assert ran["06"][0] < ran["01"][1]  # 06 started while 01 trained
     assert all(ran[nb][0] >= ran["01"][1] for nb in ("02", "03", "04", "05"))  # after 01
-    assert {threads for *_, threads in ran.values()} == {str(max(1, os.cpu_count() // 2))}
+    assert {threads for _, _, threads, _ in ran.values()} == {str(max(1, os.cpu_count() // 2))}
+    assert all(params == {"settings": str(settings_file)} for *_, params in ran.values())
     assert "OMP_NUM_THREADS" not in os.environ  # set for the kernels only
 
     with monkeypatch.context() as m:  # without 06, 01 runs alone on every core
-        m.setattr(cli, "INDEPENDENT", set())
-        cli.run_notebooks(tmp_path / "alone")
+        m.setattr(runner, "INDEPENDENT", set())
+        runner.run_notebooks(decided(tmp_path / "alone"))
     assert runs()["01"][2] == str(os.cpu_count())
 
     for f in tmp_path.glob("0?"):
@@ -227,9 +238,90 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # yours is kept
     monkeypatch.setenv("FAKE_FAIL", "01")
     capsys.readouterr()
-    with pytest.raises(cli.NotebookFailed, match="01_train_resnet34_on_fish.ipynb failed in "
-                                                 "cell 3: ValueError: bad value"):
-        cli.run_notebooks(tmp_path / "again")
+    with pytest.raises(runner.NotebookFailed, match="01_train_resnet34_on_fish.ipynb failed in "
+                                                    "cell 3: ValueError: bad value"):
+        runner.run_notebooks(decided(tmp_path / "again"))
     assert "waiting for 06_catching_a_shortcut.ipynb to finish" in capsys.readouterr().out
     ran = runs()
     assert set(ran) == {"01", "06"} and ran["06"][2] == "3"  # 02-05 never started
+
+
+class InlinePool:
+    """A stand-in for the ProcessPoolExecutor of `run_notebooks`: each notebook in this process,
+    at once, so that a stand-in for papermill's execute_notebook sees every call."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        done = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+
+@pytest.fixture
+def executed(monkeypatch):
+    """The notebooks `gradcam-tut run` would execute, and with which parameters, none run."""
+    import papermill
+
+    calls = []
+
+    def execute_notebook(nb, target, parameters=None, **kwargs):
+        calls.append((nb.name, parameters))
+        return None
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    for name in ("OMP_NUM_THREADS", "PYTHONWARNINGS"):  # _execute sets them: put back after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    return calls
+
+
+def test_run_decides_once_and_passes_the_settings_file(mini_dest, tmp_path, executed, capsys):
+    """`gradcam-tut run` prints the mode once, writes runs/<run>/settings.json and passes its
+    path to every notebook as the one parameter, no knob beside it."""
+    runs = tmp_path / "runs"
+    assert main(["run", "--smoke", "--epochs", "2", "--data", str(mini_dest), "--out", str(runs),
+                 "--name", "r"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("mode: ") == 1 and "mode: smoke (asked for smoke)" in printed
+    settings_file = runs / "r" / "settings.json"
+    s = RunSettings.load(settings_file)
+    assert (s.mode, s.epochs, s.data, s.out) == ("smoke", 2, mini_dest.resolve(),
+                                                 (runs / "r").resolve())
+    assert [nb[:2] for nb, _ in executed] == ["01", "06", "02", "03", "04", "05"]
+    assert all(params == {"settings": str(settings_file.resolve())} for _, params in executed)
+    assert (runs / "latest").resolve() == (runs / "r").resolve()
+
+
+def test_run_writes_the_data_it_found(mini_dest, mini_root, tmp_path, executed, monkeypatch):
+    """$FISH_DATASET is read once, when the run decides: the file names the folder it found."""
+    monkeypatch.setenv("FISH_DATASET", str(mini_dest))
+    monkeypatch.setenv("GRADCAM_TUT_SMOKE", "1")
+    assert main(["run", "--out", str(tmp_path), "--name", "r"]) == 0
+    s = RunSettings.load(tmp_path / "r" / "settings.json")
+    assert s.data == mini_root.resolve() and s.reason == "asked for smoke"  # its class folders
+
+
+def test_run_on_your_own_data_skips_05_and_06(mini_root, tmp_path, executed, capsys):
+    import shutil
+
+    pets = tmp_path / "pets"
+    for cls in ("Trout", "Shrimp"):  # two class folders, no masks
+        shutil.copytree(mini_root / cls / cls, pets / cls.lower())
+    assert main(["run", "--smoke", "--data", str(pets), "--out", str(tmp_path / "runs")]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping 05_does_it_look_at_the_fish.ipynb: it needs GT masks, and {pets}" in printed
+    assert "skipping 06_catching_a_shortcut.ipynb: it trains on mini fish" in printed
+    assert [nb[:2] for nb, _ in executed] == ["01", "02", "03", "04"]

@@ -1,5 +1,6 @@
 import shutil
 from contextlib import nullcontext
+from dataclasses import replace
 from urllib.error import URLError
 
 import pytest
@@ -8,7 +9,13 @@ from torchvision.models import ResNet34_Weights, resnet34
 
 from gradcam_tut import data, settings
 from gradcam_tut.data import find_fish_dataset
-from gradcam_tut.settings import SMOKE_ENV, pretrained_weights_available, run_settings
+from gradcam_tut.settings import (
+    SMOKE_ENV,
+    RunSettings,
+    decide_settings,
+    pretrained_weights_available,
+    run_settings,
+)
 from gradcam_tut.train import fish_learner
 
 
@@ -133,3 +140,55 @@ def test_kaggle_mount_and_kagglehub_cache(mini_root, tmp_path, monkeypatch):
     assert find_fish_dataset(download=False) == versions / "2" / "Fish_Dataset" / "Fish_Dataset"
     shutil.copytree(mini_root, data.KAGGLE_INPUT / "Fish_Dataset" / "Fish_Dataset")
     assert find_fish_dataset(download=False) == data.KAGGLE_INPUT / "Fish_Dataset" / "Fish_Dataset"
+
+
+def test_settings_file_round_trip(mini_dest, tmp_path):
+    """Decided, written, read back: the same settings, the mode one fact (`smoke` follows it)."""
+    s = decide_settings(smoke=True, data=mini_dest, out=tmp_path / "run", epochs=2)
+    assert s.save(tmp_path / "run" / "settings.json") == tmp_path / "run" / "settings.json"
+    loaded = RunSettings.load(tmp_path / "run" / "settings.json")
+    assert loaded == s and loaded.smoke and (loaded.mode, loaded.epochs) == ("smoke", 2)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["settings.json"]  # no temp left
+    assert not replace(s, mode="cpu").smoke
+
+
+def test_a_notebook_with_the_file_does_not_decide_again(mini_dest, tmp_path, monkeypatch,
+                                                        capsys):
+    s = decide_settings(smoke=True, data=mini_dest, out=tmp_path)
+    s.save(tmp_path / "settings.json")
+
+    def decide(*args, **kwargs):
+        raise AssertionError("decided again")
+    monkeypatch.setattr(settings, "decide_settings", decide)
+    monkeypatch.setenv(SMOKE_ENV, "0")  # the run decided smoke: the kernel's environment is moot
+    read = run_settings(None, None, None, epochs=None, settings=tmp_path / "settings.json")
+    assert read == s
+    assert capsys.readouterr().out == s.line() + "\n"  # the same line, once
+    assert s.line().startswith("mode: smoke (asked for smoke); data: ")
+    mine = run_settings(epochs=None, seed=5, settings=tmp_path / "settings.json")  # 06's knob
+    assert mine == replace(s, seed=5)
+    with pytest.raises(ValueError, match="smoke=True and settings=.*the run decided those"):
+        run_settings(True, settings=tmp_path / "settings.json")
+
+
+def test_a_notebook_by_hand_decides_once(mini_dest, tmp_path, monkeypatch, capsys):
+    decided = []
+
+    def decide(*args, **kwargs):
+        decided.append((args, kwargs))
+        return real_decide(*args, **kwargs)
+    real_decide = settings.decide_settings
+    monkeypatch.setattr(settings, "decide_settings", decide)
+    s = run_settings(True, mini_dest, tmp_path, epochs=1, settings=None)
+    assert len(decided) == 1 and (s.mode, s.epochs, s.out) == ("smoke", 1, tmp_path)
+    assert capsys.readouterr().out.count("mode: ") == 1
+
+
+def test_a_damaged_settings_file_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no settings file at .*gradcam-tut run"):
+        RunSettings.load(tmp_path / "none.json")
+    bad = tmp_path / "settings.json"
+    for text in ("{", '{"mode": "smoke"}', '{"mode": "smoke", "colour": 1}', "[1]"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="is not a settings file written by RunSettings"):
+            RunSettings.load(bad)
