@@ -59,7 +59,8 @@ def where_maps_lie(learn, result):
     import pandas as pd
     import torch
 
-    from gradcam_tut.metrics import energy_in_mask, mask_dl, pointing_game
+    from gradcam_tut.learner import mask_dl
+    from gradcam_tut.metrics import energy_in_mask, pointing_game
     from gradcam_tut.mini_fish import mark_mask
     from gradcam_tut.receptive_field import cell_centres, place
 

@@ -21,7 +21,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchvision.models import resnet34
 
-import gradcam_tut.plot  # noqa: F401  adds Learner.gradcam
+import gradcam_tut.learner  # noqa: F401  adds Learner.gradcam
 from gradcam_tut import body_layers, grad_cam
 from gradcam_tut.data import DATA_DIR, fish_dataloaders, image_files
 from gradcam_tut.explain import explain

@@ -1,5 +1,10 @@
-"""Heat maps over images: an overlay, a per-layer grid, the one-call grid for a Learner, and
-the localization charts (per-layer bars, hits and misses)."""
+"""Heat maps drawn over images: the overlay, the per-layer grid, the peak marker and the
+localization charts.
+
+Everything here draws tensors, arrays and images it is given, and returns the Figure; nothing
+runs a model or reads a file. What runs a fastai Learner and hands the results here
+(`gradcam_grid`, `Learner.gradcam`, the top losses, the pointing gallery) is in `learner`.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from fastai.interpret import ClassificationInterpretation
-from fastai.learner import Learner
-from fastcore.basics import patch
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .cam import (
-    METHODS,
-    Layer,
-    body_layers,
-    class_index,
-    grad_cam,
-    normalize_maps,
-    resolve_layers,
-)
-from .data import RGBImage, fish_mask, mask_file
-from .metrics import mask_dl, peak_points, pointing_game
-from .receptive_field import CellCentres, cell_centres, place
+from .cam import normalize_maps
+from .metrics import peak_points
+from .receptive_field import CellCentres, place
 
 
 def image_hwc(image) -> np.ndarray:
@@ -170,147 +162,6 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     return saved(fig, save)
 
 
-def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor | None]:
-    """`img` as the model sees it (1, 3, H, W), decoded for display, class probabilities, and
-    its GT mask (H, W) through the same transforms, or None when it has no mask file."""
-    dl = learn.dls.test_dl([RGBImage.create(img)])  # a learner's first tfm may be PILImage's
-    xb = dl.one_batch()[0].to(next(learn.model.parameters()).device)
-    was_training = learn.model.training
-    try:
-        with torch.no_grad():
-            probs = learn.model.eval()(xb).float().softmax(dim=1)[0].tolist()
-    finally:
-        learn.model.train(was_training)
-    mask = None
-    if isinstance(img, (str, Path)) and mask_file(img).is_file():
-        (mask,) = dl.after_item((fish_mask(Path(img)),))  # Resize as for the image
-        mask = mask.as_subclass(Tensor)
-    return xb, dl.decode((xb.cpu(),))[0][0], probs, mask
-
-
-def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = None,
-                 target: int | str | None = None, contrast: int | str | None = None,
-                 method: str = "gradcam", **kwargs) -> Figure:
-    """Per-layer Grad-CAM grid for one image through a fastai vision Learner, in one pass.
-
-    Args:
-        learn: a trained (or loaded) vision Learner.
-        img: a path or PIL image, transformed by `learn.dls.test_dl` like validation items.
-            A Fish Dataset image gets its GT mask's outline on every panel.
-        layers: modules or names; default every layer of `body_layers(learn)`.
-        target: class name or index; default the predicted class.
-        contrast: a class name or index to contrast with: the maps of "why `target` rather
-            than `contrast`" (Grad-CAM of the difference of the two logits).
-        method: "gradcam" or another of `cam.METHODS` ("gradcam++", "hirescam", ...).
-        **kwargs: passed to `plot_layer_grid` (shared_scale, save, ...); each cell is drawn
-            at its receptive field's centre unless `centres=None` (plain interpolation).
-    """
-    xb, image, probs, mask = _one_image(learn, img)
-    vocab = learn.dls.vocab
-    pred = int(np.argmax(probs))
-    cls = pred if target is None else class_index(vocab, target)
-    named = resolve_layers(learn.model, layers)
-    other = None if contrast is None else class_index(vocab, contrast)
-    maps = grad_cam(learn.model, xb, list(named.values()), cls, other, method=method)
-    what = f"{method} map for {vocab[cls]} ({probs[cls]:.2f})"
-    if other is not None:
-        what += f" rather than {vocab[other]} ({probs[other]:.2f})"
-    kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · {what}")
-    kwargs.setdefault("mask", mask)
-    kwargs.setdefault("centres", list(cell_centres(learn.model, named.values(),
-                                                   xb.shape[-2:]).values()))
-    return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
-
-
-def plot_methods(learn: Learner, img, methods: Sequence[str] | None = None,
-                 layers: Sequence[Layer] | None = None, target: int | str | None = None,
-                 save: str | Path | None = None) -> Figure:
-    """One row per CAM method, one column per layer, all from one `grad_cam` pass.
-
-    Args:
-        methods: keys of `cam.METHODS`; default all of them.
-        layers: default the body's last three layers (where the methods differ most).
-        target: class name or index; default the predicted class.
-    """
-    methods = list(METHODS) if methods is None else list(methods)
-    xb, image, probs, mask = _one_image(learn, img)
-    named = resolve_layers(learn.model, layers or list(body_layers(learn))[-3:])
-    cls = int(np.argmax(probs)) if target is None else class_index(learn.dls.vocab, target)
-    by_method = grad_cam(learn.model, xb, list(named.values()), cls, method=methods)
-    centres = list(cell_centres(learn.model, named.values(), xb.shape[-2:]).values())
-    img = image_hwc(image)
-    H, W = img.shape[:2]
-    fig = new_figure(figsize=(2.2 * (len(named) + 1) + 0.6, 2.3 * len(methods) * H / W + 0.4),
-                     layout="constrained")
-    axs = fig.subplots(len(methods), len(named) + 1, squeeze=False)
-    for row, (method, maps) in zip(axs, by_method.items()):
-        row[0].imshow(img)
-        outline(row[0], mask)
-        row[0].set_title(method, fontsize=10, fontweight="bold")
-        row[0].set_axis_off()
-        heat = normalize_maps(place([m.cpu() for m in maps], (H, W), centres)[0])
-        for ax, h, m, name in zip(row[1:], heat, maps, named):
-            im = overlay(ax, img, h, mask=mask)
-            ax.set_title(map_title(name, m), fontsize=9)
-    fig.colorbar(im, ax=axs.ravel().tolist(), shrink=0.6, label="share of the map's own maximum")
-    fig.suptitle(f"{learn.dls.vocab[cls]} ({probs[cls]:.2f}) · {len(methods)} methods, one pass")
-    return saved(fig, save)
-
-
-@patch
-def gradcam(self: Learner, img, layers=None, target=None, contrast=None, method="gradcam",
-            **kwargs) -> Figure:
-    """`gradcam_grid(learn, img, ...)` as a method: `learn.gradcam(img, target="Trout")`."""
-    return gradcam_grid(self, img, layers=layers, target=target, contrast=contrast,
-                        method=method, **kwargs)
-
-
-@patch
-def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
-                            layer: Layer = "layer4", save: str | Path | None = None) -> Figure:
-    """The k validation images with the highest loss: the image, the Grad-CAM maps at `layer`
-    of the predicted and of the true class, and the contrastive map "why the prediction rather
-    than the true class" (rather than the runner-up, when the prediction is right).
-
-    The two class maps of a row share one colour scale (divided by the larger maximum, printed
-    in the titles), so a row compares the strength of the evidence for the two classes. The
-    contrastive map, Grad-CAM of y_pred - y_other, shows where the evidence for the prediction
-    exceeds that for the other class; it has its own scale. Each map's peak is marked (a green
-    dot inside the mask, a red cross outside: `mark_peak`).
-    """
-    learn, vocab = self.learn, self.vocab
-    losses, idxs = self.top_losses(k)
-    fig = new_figure(figsize=(13, 2.6 * len(idxs) + 0.5), layout="constrained")
-    axs = fig.subplots(len(idxs), 4, squeeze=False)
-    for row, loss, i in zip(axs, losses, idxs):
-        item, true = self.dl.items[int(i)], int(self.dl.dataset[int(i)][1])
-        xb, image, probs, mask = _one_image(learn, item)
-        pred, second = np.argsort(-np.asarray(probs))[:2].tolist()
-        other = true if pred != true else second
-        (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
-        (why,) = grad_cam(learn.model, xb, layer, pred, contrast=other)
-        (where,) = cell_centres(learn.model, layer, xb.shape[-2:]).values()
-        heat = normalize_maps(place(maps.cpu(), xb.shape[-2:], where), shared_scale=True)
-        row[0].imshow(image_hwc(image))
-        row[0].set_axis_off()
-        row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)
-        for ax, h, m, c, what in zip(row[1:], heat, maps, (pred, true), ("pred", "true")):
-            im = overlay(ax, image, h, mask=mask)
-            mark_peak(ax, h, mask)
-            ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
-                         fontsize=9)
-        why_heat = normalize_maps(place(why.cpu(), xb.shape[-2:], where))[0]
-        overlay(row[3], image, why_heat, mask=mask)
-        mark_peak(row[3], why_heat, mask)
-        row[3].set_title(f"why not {vocab[other]} · max {float(why.max()):.2g}", fontsize=9)
-    name = next(iter(resolve_layers(learn.model, layer)))
-    fig.suptitle(f"Grad-CAM at {name}: predicted class, true class, and why the prediction",
-                 fontsize=10)
-    fig.colorbar(im, ax=axs[:, 1:].ravel().tolist(), shrink=0.6,
-                 label="share of the row's larger maximum (pred, true) or of its own (why)")
-    return saved(fig, save)
-
-
 def plot_localization(report: pd.DataFrame, title: str | None = None,
                       save: str | Path | None = None) -> Figure:
     """Bar charts of a `localization_report`: pointing game and energy in mask per layer,
@@ -339,39 +190,17 @@ def plot_localization(report: pd.DataFrame, title: str | None = None,
     return saved(fig, save)
 
 
-def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, dl=None,
-                          save: str | Path | None = None) -> Figure:
-    """Up to `n` hits and `n` misses of the pointing game at `layer`, true class's map.
+# moved: remove when notebooks 03-06, README's example and cli.py import these from
+# gradcam_tut.learner. Importing plot used to add Learner.gradcam: this keeps that meanwhile, at
+# the cost of a plot <-> learner circle (it imports in either order: both modules are complete
+# before the other needs a name)
+from . import learner as _learner  # noqa: E402
 
-    Each panel shows the map over the image (each cell at its receptive field's centre, as
-    `localization_report` scores it), the mask's outline and the map's peak (a green dot on a
-    hit, a red cross on a miss). `dl` gives (image, class, mask) batches; default
-    `mask_dl(learn)`, the validation set.
-    """
-    dl = mask_dl(learn) if dl is None else dl
-    vocab, found = learn.dls.vocab, {True: [], False: []}
-    for xb, yb, mb in dl:
-        (maps,) = grad_cam(learn.model, xb, layer, yb)
-        masks = mb.as_subclass(Tensor).cpu().bool()
-        (where,) = cell_centres(learn.model, layer, masks.shape[-2:]).values()
-        heat = normalize_maps(place(maps.cpu(), masks.shape[-2:], where))
-        hits = pointing_game(heat, masks)
-        images = dl.decode((xb.cpu(),))[0]
-        for i, hit in enumerate(hits.tolist()):
-            if len(found[hit]) < n:
-                found[hit].append((images[i], heat[i], masks[i], int(yb[i])))
-        if all(len(v) == n for v in found.values()):
-            break
-    fig = new_figure(figsize=(2.3 * n, 5.0), layout="constrained")
-    for row, hit in zip(fig.subplots(2, n, squeeze=False), (True, False)):
-        for ax, shown in zip(row, found[hit] + [None] * n):
-            if shown is None:
-                ax.set_axis_off()
-                continue
-            image, h, mask, cls = shown
-            overlay(ax, image, h, mask=mask)
-            mark_peak(ax, h, mask)
-            ax.set_title(f"{'hit' if hit else 'miss'} · {vocab[cls]}", fontsize=9)
-    name = next(iter(resolve_layers(learn.model, layer)))
-    fig.suptitle(f"Pointing game at {name}: peaks inside the mask (top) and outside (bottom)")
-    return saved(fig, save)
+_MOVED = ("_one_image", "gradcam_grid", "plot_methods", "plot_pointing_gallery")
+
+
+def __getattr__(name: str):
+    """The Learner-running names that moved to `learner`, still importable from here."""
+    if name in _MOVED:
+        return getattr(_learner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from torchvision.models import resnet18, resnet34
 
 from .cam import Layer
 from .data import image_files
-from .metrics import localization_report, mask_dl
+from .learner import localization_report, mask_dl
 from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask
 
 TEST_SPEC = MiniFishSpec(per_class=24, seed=7)  # new fish: the training sets use other seeds

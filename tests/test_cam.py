@@ -346,7 +346,7 @@ def test_return_logits_are_those_of_the_same_pass(resnet18, batch):
 
 
 def test_learner_gradcam_refuses_a_bool_as_grad_cam_does(tiny_learner, mini_root):
-    from gradcam_tut.plot import gradcam_grid  # importing it adds learn.gradcam
+    from gradcam_tut.learner import gradcam_grid  # importing it adds learn.gradcam
 
     image = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
     with pytest.raises(ValueError, match="must be integer class indices, got torch.bool"):

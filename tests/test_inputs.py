@@ -171,7 +171,7 @@ def test_values_that_do_not_fit_their_depth_warn_with_the_file(grey, tmp_path):
 
 def test_exif_rotated_jpeg_is_loaded_as_a_viewer_shows_it(tmp_path, tiny_learner):
     from gradcam_tut.data import RGBImage
-    from gradcam_tut.plot import _one_image
+    from gradcam_tut.learner import _one_image
 
     stored = np.zeros((20, 40, 3), np.uint8)
     stored[:, :20] = (255, 0, 0)  # red on the left as stored
@@ -203,7 +203,7 @@ def fish(mini_root, tmp_path) -> Path:
 
 
 def test_masks_saved_as_0_1_give_the_same_report_as_0_255(fish, tiny_learner):
-    from gradcam_tut.metrics import localization_report, mask_dl
+    from gradcam_tut.learner import localization_report, mask_dl
 
     files = [sorted((fish / c / c).iterdir())[0] for c in CLASSES]
     report = localization_report(tiny_learner, mask_dl(tiny_learner, files, bs=9))

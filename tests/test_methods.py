@@ -150,8 +150,7 @@ def test_methods_in_the_report_the_grid_and_the_cli(tiny_learner, tiny_model_fil
                                                     tmp_path):
     from gradcam_tut.cli import METHOD_NAMES, main
     from gradcam_tut.data import fish_image_files
-    from gradcam_tut.metrics import localization_report, mask_dl
-    from gradcam_tut.plot import gradcam_grid
+    from gradcam_tut.learner import gradcam_grid, localization_report, mask_dl
 
     assert METHOD_NAMES == tuple(METHODS)  # the CLI lists them without importing torch
     dl = mask_dl(tiny_learner, fish_image_files(mini_root)[::4], bs=8)

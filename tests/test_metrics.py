@@ -1,19 +1,14 @@
-import numpy as np
 import pytest
 import torch
 
-from gradcam_tut import grad_cam
 from gradcam_tut.cam import upsample
 from gradcam_tut.metrics import (
     centre_map,
     chance,
     energy_in_mask,
-    localization_report,
-    mask_dl,
     peak_points,
     pointing_game,
 )
-from gradcam_tut.receptive_field import cell_centres, place
 
 
 def square_mask(H=10, W=10, rows=slice(2, 5), cols=slice(2, 5)):
@@ -85,41 +80,6 @@ def test_centre_baseline():
     assert pointing_game(c[None], corner).tolist() == [False]
 
 
-def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_dataloaders
-
-    tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
-    dl = mask_dl(tiny_learner)
-    xb, yb, mb = dl.one_batch()
-    assert mb.shape == (8, 32, 32) and set(mb.unique().tolist()) <= {0, 1}
-    report = localization_report(tiny_learner, layers=["layer1", "layer4"])
-    assert list(report.index) == ["layer1", "layer4"]
-    assert list(report.columns) == ["map", "pointing", "energy", "zero_maps", "chance",
-                                    "centre", "images", "empty_masks"]
-    assert report["map"].tolist() == ["8x8", "1x1"]
-    n = len(tiny_learner.dls.valid_ds)
-    assert (report["images"] == n).all()
-    assert report[["pointing", "energy", "zero_maps", "chance"]].stack().between(0, 1).all()
-    # the same numbers by hand, from the same batches
-    hits, total = torch.zeros(()), 0
-    for xb, yb, mb in dl:
-        (m,) = grad_cam(tiny_learner.model, xb, "layer1", yb)
-        where = cell_centres(tiny_learner.model, "layer1", mb.shape[-2:])["layer1"]
-        hits += pointing_game(place(m, mb.shape[-2:], where), mb.bool()).sum()
-        total += len(xb)
-    assert report.loc["layer1", "pointing"] == pytest.approx((hits / total).item())
-    pred = localization_report(tiny_learner, layers=["layer4"], targets="pred")
-    assert pred["images"].item() == n
-    tol = localization_report(tiny_learner, layers=["layer1", "layer4"], tolerance=4)
-    assert list(tol.columns) == ["map", "pointing", "pointing_tol", "energy", "zero_maps",
-                                 "chance", "centre", "centre_tol", "images", "empty_masks"]
-    assert tol["pointing"].tolist() == report["pointing"].tolist()
-    assert (tol["pointing_tol"] >= tol["pointing"]).all()
-    assert (tol["centre_tol"] >= tol["centre"]).all()
-    with pytest.raises(ValueError, match="'true'"):
-        localization_report(tiny_learner, targets="label")
-
-
 def quantus_pointing(maps, masks):
     """Quantus 0.6's PointingGame, written out: a hit when any pixel of the maximum is in the
     mask."""
@@ -150,22 +110,3 @@ def test_pointing_and_energy_agree_with_quantus_except_on_ties():
     tied = (flat == flat.amax(dim=1, keepdim=True)).sum(dim=1) > 1
     assert torch.equal(ours[~tied], theirs[~tied]) and (~tied).sum() > 200
     assert (ours[tied] <= theirs[tied]).all()  # any tied pixel inside is a hit for Quantus
-
-
-def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_image_files
-    from gradcam_tut.metrics import localization_report, mask_dl
-
-    files = list(fish_image_files(mini_root))[:6]
-    full = localization_report(tiny_learner, mask_dl(tiny_learner, files), layers=["layer4"])
-
-    def half_empty(f):
-        from gradcam_tut.data import fish_mask
-
-        m = fish_mask(f)
-        return m if files.index(f) % 2 else type(m).create(np.zeros_like(np.asarray(m)))
-
-    some = localization_report(tiny_learner, mask_dl(tiny_learner, files, half_empty),
-                               layers=["layer4"])
-    assert full["images"].iloc[0] == 6 and full["empty_masks"].iloc[0] == 0
-    assert some["images"].iloc[0] == 3 and some["empty_masks"].iloc[0] == 3

@@ -1,15 +1,20 @@
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from fastai.interpret import ClassificationInterpretation
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
-from gradcam_tut import grad_cam
 from gradcam_tut.cam import class_index
-from gradcam_tut.plot import gradcam_grid, heat_cmap, image_hwc, plot_layer_grid
-from gradcam_tut.receptive_field import cell_centres, place
+from gradcam_tut.plot import (
+    heat_cmap,
+    image_hwc,
+    mark_peak,
+    new_figure,
+    plot_layer_grid,
+    plot_localization,
+)
 
 matplotlib.use("Agg")
 
@@ -67,50 +72,6 @@ def test_class_index():
         class_index(vocab, 2)
 
 
-def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
-    img = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
-    fig = tiny_learner.gradcam(img, target="Trout", save=tmp_path / "grid.png")
-    titles = [ax.get_title().split(" · ")[0] for ax in fig.axes if ax.get_title()]
-    assert titles == ["image", "conv1", "bn1", "relu", "maxpool",
-                      "layer1", "layer2", "layer3", "layer4"]
-    assert fig.axes[8].get_title().startswith("layer4 · 1x1 · max ")  # 32 px input
-    assert all(ax.collections for ax in fig.axes[:9])  # a mini fish image: its mask outline
-    assert "map for Trout" in fig._suptitle.get_text()
-    # the layer3 panel shows grad_cam's 2x2 map for Trout (not all zero, not flat), each cell
-    # placed at its receptive field's centre, scaled to its max
-    x, model = tiny_learner.dls.test_dl([img]).one_batch()[0], tiny_learner.model
-    m = grad_cam(model, x, "layer3", tiny_learner.dls.vocab.o2i["Trout"])[0]
-    assert m.shape == (1, 2, 2) and m.max() > m.min()
-    placed = place(m, x.shape[-2:], cell_centres(model, "layer3", x.shape[-2:])["layer3"])[0]
-    shown = torch.as_tensor(fig.axes[7].get_images()[1].get_array())
-    assert fig.axes[7].get_title().startswith("layer3 · 2x2 · max ")
-    torch.testing.assert_close(shown, placed / placed.max())
-    with pytest.raises(ValueError, match="no class named"):
-        gradcam_grid(tiny_learner, img, target="Tuna")
-    why = tiny_learner.gradcam(img, layers=["layer3"], target="Trout", contrast="Shrimp")
-    assert "map for Trout" in why._suptitle.get_text()
-    assert "rather than Shrimp" in why._suptitle.get_text()
-    assert (tmp_path / "grid.png").is_file()
-    tiny_learner.model.train()
-    gradcam_grid(tiny_learner, img, layers=["layer4"])
-    assert tiny_learner.model.training  # the learner's mode is left as it was
-    tiny_learner.model.eval()
-
-
-@pytest.mark.slow
-def test_top_losses_gradcam(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_dataloaders
-
-    tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
-    interp = ClassificationInterpretation.from_learner(tiny_learner)
-    fig = interp.plot_top_losses_gradcam(k=3)
-    assert len(fig.axes) == 13 and fig.axes[-1].get_label() == "<colorbar>"
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("true ") and titles[1].startswith("pred ")
-    assert titles[3].startswith("why not ")  # y_pred - y_true, or - y_runner_up when right
-    assert " · max " in titles[1] and "at layer4" in fig._suptitle.get_text()
-
-
 def test_overlay_is_transparent_where_the_map_is_zero_and_low_values_show():
     cmap = heat_cmap()
     assert cmap(0.0)[3] == 0.0 and cmap(1.0)[3] == pytest.approx(0.85)
@@ -126,3 +87,28 @@ def test_mask_outline_on_every_panel():
     assert [len(ax.collections) for ax in fig.axes] == [1, 1, 1]
     assert fig.axes[0].get_title() == "image · mask outline"
 
+
+
+def test_localization_chart_draws_the_report_it_is_given():
+    report = pd.DataFrame({"map": ["8x8", "1x1"], "pointing": [0.5, 0.25],
+                           "pointing_tol": [0.75, 0.5], "energy": [0.4, 0.3],
+                           "chance": 0.2, "centre": 0.3, "centre_tol": 0.4, "images": 8},
+                          index=pd.Index(["layer1", "layer4"], name="layer"))
+    fig = plot_localization(report)
+    bars = [[p.get_height() for p in ax.patches] for ax in fig.axes]
+    assert bars == [[0.75, 0.5, 0.5, 0.25], [0.4, 0.3]]  # within tolerance behind, then exact
+    assert fig._suptitle.get_text() == "Grad-CAM against the GT masks, 8 images"
+
+
+def test_mark_peak_inside_outside_and_on_an_all_zero_map():
+    heat, mask = torch.zeros(6, 6), torch.zeros(6, 6, dtype=torch.bool)
+    heat[1, 4], mask[0:3, 3:6] = 1.0, True
+    fig = new_figure()
+    ax = fig.subplots()
+    mark_peak(ax, heat, mask)
+    mark_peak(ax, heat, ~mask)
+    mark_peak(ax, heat)
+    mark_peak(ax, torch.zeros(6, 6), mask)  # no peak: no marker
+    drawn = [(ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker(), ln.get_color())
+             for ln in ax.lines]
+    assert drawn == [(4, 1, "o", "lime"), (4, 1, "x", "red"), (4, 1, "o", "white")]

@@ -175,14 +175,14 @@ def test_data_and_runs_never_go_into_site_packages(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_importing_the_package_is_quiet():
-    code = "import gradcam_tut.plot, gradcam_tut.train, gradcam_tut.settings"
+    code = "import gradcam_tut.learner, gradcam_tut.plot, gradcam_tut.train, gradcam_tut.settings"
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
                          text=True)
     assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
 
 
 def test_a_learner_takes_a_path_a_string_and_a_16_bit_file(tiny_learner, mini_root, tmp_path):
-    from gradcam_tut.plot import _one_image
+    from gradcam_tut.learner import _one_image
 
     f = sorted((mini_root / "Trout" / "Trout").iterdir())[0]
     grey = Image.open(f).convert("L")
