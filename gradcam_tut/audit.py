@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,7 +51,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from fastai.learner import Learner
 from PIL import Image, ImageDraw
@@ -63,7 +61,7 @@ from sklearn.neighbors import NearestNeighbors
 from torch import Tensor
 
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
-from .explain import _explain_batches, csv_safe, image_paths
+from .explain import csv_safe, explain_maps, gathered, image_paths, on_this_process
 from .plot import heat_cmap, image_hwc
 from .receptive_field import CellCentres, cell_centres, place
 from .results import check_destination, written_whole
@@ -302,21 +300,6 @@ def on_grid(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None
     return normalize_maps(torch.cat(out)).numpy()
 
 
-def process_group() -> tuple[int, int]:
-    """This process's rank and the number of processes. Under `accelerate launch
-    --num_processes N` or `torchrun --nproc_per_node N` (they set RANK and WORLD_SIZE)
-    torch.distributed is started, with gloo (the maps are gathered as CPU objects) and each
-    process on its own GPU (LOCAL_RANK) when there are GPUs; alone: (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
           out: str | Path | None = None, layer: Layer | None = None,
           method: str = "gradcam", bs: int = 16, grid: int = GRID,
@@ -330,7 +313,7 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     `learn.dls.vocab`, else for its predicted class; images are grouped the same way.
     Under `accelerate launch --num_processes N` (or `torchrun`) each process explains every
     N-th image, the maps are gathered, every process clusters them and the first one writes
-    `out` (`process_group`).
+    `out` (`explain.process_group`).
 
     Args:
         items: image files and folders (searched recursively, as `explain` does).
@@ -365,13 +348,7 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     files = image_paths(items)
     if out is not None:
         csv_safe(files)
-    rank, world = process_group()
-    if len(files) < world:
-        raise ValueError(f"{len(files)} images for {world} processes: run fewer processes "
-                         "than images")
-    if world > 1 and torch.cuda.is_available():
-        learn.dls.to(torch.device("cuda", torch.cuda.current_device()))
-        learn.model.to(learn.dls.device)
+    rank, world = on_this_process(learn, files)
     start = time.perf_counter()
     (x,) = learn.dls.test_dl(files[:1]).one_batch()
     size = tuple(x.shape[-2:])
@@ -379,8 +356,8 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     named = resolve_layers(learn.model, layer)
     name, module = next(iter(named.items()))
     table, maps = _explain_all(learn, files[rank::world], named, method, bs)
-    if world > 1:
-        table, maps = _gathered(table, maps, world)
+    table, maps = gathered(table, {name: maps}, world)
+    maps = maps[name]
     seconds = {"explain": time.perf_counter() - start}
 
     start = time.perf_counter()
@@ -401,18 +378,6 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     return result
 
 
-def _gathered(table: pd.DataFrame, maps: np.ndarray, world: int
-              ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Every process's rows and maps (process r had files r, r + world, ...), in file order."""
-    parts = [None] * world
-    dist.all_gather_object(parts, (table, maps))
-    sizes = [len(t) for t, _ in parts]
-    order = np.concatenate([np.arange(r, r + world * n, world) for r, n in enumerate(sizes)])
-    back = np.argsort(order)
-    table = pd.concat([t for t, _ in parts], ignore_index=True).iloc[back]
-    return table.reset_index(drop=True), np.concatenate([m for _, m in parts])[back]
-
-
 def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs: int
                  ) -> tuple[pd.DataFrame, np.ndarray]:
     """`explain`'s batches over `files`, the true class's map for the labelled ones (one call
@@ -424,9 +389,9 @@ def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs
     for label in sorted(set(labels)):
         pos = [i for i, lab in enumerate(labels) if lab == label]
         cls = vocab.index(label) if label else None
-        t, m = _explain_batches(learn, [files[i] for i in pos], named, cls, method, bs)
+        t, m = explain_maps(learn, [files[i] for i in pos], named, cls, method, bs)
         tables.append(t.assign(label=label))
-        maps.append(np.concatenate(next(iter(m.values()))))
+        maps.append(next(iter(m.values())))
         order += pos
     back = np.argsort(order)
     table = pd.concat(tables, ignore_index=True).iloc[back].reset_index(drop=True)

@@ -163,7 +163,7 @@ def grid(args: argparse.Namespace) -> None:
 
 
 def explain(args: argparse.Namespace) -> None:
-    from .explain import RESULTS
+    from .explain import RESULTS, is_main_process
     from .explain import explain as explain_images
     from .train import load_fish_learner
 
@@ -171,6 +171,8 @@ def explain(args: argparse.Namespace) -> None:
     learn = load_fish_learner(args.learner)
     table = explain_images(learn, args.paths, args.layers, _target(args.target, learn.dls.vocab),
                            args.method, args.bs, args.out, args.grids, args.force)
+    if not is_main_process():  # under accelerate launch: the first process says it
+        return
     print(f"{len(table)} images: {args.out / 'explain.csv'}, {args.out / 'maps.npz'}"
           + (f", {args.out / 'grids'}/" if args.grids else ""))
 
@@ -178,6 +180,7 @@ def explain(args: argparse.Namespace) -> None:
 def audit(args: argparse.Namespace) -> None:
     from .audit import RESULTS
     from .audit import audit as audit_images
+    from .explain import is_main_process
     from .train import load_fish_learner
 
     check_destination(args.out, RESULTS, args.force)  # before loading the learner
@@ -185,7 +188,7 @@ def audit(args: argparse.Namespace) -> None:
     result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
                           force=args.force)
     clusters = result.clusters
-    if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the first process says it
+    if not is_main_process():  # under accelerate launch: the first process says it
         return
     print(f"{len(result.images)} images, {len(clusters)} clusters at {result.layer}, "
           f"{int(clusters['flagged'].sum())} flagged: {args.out / 'clusters.csv'}, "

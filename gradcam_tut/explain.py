@@ -1,12 +1,21 @@
-"""Explain a whole folder: one `grad_cam` pass per batch, a CSV row and the maps per image."""
+"""Explain a whole folder: one `grad_cam` pass per batch, a CSV row and the maps per image.
+
+Under `accelerate launch --num_processes N` (or `torchrun --nproc_per_node N`: both set RANK and
+WORLD_SIZE) each process explains every N-th image, on its own GPU when there are GPUs, and
+the first process writes the one result, the same as one process would (`process_group`).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.distributed as dist
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from torch.nn import Module
@@ -51,6 +60,58 @@ def csv_safe(files: Sequence[Path]) -> None:
                              "or leave it out") from exc
 
 
+def process_group() -> tuple[int, int]:
+    """This process's rank and the number of processes: (0, 1) alone. Under `accelerate
+    launch` or `torchrun` torch.distributed is started (gloo: what is gathered are CPU
+    objects), and each process takes its own GPU (LOCAL_RANK) when there are GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Whether this process is the one that writes and prints (the only one, or rank 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def on_this_process(learn: Learner, files: Sequence[Path]) -> tuple[int, int]:
+    """`process_group()`, with the learner moved to this process's GPU when there are several
+    processes and GPUs; this process explains `files[rank::world]`.
+
+    Raises:
+        ValueError: fewer files than processes.
+    """
+    rank, world = process_group()
+    if len(files) < world:
+        raise ValueError(f"{len(files)} images for {world} processes: run fewer processes "
+                         "than images")
+    if world > 1 and torch.cuda.is_available():
+        learn.dls.to(torch.device("cuda", torch.cuda.current_device()))
+        learn.model.to(learn.dls.device)
+    return rank, world
+
+
+def gathered(table: pd.DataFrame, maps: dict[str, np.ndarray], world: int
+             ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Every process's rows and maps in the order of the files (process r had files r,
+    r + world, ...); alone, as they are."""
+    if world < 2:
+        return table, maps
+    parts = [None] * world
+    dist.all_gather_object(parts, (table, maps))
+    sizes = [len(t) for t, _ in parts]
+    order = np.concatenate([np.arange(r, r + world * n, world) for r, n in enumerate(sizes)])
+    back = np.argsort(order)
+    table = pd.concat([t for t, _ in parts], ignore_index=True).iloc[back]
+    return table.reset_index(drop=True), {
+        name: np.concatenate([m[name] for _, m in parts])[back] for name in maps}
+
+
 def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer] | None = None,
             target: int | str | None = None, method: str = "gradcam", bs: int = 16,
             out: str | Path | None = None, grids: bool = False,
@@ -59,6 +120,8 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
 
     Each batch goes through the learner's validation transforms (`learn.dls.test_dl`) and
     one `grad_cam` pass for all layers, which also gives the predictions (no second forward).
+    On several processes (see the module) each explains its share and every process returns
+    the whole table; the first writes `out`.
 
     Args:
         layers: default every layer of `body_layers(learn)`.
@@ -73,7 +136,8 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         One row per image: file, predicted class, confidence, target, and each layer's map max.
 
     Raises:
-        ValueError: `bs` < 1, `grids` without `out`, a file name a CSV cannot hold.
+        ValueError: `bs` < 1, `grids` without `out`, a file name a CSV cannot hold, fewer
+            images than processes.
         FileExistsError: an earlier result in `out` (without `force`), or files not ours.
         ResultInUse: another run writes to `out`.
         NotWritten: the disk is full or read-only; `out` is left as it was.
@@ -87,33 +151,57 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
     files = image_paths(paths)
     named = resolve_layers(learn.model, layers)
     cls = None if target is None else class_index(learn.dls.vocab, target)
-    if out is None:
-        return _explain_batches(learn, files, named, cls, method, bs)[0]
-    csv_safe(files)
-    with written_whole(out, RESULTS, force, by="gradcam-tut explain") as tmp:
-        table, maps = _explain_batches(learn, files, named, cls, method, bs,
-                                       tmp / "grids" if grids else None)
-        table.to_csv(tmp / "explain.csv", index=False)
-        np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
-                            **{name: np.concatenate(m) for name, m in maps.items()})
+    if out is not None:
+        csv_safe(files)
+    rank, world = on_this_process(learn, files)
+    writing = out is not None and rank == 0
+    with written_whole(out, RESULTS, force, by="gradcam-tut explain") if writing else \
+            nullcontext() as tmp:
+        if grids:  # every process draws its own images' grids into the first one's folder
+            parts = [tmp]
+            if world > 1:
+                dist.broadcast_object_list(parts, src=0)
+            grids_dir = parts[0] / "grids"
+        table, maps = explain_maps(learn, files[rank::world], named, cls, method, bs,
+                                   grids_dir if grids else None, range(rank, len(files), world))
+        table, maps = gathered(table, maps, world)
+        if world > 1:
+            dist.barrier()  # every grid drawn before the folder is installed
+        if writing:
+            table.to_csv(tmp / "explain.csv", index=False)
+            np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
+                                **maps)
     return table
 
 
-def _explain_batches(learn: Learner, files: list[Path], named: dict[str, Module],
-                     cls: int | None, method: str, bs: int, grids: Path | None = None
-                     ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
-    """The table and each layer's maps (a (b, h, w) array per batch); grid PNGs to `grids`."""
+def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module],
+                 target: int | None = None, method: str = "gradcam", bs: int = 16,
+                 grids: Path | None = None, numbers: Sequence[int] | None = None
+                 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The model pass of `explain`, on one process, writing nothing but `grids`.
+
+    Args:
+        named: the layers, `{name: module}` (`cam.resolve_layers`).
+        target: a class index for every image; None: each image's prediction.
+        grids: a folder for a grid PNG per image, `<number>_<image>.png`.
+        numbers: the images' numbers in those names; default 0, 1, ...
+
+    Returns:
+        The table (file, predicted, confidence, target, each layer's map max) and each
+        layer's maps, (N, h, w), both in the order of `files`.
+    """
     vocab = learn.dls.vocab
+    numbers = list(range(len(files)) if numbers is None else numbers)
     dl = learn.dls.test_dl(files, bs=bs)
     rows, maps = [], {name: [] for name in named}
     done = 0
     for (xb,) in progress_bar(dl, leave=False):
-        batch, logits = grad_cam(learn.model, xb, list(named.values()), cls, method=method,
+        batch, logits = grad_cam(learn.model, xb, list(named.values()), target, method=method,
                                  return_logits=True)  # the predictions of the same pass
         probs = logits.float().softmax(dim=1).cpu()
         preds = probs.argmax(dim=1).tolist()
         for i, (p, pred) in enumerate(zip(probs, preds)):
-            target_i = pred if cls is None else cls
+            target_i = pred if target is None else target
             rows.append({"file": str(files[done + i]), "predicted": vocab[pred],
                          "confidence": float(p[pred]), "target": vocab[target_i],
                          **{f"max_{n}": float(m[i].max()) for n, m in zip(named, batch)}})
@@ -126,6 +214,7 @@ def _explain_batches(learn: Learner, files: list[Path], named: dict[str, Module]
                 plot_layer_grid(image, [m[i] for m in batch], titles=list(named),
                                 suptitle=f"{row['predicted']} ({row['confidence']:.2f}) · "
                                          f"{method} map for {row['target']}",
-                                save=grids / f"{done + i:05d}_{files[done + i].stem}.png")
+                                save=grids / f"{numbers[done + i]:05d}_{files[done + i].stem}"
+                                             ".png")
         done += len(xb)
-    return pd.DataFrame(rows), maps
+    return pd.DataFrame(rows), {name: np.concatenate(m) for name, m in maps.items()}
