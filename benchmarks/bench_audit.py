@@ -10,7 +10,8 @@ the share of each map's mass on the mark (maps placed at their receptive fields,
 depend on what the network learned), split into the explain pass, the clustering and the report.
 (3) Times `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, each size in a fresh process for
 its peak memory, with the dense affinity and with the sparse nearest-neighbour one.
-(4) Times `gradcam-tut audit` of (2)'s images with one process and with two (torchrun).
+(4) Times `gradcam-tut explain` and `audit` of (2)'s images with one process and with two
+(torchrun).
 
     .venv/bin/python benchmarks/bench_audit.py             # all four, ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_audit.py --only shortcut   # or: time, scaling, processes
@@ -53,33 +54,11 @@ def train_one(kind: str, data: Path) -> Path:
     return model
 
 
-def where_maps_lie(learn, result):
-    """Per image: the share of its map's mass on the mark and whether its peak is on it,
-    measured with `mark_mask` (not by the audit)."""
-    import pandas as pd
-    import torch
-
-    from gradcam_tut.learner import mask_dl
-    from gradcam_tut.metrics import energy_in_mask, pointing_game
-    from gradcam_tut.mini_fish import mark_mask
-    from gradcam_tut.receptive_field import cell_centres, place
-
-    files = list(result.images["file"])
-    masks = torch.cat([mb.as_subclass(torch.Tensor).cpu()
-                       for _, _, mb in mask_dl(learn, files, mark_mask, bs=64)])  # (N, H, W)
-    size = tuple(masks.shape[-2:])
-    centres = cell_centres(learn.model, [result.layer], size)[result.layer]
-    heat = place(torch.from_numpy(result.maps), size, centres)  # (N, H, W)
-    return pd.DataFrame({"mark energy": energy_in_mask(heat, masks).numpy(),
-                         "on mark": pointing_game(heat, masks).float().numpy(),
-                         "mark area": masks.bool().flatten(1).float().mean(1).numpy()})
-
-
 def shortcut_rows(data: Path) -> None:
     import pandas as pd
 
     from gradcam_tut.audit import audit
-    from gradcam_tut.shortcut import counterfactual_sets
+    from gradcam_tut.shortcut import counterfactual_sets, where_maps_lie
     from gradcam_tut.train import load_fish_learner
 
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -91,7 +70,7 @@ def shortcut_rows(data: Path) -> None:
     for kind, name in (("marked", "shortcut"), ("clean", "reference")):
         learn = load_fish_learner(models[kind])
         result = audit(learn, [folder], out=data / f"audit-{name}", force=True)
-        truth = where_maps_lie(learn, result)
+        truth = where_maps_lie(learn, result.images["file"], result.maps, result.layer)
         images = pd.concat([result.images, truth], axis=1)
         flagged = images[images["flagged"] == 1]
         rest = images[images["flagged"] == 0]
@@ -140,9 +119,9 @@ def time_rows(data: Path, per_class: int = 112) -> None:
 
 
 def process_rows(data: Path, per_class: int = 112) -> None:
-    """`gradcam-tut audit` of the same 1,008 images with one process (2 threads, then 1) and
-    under torchrun with two (1 thread each), wall clock including start-up; the rows of the
-    first and the last compared."""
+    """`gradcam-tut explain` and `gradcam-tut audit` of the same 1,008 images with one process
+    (2 threads, then 1) and under torchrun with two (1 thread each), wall clock including
+    start-up; the results of one single-threaded process and of two compared."""
     import pandas as pd
     import torch
     from torchvision.models import resnet34
@@ -162,20 +141,28 @@ def process_rows(data: Path, per_class: int = 112) -> None:
             "2 processes, 1 thread each": ([sys.executable, "-m", "torch.distributed.run",
                                             "--nproc_per_node", "2", "-m", "gradcam_tut.cli"],
                                            "1")}
-    tables = {}
-    for name, (launch, threads) in runs.items():
-        out = data / f"audit-{len(launch) > 0}-{threads}"
-        cmd = (launch or [sys.executable, "-m", "gradcam_tut.cli"]) + [
-            "audit", str(root), "--learner", str(model), "--out", str(out), "--force"]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True,
-                       env={**os.environ, "OMP_NUM_THREADS": threads})
-        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-        tables[name] = pd.read_csv(out / "clusters.csv")
-    one, *_, two = tables.values()
-    same = (one[["file", "class", "cluster", "flagged"]] == two[["file", "class", "cluster",
-                                                                 "flagged"]]).all().all()
-    print(f"same files, classes, clusters and flags: {same}")
+    for command, layer in (("explain", ["--layers", "layer3"]), ("audit", ["--layer", "layer3"])):
+        outs = {}
+        for name, (launch, threads) in runs.items():
+            out = data / f"{command}-{len(launch) > 0}-{threads}"
+            cmd = (launch or [sys.executable, "-m", "gradcam_tut.cli"]) + [
+                command, str(root), "--learner", str(model), "--out", str(out), "--force",
+                *layer]
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True,
+                           env={**os.environ, "OMP_NUM_THREADS": threads})
+            print(f"{command}, {name}: {time.perf_counter() - start:.1f} s", flush=True)
+            outs[name] = out
+        one, *_, two = outs.values()
+        if command == "audit":
+            a, b = (pd.read_csv(o / "clusters.csv") for o in (one, two))
+            keys = ["file", "class", "cluster", "flagged"]
+            print(f"same files, classes, clusters and flags: {a[keys].equals(b[keys])}")
+        else:
+            with np.load(one / "maps.npz") as m1, np.load(two / "maps.npz") as m2:
+                same = list(m1["files"]) == list(m2["files"])
+                diff = float(np.abs(m1["layer3"] - m2["layer3"]).max())
+            print(f"same files in the same order: {same}; largest map difference {diff:.1e}")
 
 
 def synthetic_maps(n: int, grid: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

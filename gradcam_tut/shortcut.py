@@ -10,19 +10,25 @@ clean accuracy on them, and follows the mark by chance only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from fastai.data.transforms import parent_label
 from fastai.learner import Learner
 from fastcore.foundation import L
+from torch import Tensor
 from torchvision.models import resnet18, resnet34
 
 from .cam import Layer
 from .data import image_files
 from .learner import localization_report, mask_dl
+from .metrics import energy_in_mask, pointing_game
 from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask
+from .receptive_field import cell_centres, place
 
 TEST_SPEC = MiniFishSpec(per_class=24, seed=7)  # new fish: the training sets use other seeds
 
@@ -94,3 +100,20 @@ def map_shares(learn: Learner, sets: dict[str, L], layer: Layer = "layer2") -> d
         shares |= {f"{what}: pointing": float(row["pointing"]),
                    f"{what}: energy": float(row["energy"])}
     return shares
+
+
+def where_maps_lie(learn: Learner, files: Sequence[str | Path], maps: np.ndarray,
+                   layer: str) -> pd.DataFrame:
+    """Per image, where its map at `layer` (N, h, w; as `audit.Audit.maps` holds them) really
+    lies, measured with the mark's square (`mini_fish.mark_mask`), which the audit never sees:
+    `mark energy`, the share of the map's mass on the mark, `on mark`, 1 when its peak is on
+    it, and `mark area`, the mark's share of the image (what a flat map would put on it). The
+    maps are placed at their cells' receptive fields, as `map_shares` places them."""
+    masks = torch.cat([mb.as_subclass(Tensor).cpu()
+                       for _, _, mb in mask_dl(learn, list(files), mark_mask, bs=64)])
+    size = tuple(masks.shape[-2:])
+    centres = cell_centres(learn.model, [layer], size)[layer]
+    heat = place(torch.from_numpy(np.asarray(maps, np.float32)), size, centres)  # (N, H, W)
+    return pd.DataFrame({"mark energy": energy_in_mask(heat, masks).numpy(),
+                         "on mark": pointing_game(heat, masks).float().numpy(),
+                         "mark area": masks.bool().flatten(1).float().mean(1).numpy()})

@@ -61,3 +61,23 @@ def test_shortcut_scores_counts_the_fish_and_the_mark(sets):
 def test_swap_and_shuffle_exclude_each_other():
     with pytest.raises(ValueError, match="shuffle_marks and swap_marks: pick one"):
         MiniFishSpec(mark=1.0, shuffle_marks=True, swap_marks=True)
+
+
+def test_where_maps_lie_finds_maps_on_the_mark_and_off_it(sets, tiny_learner):
+    """Maps made from the mark's own square lie on it; the same maps turned 180 degrees lie in
+    the opposite corner, off it."""
+    import torch.nn.functional as F
+
+    from gradcam_tut.learner import mask_dl
+    from gradcam_tut.shortcut import where_maps_lie
+
+    files = list(sets["marked"])
+    masks = torch.cat([mb.as_subclass(torch.Tensor).float()
+                       for _, _, mb in mask_dl(tiny_learner, files, mark_mask)])
+    on = F.adaptive_avg_pool2d(masks[:, None], 8)[:, 0].numpy()  # layer1: 8x8 cells at 32 px
+    at = where_maps_lie(tiny_learner, files, on, "layer1")
+    away = where_maps_lie(tiny_learner, files, on[:, ::-1, ::-1].copy(), "layer1")
+    assert len(at) == len(files) and at["on mark"].mean() == 1 and away["on mark"].sum() == 0
+    assert (at["mark energy"] > 2 * at["mark area"]).all()
+    assert (away["mark energy"] < at["mark area"]).all()
+    assert 0 < at["mark area"].min() and at["mark area"].max() < 0.2
