@@ -53,6 +53,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from fastai.learner import Learner
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 from scipy import sparse
 from scipy.sparse.linalg import lobpcg
@@ -62,7 +63,7 @@ from torch import Tensor
 
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
 from .explain import csv_safe, explain_maps, gathered, image_paths, on_this_process
-from .plot import heat_cmap, image_hwc
+from .plot import heat_cmap, image_hwc, new_figure, saved
 from .receptive_field import CellCentres, cell_centres, place
 from .results import check_destination, written_whole
 
@@ -470,6 +471,33 @@ def mean_map_image(mean: np.ndarray) -> Image.Image:
         for y in (0, THUMB - q):
             draw.rectangle([x, y, x + q - 1, y + q - 1], outline=(160, 160, 160))
     return img
+
+
+def plot_clusters(result: Audit, notes: Sequence[str] | None = None, ncols: int = 6,
+                  save: str | Path | None = None) -> Figure:
+    """Every cluster's mean map (`mean_map_image`: the centre square outlined in cyan, the
+    corners in grey), titled with its class, number and size; a flagged cluster framed in red.
+
+    Args:
+        notes: a last title line per cluster, in the order of `result.clusters`.
+    """
+    rows = list(result.clusters.itertuples())
+    nrows = -(-len(rows) // ncols)
+    fig = new_figure(figsize=(1.7 * ncols, 2.4 * nrows))
+    axs = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for i, (ax, row) in enumerate(zip(axs, rows)):
+        ax.imshow(mean_map_image(row.mean_map))
+        note = f"\n{notes[i]}" if notes is not None else ""
+        name = result.clusters["class"].iloc[i]
+        ax.set_title(f"{name}\n#{row.cluster}: {row.size} maps{note}", fontsize=8,
+                     color="#d22" if row.flagged else "black")
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set(color="#d22" if row.flagged else "0.7", linewidth=3 if row.flagged else 1)
+    for ax in axs[len(rows):]:
+        ax.axis("off")  # the empty panels of the last row
+    fig.tight_layout()
+    return saved(fig, save)
 
 
 def _example_thumbnails(learn: Learner, result: Audit, maps: np.ndarray,

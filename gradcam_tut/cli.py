@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> None:
 
 def grid(args: argparse.Namespace) -> None:
     from .data import damaged_images
-    from .plot import gradcam_grid
+    from .learner import gradcam_grid
     from .train import load_fish_learner
 
     if not args.image.is_file():

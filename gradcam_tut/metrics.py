@@ -87,16 +87,3 @@ def centre_map(H: int, W: int) -> Tensor:
     cols = torch.arange(W).float()[None, :] - (W - 1) / 2
     dist = (rows**2 + cols**2).sqrt()
     return 1 - dist / dist.max()
-
-
-_MOVED = ("localization_report", "mask_dl")
-
-
-def __getattr__(name: str):
-    """moved: remove when notebooks 03-05 and README's example import `localization_report`
-    and `mask_dl` from gradcam_tut.learner. Looked up on use, so metrics imports no fastai."""
-    if name in _MOVED:
-        from . import learner
-
-        return getattr(learner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

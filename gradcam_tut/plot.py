@@ -188,19 +188,3 @@ def plot_localization(report: pd.DataFrame, title: str | None = None,
         ax.legend(fontsize=7, loc="upper left", ncols=3)
     fig.suptitle(title or f"Grad-CAM against the GT masks, {report['images'].iloc[0]} images")
     return saved(fig, save)
-
-
-# moved: remove when notebooks 03-06, README's example and cli.py import these from
-# gradcam_tut.learner. Importing plot used to add Learner.gradcam: this keeps that meanwhile, at
-# the cost of a plot <-> learner circle (it imports in either order: both modules are complete
-# before the other needs a name)
-from . import learner as _learner  # noqa: E402
-
-_MOVED = ("_one_image", "gradcam_grid", "plot_methods", "plot_pointing_gallery")
-
-
-def __getattr__(name: str):
-    """The Learner-running names that moved to `learner`, still importable from here."""
-    if name in _MOVED:
-        return getattr(_learner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

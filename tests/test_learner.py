@@ -18,8 +18,7 @@ from gradcam_tut.metrics import pointing_game
 from gradcam_tut.receptive_field import cell_centres, place
 
 PACKAGE = Path(__file__).parents[1] / "gradcam_tut"
-# moved: drop "learner" from plot's set when plot's alias of the moved names is removed
-ALLOWED = {"metrics": set(), "plot": {"cam", "metrics", "receptive_field", "learner"},
+ALLOWED = {"metrics": set(), "plot": {"cam", "metrics", "receptive_field"},
            "learner": {"cam", "data", "metrics", "plot", "receptive_field"}}
 
 
@@ -41,29 +40,14 @@ def test_import_arrows_point_down():
     assert "plot" not in package_imports("metrics")
 
 
-def test_metrics_loads_neither_fastai_nor_matplotlib():
+def test_metrics_and_plot_load_no_fastai():
     code = ("import sys, gradcam_tut.metrics\n"
             "assert not {'fastai', 'matplotlib', 'pandas'} & set(sys.modules), 'metrics'\n"
-            "gradcam_tut.metrics.pointing_game\n"
-            "assert 'fastai' not in sys.modules, 'metrics has names of its own'\n"
+            "import gradcam_tut.plot\n"
+            "assert 'fastai' not in sys.modules, 'plot'\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
-
-
-def test_moved_names_still_import_from_their_old_places():
-    """moved: remove with the aliases, once notebooks 03-06, README and cli.py import them
-    from gradcam_tut.learner."""
-    import gradcam_tut.learner as learner
-    import gradcam_tut.metrics as metrics
-    import gradcam_tut.plot as plot
-
-    for name in ("_one_image", "gradcam_grid", "plot_methods", "plot_pointing_gallery"):
-        assert getattr(plot, name) is getattr(learner, name)
-    for name in ("localization_report", "mask_dl"):
-        assert getattr(metrics, name) is getattr(learner, name)
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        plot.nothing  # noqa: B018
 
 
 def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):

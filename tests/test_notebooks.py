@@ -5,7 +5,7 @@ import re
 import papermill as pm
 import pytest
 
-from gradcam_tut.cli import NOTEBOOKS
+from gradcam_tut.runner import NOTEBOOKS
 
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 FIGURES = {
@@ -18,7 +18,7 @@ FIGURES = {
     "05": ["05_localization_by_layer.png", "05_cell_centres.png", "05_pointing_gallery.png",
            "05_methods.png"],
     "06": ["06_counterfactual_sets.png", "06_shortcut_grid.png", "06_background_swap.png",
-           "06_five_models.png"],
+           "06_five_models.png", "06_audit_shortcut.png", "06_audit_reference.png"],
 }
 
 
@@ -43,6 +43,24 @@ def assert_figures_shown(nb):
             assert any("image/png" in d for d in data), f"no image shown by: {cell.source}"
 
 
+def assert_trains_like_train_fish(model_file, data, out):
+    """Notebook 01's training cells and the package's `train_fish`, given the same settings,
+    train the same weights: the recipe is written once, and the notebook shows it."""
+    from fastai.learner import load_learner
+
+    from gradcam_tut.settings import run_settings
+    from gradcam_tut.train import train_fish
+
+    s = run_settings(True, data, out, epochs=1)
+    package = train_fish(s.data, epochs=s.epochs, size=s.size, bs=s.bs, pretrained=s.pretrained,
+                         lr=s.lr, seed=s.seed, max_per_class=s.max_per_class).model
+    notebook = load_learner(model_file).model
+    differ = {k: float((a.float() - b.float()).abs().max())
+              for (k, a), b in zip(package.state_dict().items(), notebook.state_dict().values())}
+    print(max(differ.values()))
+    assert max(differ.values()) < 1e-4, sorted(differ.items(), key=lambda kv: -kv[1])[:3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, out, mini_dest):
@@ -58,6 +76,7 @@ def test_notebook_runs(name, out, mini_dest):
     assert_figures_shown(nb)
     if name.startswith("01"):
         assert "the split of fish_dataloaders, which notebooks 02-05 use: True" in printed
+        assert_trains_like_train_fish(out / "models" / "fish_resnet34.pkl", mini_dest, out)
     if name.startswith("02"):
         assert "equals grad_cam: True" in printed and "bn1 equals grad_cam: True" in printed
         assert "hooks left: 0" in printed and "same as gradcam_tut.hooks: True" in printed
@@ -75,6 +94,10 @@ def test_notebook_runs(name, out, mini_dest):
         assert "naming the mark's class for" in markdown and "**Reading it.**" in markdown
         for model in ("reference", "shortcut", "data_fix", "mask_guidance", "mask_fix"):
             assert (out / "models" / f"06_{model}.pkl").stat().st_size > 1000, model
+        assert "marked test images, maps at layer" in printed
+        assert "the flagged clusters hold" in markdown
+        for model in ("shortcut", "reference"):
+            assert (out / f"06_audit_{model}" / "report.html").stat().st_size > 1000, model
 
 
 FIXED_FACTS = {"20%", "80%"}  # the validation split; an exercise's share of marked images
@@ -105,7 +128,7 @@ def test_06_sentences_state_this_runs_numbers(tmp_path, mini_dest):
 
     nb = nbformat.read(NOTEBOOKS / "06_catching_a_shortcut.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(
-        'import json\njson.dump({"results": results, "maps": maps}, '
+        'import json\njson.dump({"results": results, "maps": maps, "found": found}, '
         'open(s.out / "numbers.json", "w"))'))
     nbformat.write(nb, tmp_path / "06.ipynb")
     params = {"smoke": True, "data_path": str(mini_dest), "out_dir": str(tmp_path),
@@ -125,6 +148,9 @@ def test_06_sentences_state_this_runs_numbers(tmp_path, mini_dest):
     assert f"**{short['valid accuracy']:.3f}**" in markdown
     assert f"**{short['follows mark']:.0%}**" in markdown
     assert f"**{guided['mark: energy']:.3f}**" in markdown
+    audited = numbers["found"]["shortcut"]
+    assert f"**{audited['of them flagged']:.0%}**" in markdown
+    assert f"({audited['maps on the mark']} of 216)" in markdown
 
 
 @pytest.mark.parametrize("name", NAMES[:5])

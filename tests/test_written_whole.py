@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from filelock import FileLock
 
-from gradcam_tut import cli
 from gradcam_tut import explain as explain_module
+from gradcam_tut import runner
 from gradcam_tut.cli import main
 from gradcam_tut.results import MARKER
 
@@ -287,15 +287,15 @@ def test_grid_out_ending_in_a_slash_is_a_folder(tiny_model_file, images, tmp_pat
 def test_latest_only_ever_points_at_a_finished_run(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
 
-    def finished(out, smoke, data):
+    def finished(settings_file):
         return []
 
-    def failed(out, smoke, data):
-        raise cli.NotebookFailed("01_train_resnet34_on_fish.ipynb failed in cell 3: ...")
-    monkeypatch.setattr(cli, "run_notebooks", finished)
+    def failed(settings_file):
+        raise runner.NotebookFailed("01_train_resnet34_on_fish.ipynb failed in cell 3: ...")
+    monkeypatch.setattr(runner, "run_notebooks", finished)
     assert main(["run", "--out", str(runs), "--name", "good"]) == 0
     assert (runs / "latest").resolve() == (runs / "good").resolve()
-    monkeypatch.setattr(cli, "run_notebooks", failed)
+    monkeypatch.setattr(runner, "run_notebooks", failed)
     assert main(["run", "--out", str(runs), "--name", "bad"]) == 1
     assert "failed in cell 3" in error_line(capsys)
     assert (runs / "bad").is_dir()  # kept, for its error
@@ -306,7 +306,7 @@ def test_latest_only_ever_points_at_a_finished_run(tmp_path, monkeypatch, capsys
 def test_run_checks_the_data_before_any_kernel(tmp_path, monkeypatch, capsys):
     def never(*args, **kwargs):
         raise AssertionError("a kernel started")
-    monkeypatch.setattr(cli, "run_notebooks", never)
+    monkeypatch.setattr(runner, "run_notebooks", never)
     pets = tmp_path / "pets"
     (pets / "cat").mkdir(parents=True)  # one class: not a classifier's data
     assert main(["run", "--out", str(tmp_path / "runs"), "--data", str(pets)]) == 2
