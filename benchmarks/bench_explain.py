@@ -23,8 +23,9 @@ from torchvision.models import resnet34
 
 import gradcam_tut.learner  # noqa: F401  adds Learner.gradcam
 from gradcam_tut import body_layers, grad_cam
-from gradcam_tut.data import DATA_DIR, fish_dataloaders, image_files
+from gradcam_tut.data import DATA_DIR, fish_dataloaders
 from gradcam_tut.explain import explain
+from gradcam_tut.layout import image_files
 from gradcam_tut.mini_fish import make_mini_fish
 
 

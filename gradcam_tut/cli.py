@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def grid(args: argparse.Namespace) -> None:
-    from .data import damaged_images
+    from .images import damaged_images
     from .learner import gradcam_grid
     from .train import load_fish_learner
 

@@ -21,7 +21,8 @@ from fastprogress.fastprogress import progress_bar
 from torch.nn import Module
 
 from .cam import Layer, class_index, grad_cam, resolve_layers
-from .data import damaged_images, damaged_listing, listed_images
+from .images import damaged_images, damaged_listing
+from .layout import listed_images
 from .plot import plot_layer_grid
 from .results import check_destination, written_whole
 

@@ -1,5 +1,7 @@
-"""The Kaggle Fish Dataset's classes and where an image's GT mask lives: facts both the data
-checks (`data`) and the synthetic stand-in (`mini_fish`) follow. Standard library only."""
+"""The Kaggle Fish Dataset's facts: its classes, where an image's GT mask lives, where to get
+it, and the error a folder out of its layout raises. The folder checks (`layout`), the finding
+and loading (`data`) and the synthetic stand-in (`mini_fish`) all follow them. Standard library
+only."""
 
 from __future__ import annotations
 
@@ -7,6 +9,18 @@ from pathlib import Path
 
 CLASSES = ("Black Sea Sprat", "Gilt-Head Bream", "Hourse Mackerel", "Red Mullet",
            "Red Sea Bream", "Sea Bass", "Shrimp", "Striped Red Mullet", "Trout")
+KAGGLE_HANDLE = "crowww/a-large-scale-fish-dataset"
+ENV_VAR = "FISH_DATASET"
+HOW_TO_GET = (
+    f"Download {KAGGLE_HANDLE} from Kaggle and unzip it into data/ (giving data/Fish_Dataset), "
+    f"or set {ENV_VAR} to where it is, or `pip install kagglehub` with Kaggle credentials "
+    "(~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY) to download it; "
+    "without it, the embedded mini fish set stands in (allow_mini=True)."
+)
+
+
+class DatasetLayoutError(ValueError):
+    """The folder is not in the Fish Dataset layout; the message says what is wrong."""
 
 
 def mask_file(image_file: str | Path) -> Path:

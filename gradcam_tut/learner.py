@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .cam import METHODS, Layer, body_layers, class_index, grad_cam, normalize_maps, resolve_layers
-from .data import RGBImage, fish_mask, mask_file
+from .fish_layout import mask_file
+from .images import RGBImage, fish_mask
 from .metrics import centre_map, chance, energy_in_mask, pointing_game
 from .plot import (
     image_hwc,

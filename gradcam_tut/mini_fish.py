@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +30,8 @@ try:
 except ImportError:  # Windows: filelock's lock, whose file stays
     fcntl = None
 
-from .fish_layout import CLASSES, mask_file
+from .fish_layout import CLASSES, DatasetLayoutError, mask_file
+from .results import os_error_message
 
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
@@ -294,6 +296,33 @@ def read_marker(marker: Path) -> dict | None:
     return {**asdict(MiniFishSpec()), **made} if isinstance(made, dict) else None
 
 
+def is_mini_fish(root: str | Path) -> bool:
+    """True for a set written by `make_mini_fish`. `root`: the folder holding its class folders
+    (`Layout.root`; what `make_mini_fish` and `find_fish_dataset` return), its marker two levels
+    up."""
+    return (Path(root).parent.parent / MARKER).is_file()
+
+
+def expected_classes(root: str | Path) -> tuple[str, ...]:
+    """The class folders a Fish Dataset layout at `root` (the folder holding the class folders)
+    must hold: those a mini fish set was drawn with (its marker says), else all 9 `CLASSES`.
+
+    Raises:
+        DatasetLayoutError: a mini fish set left unfinished (its marker says so, or is empty
+            or broken: a write cut short).
+    """
+    dest = Path(root).parent.parent
+    if not is_mini_fish(root):
+        return CLASSES
+    made = read_marker(dest / MARKER)
+    if made is None or not made.get("complete"):  # None: empty or broken marker
+        why = "says so" if made else "is empty or broken"
+        raise DatasetLayoutError(
+            f"the mini fish set in {dest} was left unfinished: run `gradcam-tut mini-fish "
+            f"{dest}` (with its options) to finish it, or remove it (its {MARKER} {why})")
+    return tuple(made.get("classes") or CLASSES)  # a mini set may be drawn with fewer
+
+
 def _write_marker(marker: Path, fields: dict) -> None:
     """Write the marker whole (a temporary file renamed over it): never half a file."""
     part = marker.with_name(f".{marker.name}.{os.getpid()}.part")
@@ -449,11 +478,22 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
                    help="each mark another class's, never its own (a counterfactual test set)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic mini fish set.")
+def main(argv: list[str] | None = None) -> int:
+    """`gradcam-tut mini-fish` as a module: 0 when written; a user error (a folder that is not
+    empty, a file, a bad value, a read-only folder) prints one line, as `gradcam-tut` does, and
+    returns 2."""
+    p = argparse.ArgumentParser(prog="python -m gradcam_tut.mini_fish",
+                                description="Write the synthetic mini fish set.")
     add_mini_fish_arguments(p)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError) as exc:
+        msg = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"{p.prog}: error: {msg.strip()}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

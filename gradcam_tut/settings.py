@@ -18,22 +18,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from urllib.request import urlopen
 
 import torch
 from torchvision.models import ResNet34_Weights
 
-from .data import (
-    DATA_DIR,
-    ENV_VAR,
-    PROJECT_DIR,
-    find_fish_dataset,
-    fish_dataloaders,
-    is_fish_layout,
-    is_mini_fish,
-)
-from .mini_fish import FULL, make_mini_fish
+from .data import DATA_DIR, PROJECT_DIR, find_fish_dataset, fish_dataloaders
+from .fish_layout import ENV_VAR
+from .layout import Layout, scan_layout
+from .mini_fish import FULL, is_mini_fish, make_mini_fish
 from .results import written_file
 from .train import load_fish_learner, train_fish
 
@@ -99,10 +94,16 @@ class RunSettings:
     def smoke(self) -> bool:
         return self.mode == "smoke"
 
+    @cached_property
+    def layout(self) -> Layout:
+        """What the data folder holds (`scan_layout`), scanned the first time it is asked for and
+        then passed down: to `masks`, `dataloaders` and `learner`."""
+        return scan_layout(self.data)
+
     @property
     def masks(self) -> bool:
         """Whether the data has GT masks (the Fish Dataset layout); your own folder has none."""
-        return is_fish_layout(self.data)
+        return self.layout.masks
 
     def require_masks(self, what: str) -> None:
         """Stop with one clear line when `what` needs masks and the data has none."""
@@ -124,14 +125,14 @@ class RunSettings:
         """`fish_dataloaders` with these settings (the same split as training)."""
         kwargs = {"size": self.size, "bs": self.bs, "seed": self.seed,
                   "max_per_class": self.max_per_class, **kwargs}
-        return fish_dataloaders(self.data, **kwargs)
+        return fish_dataloaders(self.layout, **kwargs)
 
     def learner(self):
         """The learner notebook 01 exported, with its data; trained now (`train_fish`, these
         settings, exported to `model_file`) if there is none."""
         if not self.model_file.is_file():
             print(f"no exported model at {self.model_file}: training one first")
-            train_fish(self.data, epochs=self.epochs, size=self.size, bs=self.bs,
+            train_fish(self.layout, epochs=self.epochs, size=self.size, bs=self.bs,
                        pretrained=self.pretrained, lr=self.lr, seed=self.seed,
                        max_per_class=self.max_per_class, export_to=self.model_file)
         return load_fish_learner(self.model_file, self.dataloaders())

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.models import resnet18, resnet34
 
 from .cam import Layer
-from .data import image_files
+from .layout import image_files
 from .learner import localization_report, mask_dl
 from .metrics import energy_in_mask, pointing_game
 from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask

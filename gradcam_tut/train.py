@@ -18,6 +18,7 @@ from fastai.vision.learner import vision_learner
 from torchvision.models import resnet34
 
 from .data import fish_dataloaders
+from .layout import Layout
 
 
 def fp16_wanted(fp16: bool | str = "auto") -> bool:
@@ -59,11 +60,12 @@ def fish_learner(dls, arch=resnet34, pretrained: bool = True, cbs=None) -> tuple
         return learner(False), False
 
 
-def train_fish(path: str | Path, arch=resnet34, epochs: int = 5, size: int = 224, bs: int = 64,
-               pretrained: bool = True, fp16: bool | str = "auto", lr: float | None = None,
-               seed: int = 42, export_to: str | Path | None = None, cbs=None,
-               **dls_kwargs) -> Learner:
-    """Train `arch` on the Fish Dataset at `path` and return the Learner.
+def train_fish(path: str | Path | Layout, arch=resnet34, epochs: int = 5, size: int = 224,
+               bs: int = 64, pretrained: bool = True, fp16: bool | str = "auto",
+               lr: float | None = None, seed: int = 42, export_to: str | Path | None = None,
+               cbs=None, **dls_kwargs) -> Learner:
+    """Train `arch` on the Fish Dataset (or your class folders) at `path`, a folder or its
+    `Layout`, and return the Learner.
 
     Everything random is seeded first (`set_seed(seed, reproducible=True)`: the split, the
     shuffling, the augmentation, the head's initial weights), so a rerun on the same machine

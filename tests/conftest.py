@@ -5,7 +5,7 @@ import torchvision
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_home(tmp_path_factory):
-    """The image check's cache (`data.cache_dir()`, read at each call) in a temporary folder,
+    """The image check's cache (`images.cache_dir()`, read at each call) in a temporary folder,
     for the notebooks' kernels too."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))

@@ -7,16 +7,10 @@ from fastai.data.transforms import get_image_files, parent_label
 from PIL import Image
 
 from gradcam_tut import data
-from gradcam_tut.data import (
-    CLASSES,
-    DatasetLayoutError,
-    dataset_root,
-    find_fish_dataset,
-    fish_dataloaders,
-    fish_image_files,
-    mask_file,
-    validate_layout,
-)
+from gradcam_tut.data import find_fish_dataset, fish_dataloaders
+from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError, mask_file
+from gradcam_tut.layout import dataset_root, fish_image_files, validate_layout
+from gradcam_tut.mini_fish import is_mini_fish
 
 
 def test_masks_excluded_and_nine_classes(mini_root):
@@ -98,7 +92,7 @@ def test_find_order(no_dataset, mini_dest, monkeypatch):
 def test_find_falls_back_to_mini(no_dataset):
     root = find_fish_dataset(allow_mini=True)
     assert root == no_dataset / "mini_fish" / "Fish_Dataset" / "Fish_Dataset"
-    assert data.is_mini_fish(root)
+    assert is_mini_fish(root)
     assert validate_layout(root)
 
 

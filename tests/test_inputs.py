@@ -17,20 +17,11 @@ from fastai.data.transforms import get_image_files, parent_label
 from PIL import Image, ImageOps
 
 from gradcam_tut.cli import main
-from gradcam_tut.data import (
-    CLASSES,
-    DatasetLayoutError,
-    checked_image_files,
-    damaged_images,
-    fish_dataloaders,
-    fish_mask,
-    image_files,
-    listed_images,
-    load_rgb,
-    mask_file,
-    validate_layout,
-)
+from gradcam_tut.data import fish_dataloaders
 from gradcam_tut.explain import image_paths
+from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError, mask_file
+from gradcam_tut.images import damaged_images, fish_mask, load_rgb
+from gradcam_tut.layout import checked_image_files, image_files, listed_images, validate_layout
 from gradcam_tut.mini_fish import MARKER, MiniFishSpec, make_mini_fish, mark_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +161,7 @@ def test_values_that_do_not_fit_their_depth_warn_with_the_file(grey, tmp_path):
 
 
 def test_exif_rotated_jpeg_is_loaded_as_a_viewer_shows_it(tmp_path, tiny_learner):
-    from gradcam_tut.data import RGBImage
+    from gradcam_tut.images import RGBImage
     from gradcam_tut.learner import _one_image
 
     stored = np.zeros((20, 40, 3), np.uint8)

@@ -19,7 +19,7 @@ from gradcam_tut.receptive_field import cell_centres, place
 
 PACKAGE = Path(__file__).parents[1] / "gradcam_tut"
 ALLOWED = {"metrics": set(), "plot": {"cam", "metrics", "receptive_field"},
-           "learner": {"cam", "data", "metrics", "plot", "receptive_field"}}
+           "learner": {"cam", "fish_layout", "images", "metrics", "plot", "receptive_field"}}
 
 
 def package_imports(module: str) -> set[str]:
@@ -33,8 +33,8 @@ def package_imports(module: str) -> set[str]:
 
 
 def test_import_arrows_point_down():
-    """learner -> plot, metrics, cam, data; plot draws and never runs a Learner; metrics is
-    tensor maths and imports nothing of the package."""
+    """learner -> plot, metrics, cam, images, fish_layout; plot draws and never runs a
+    Learner; metrics is tensor maths and imports nothing of the package."""
     for module, allowed in ALLOWED.items():
         assert package_imports(module) <= allowed, module
     assert "plot" not in package_imports("metrics")
@@ -134,13 +134,13 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
 
 
 def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_image_files
+    from gradcam_tut.layout import fish_image_files
 
     files = list(fish_image_files(mini_root))[:6]
     full = localization_report(tiny_learner, mask_dl(tiny_learner, files), layers=["layer4"])
 
     def half_empty(f):
-        from gradcam_tut.data import fish_mask
+        from gradcam_tut.images import fish_mask
 
         m = fish_mask(f)
         return m if files.index(f) % 2 else type(m).create(np.zeros_like(np.asarray(m)))
@@ -152,7 +152,7 @@ def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
 
 
 def test_pointing_gallery_hits_and_misses(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_image_files
+    from gradcam_tut.layout import fish_image_files
 
     dl = mask_dl(tiny_learner, list(fish_image_files(mini_root))[::3], bs=6)
     fig = plot_pointing_gallery(tiny_learner, layer="layer3", n=2, dl=dl)

@@ -149,7 +149,7 @@ def test_reshape_defaults_and_errors(vit, swin, resnet18):
 def test_methods_in_the_report_the_grid_and_the_cli(tiny_learner, tiny_model_file, mini_root,
                                                     tmp_path):
     from gradcam_tut.cli import METHOD_NAMES, main
-    from gradcam_tut.data import fish_image_files
+    from gradcam_tut.layout import fish_image_files
     from gradcam_tut.learner import gradcam_grid, localization_report, mask_dl
 
     assert METHOD_NAMES == tuple(METHODS)  # the CLI lists them without importing torch

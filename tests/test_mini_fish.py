@@ -1,15 +1,22 @@
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_tut.data import CLASSES, fish_image_files, mask_file
-from gradcam_tut.mini_fish import MARKER, MARKS, MiniFishSpec, make_mini_fish, render
+from gradcam_tut.cli import main as cli_main
+from gradcam_tut.fish_layout import CLASSES, mask_file
+from gradcam_tut.layout import fish_image_files
+from gradcam_tut.mini_fish import MARKER, MARKS, MiniFishSpec, main, make_mini_fish, render
 
+REPO = Path(__file__).resolve().parents[1]
 SPEC = MiniFishSpec(per_class=2, width=48, height=36)
 
 
@@ -183,3 +190,18 @@ def test_mark_mask_is_where_the_mark_is(tmp_path):
     assert not np.asarray(mark_mask(root / "Sea Bass" / "Sea Bass" / "00001.png")).any()
     with pytest.raises(FileNotFoundError, match="mark_mask reads the images of a set"):
         mark_mask(tmp_path / "a" / "b" / "c" / "d" / "00001.png")
+
+
+def test_the_module_answers_a_user_error_in_one_line(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert cli_main(["mini-fish", str(tmp_path / "mine")]) == 2
+    line = capsys.readouterr().err
+    assert main([str(tmp_path / "mine")]) == 2
+    same = line.replace("gradcam-tut:", "python -m gradcam_tut.mini_fish:")  # the same line
+    assert line.startswith("gradcam-tut: error: ") and capsys.readouterr().err == same
+    done = subprocess.run([sys.executable, "-m", "gradcam_tut.mini_fish", str(tmp_path / "mine")],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", same)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"

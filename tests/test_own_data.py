@@ -9,12 +9,9 @@ from torch import nn
 
 from gradcam_tut import grad_cam
 from gradcam_tut.cli import main
-from gradcam_tut.data import (
-    DatasetLayoutError,
-    fish_dataloaders,
-    is_fish_layout,
-    validate_layout,
-)
+from gradcam_tut.data import fish_dataloaders
+from gradcam_tut.fish_layout import DatasetLayoutError
+from gradcam_tut.layout import scan_layout, validate_layout
 from gradcam_tut.settings import run_settings
 from gradcam_tut.train import train_fish
 
@@ -38,7 +35,7 @@ def pets(mini_root, tmp_path_factory):
 
 
 def test_a_folder_of_class_folders(pets):
-    assert not is_fish_layout(pets)
+    assert scan_layout(pets).kind == "folders"
     assert validate_layout(pets) == {"bird": 12, "cat": 12, "dog": 12}
     dls = fish_dataloaders(pets, size=32, bs=4)
     assert list(dls.vocab) == ["bird", "cat", "dog"] and len(dls.valid_ds) == 7

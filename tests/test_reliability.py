@@ -18,17 +18,11 @@ import torch
 from fastai.vision.core import PILImage
 from PIL import Image
 
-from gradcam_tut import data
-from gradcam_tut.data import (
-    DatasetLayoutError,
-    RGBImage,
-    checked_image_files,
-    damaged_images,
-    fish_dataloaders,
-    load_rgb,
-    mask_file,
-    project_dir,
-)
+from gradcam_tut import images
+from gradcam_tut.data import fish_dataloaders, project_dir
+from gradcam_tut.fish_layout import DatasetLayoutError, mask_file
+from gradcam_tut.images import RGBImage, damaged_images, load_rgb
+from gradcam_tut.layout import checked_image_files
 from gradcam_tut.settings import run_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +100,7 @@ def test_decompression_bomb_is_a_damaged_file(fish, monkeypatch):
 def test_the_check_is_cached_and_sees_changes(fish, monkeypatch):
     files = _images(fish, "Trout")
     assert damaged_images(files) == {}
-    monkeypatch.setattr(data, "_decode", lambda f: pytest.fail("decoded again"))
+    monkeypatch.setattr(images, "_decode", lambda f: pytest.fail("decoded again"))
     assert damaged_images(files) == {}  # the same files, unchanged: read from the cache
     files[0].write_bytes(b"")
     monkeypatch.undo()
@@ -120,7 +114,7 @@ def test_the_cache_folder_is_read_from_the_environment_at_each_call(fish, tmp_pa
         assert damaged_images(files) == {}
         assert len(list((tmp_path / home / "gradcam_tut" / "checked").glob("*.json"))) == 1
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert data.cache_dir() == Path.home() / ".cache" / "gradcam_tut"
+    assert images.cache_dir() == Path.home() / ".cache" / "gradcam_tut"
 
 def test_empty_class_and_wrong_folder(fish, tmp_path):
     for f in _images(fish, "Shrimp"):

@@ -1,3 +1,4 @@
+import json
 import shutil
 from contextlib import nullcontext
 from dataclasses import replace
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torchvision.models import ResNet34_Weights, resnet34
 
-from gradcam_tut import data, settings
+from gradcam_tut import data, fish_layout, settings
 from gradcam_tut.data import find_fish_dataset
+from gradcam_tut.layout import scan_layout
 from gradcam_tut.settings import (
     SMOKE_ENV,
     RunSettings,
@@ -134,7 +136,7 @@ def test_kaggle_mount_and_kagglehub_cache(mini_root, tmp_path, monkeypatch):
     monkeypatch.delenv("FISH_DATASET", raising=False)
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
     monkeypatch.setattr(data, "KAGGLE_INPUT", tmp_path / "kaggle" / "input" / "fish")
-    versions = tmp_path / "kagglehub" / "datasets" / data.KAGGLE_HANDLE / "versions"
+    versions = tmp_path / "kagglehub" / "datasets" / fish_layout.KAGGLE_HANDLE / "versions"
     for v in ("1", "2"):
         shutil.copytree(mini_root, versions / v / "Fish_Dataset" / "Fish_Dataset")
     assert find_fish_dataset(download=False) == versions / "2" / "Fish_Dataset" / "Fish_Dataset"
@@ -150,6 +152,17 @@ def test_settings_file_round_trip(mini_dest, tmp_path):
     assert loaded == s and loaded.smoke and (loaded.mode, loaded.epochs) == ("smoke", 2)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["settings.json"]  # no temp left
     assert not replace(s, mode="cpu").smoke
+
+
+def test_the_settings_scan_their_data_once(mini_dest, mini_root, tmp_path, monkeypatch):
+    """`masks`, `dataloaders` and `learner` read one `Layout`, scanned when first asked for."""
+    s = decide_settings(smoke=True, data=mini_dest, out=tmp_path / "run")
+    scans = []
+    monkeypatch.setattr(settings, "scan_layout", lambda p: scans.append(p) or scan_layout(p))
+    assert s.masks and s.layout.root == mini_root and s.layout.kind == "fish"
+    s.dataloaders(size=16, bs=4)
+    assert scans == [mini_dest] and s.layout is s.layout
+    assert "layout" not in json.loads(s.save(tmp_path / "s.json").read_text())
 
 
 def test_a_notebook_with_the_file_does_not_decide_again(mini_dest, tmp_path, monkeypatch,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from gradcam_tut.data import CLASSES, fish_dataloaders
+from gradcam_tut.data import fish_dataloaders
+from gradcam_tut.fish_layout import CLASSES
 from gradcam_tut.train import fish_learner, fp16_wanted, load_fish_learner
 
 

@@ -1,0 +1,179 @@
+"""Images as this package reads them: decoded as a viewer shows them (EXIF orientation, 16- and
+32-bit grey scaled to 8 bits), fastai's image and mask types made that way, and the check that
+every file decodes, its answer cached per file version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.vision.core import PILImage, PILMask
+from fastprogress.fastprogress import progress_bar
+from PIL import ExifTags, Image, ImageOps
+
+from .fish_layout import mask_file
+
+INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def shown_size(image: str | Path | Image.Image) -> tuple[int, int]:
+    """(width, height) of an image as a viewer shows it (turned by its EXIF orientation),
+    read from the file's header."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            return shown_size(im)
+    w, h = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (h, w) if turned else (w, h)
+
+
+def _opened(fn: str | os.PathLike | Image.Image) -> Image.Image:
+    """The picture as a viewer shows it, loaded: turned by its EXIF orientation."""
+    if isinstance(fn, Image.Image):
+        return ImageOps.exif_transpose(fn)  # a copy, turned or not
+    with Image.open(fn) as im:
+        return ImageOps.exif_transpose(im)
+
+
+def _to_8_bits(im: Image.Image, name) -> Image.Image:
+    """A grey image of 16 or 32 bits ("I;16", "I", "F") as 8-bit grey ("L").
+
+    16-bit integers are divided by 257 (65535 -> 255); 32-bit integers by the depth their
+    values fit (0..255: 8-bit values stored in 32 bits, kept; 0..65535: divided by 257);
+    floats in 0..1 are multiplied by 255. Anything else (negative values, integers above
+    65535, floats outside 0..1) is scaled from its minimum to its maximum, with a warning.
+    """
+    a = np.asarray(im, dtype=np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    if im.mode in INT16_MODES or (im.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif not (im.mode == "I" and lo >= 0 and hi <= 255):
+        fits = "0..1" if im.mode == "F" else "16 bits (0..65535)"
+        warnings.warn(f"{name}: its {im.mode} values {lo:g}..{hi:g} do not fit {fits}: "
+                      "scaled from their minimum to their maximum; save it as 8 or 16 bits "
+                      "to be sure of its brightness", stacklevel=3)
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else a * 0
+    return Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
+
+
+def load_rgb(fn: str | os.PathLike | Image.Image) -> Image.Image:
+    """An image file (or PIL image) as 8-bit RGB, as a viewer shows it.
+
+    Turned by its EXIF orientation (`ImageOps.exif_transpose`), and 16- and 32-bit grey
+    scaled to 8 bits by their bit depth or range (`_to_8_bits`): PIL's `convert("RGB")`,
+    which fastai's `PILImage` uses, clips them, so a 16-bit scan turns white and a float
+    image of 0..1 black.
+    """
+    im = _opened(fn)
+    if im.mode in (*INT16_MODES, "I", "F"):
+        im = _to_8_bits(im, getattr(fn, "filename", "") or fn)
+    return im.convert("RGB")
+
+
+class RGBImage(PILImage):
+    """fastai's `PILImage`, made from a file or PIL image with `load_rgb` (EXIF orientation
+    applied, 16- and 32-bit grey scaled)."""
+
+    @classmethod
+    def create(cls, fn: Path | str | torch.Tensor | np.ndarray | bytes | Image.Image, **kwargs):
+        # the annotation tells fastai's `test_dl` which items enter here (as PILImage's does)
+        if isinstance(fn, (str, os.PathLike, Image.Image)):
+            return cls(load_rgb(fn))
+        return super().create(fn, **kwargs)
+
+
+def pair_message(image: Path, mask: Path, image_size: tuple, mask_size: tuple) -> str:
+    """One line naming an image and a mask of different sizes, and the fix."""
+    def wxh(size):
+        return "x".join(map(str, size)) or "?"
+    return (f"the mask {mask} is {wxh(mask_size)} pixels but its image {image} is "
+            f"{wxh(image_size)}: save the mask at its image's size")
+
+
+def fish_mask(image_file: Path) -> PILMask:
+    """The image's GT mask as a fastai mask: 0 background, 1 fish.
+
+    Any value above 0 is fish, so masks saved as 0/1 and as 0/255 read alike; the mask is
+    turned by its EXIF orientation, as its image is.
+
+    Raises:
+        ValueError: the mask's size is not its image's; the message names both files.
+    """
+    image_file = Path(image_file)
+    mask = _opened(mask_file(image_file))
+    if mask.mode not in ("1", "L", "P", "I", "F", *INT16_MODES):  # P: palette indices
+        mask = mask.convert("L")
+    if mask.size != shown_size(image_file):
+        raise ValueError(pair_message(image_file, mask_file(image_file),
+                                      shown_size(image_file), mask.size))
+    return PILMask.create((np.asarray(mask) > 0).astype(np.uint8))
+
+
+def cache_dir() -> Path:
+    """Where the image check keeps its answers: `$XDG_CACHE_HOME/gradcam_tut` (default
+    `~/.cache/gradcam_tut`), read from the environment at each call."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gradcam_tut"
+
+
+def _decode(f: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(None, its size as shown) when `f` decodes fully as an image, else (why not, None)."""
+    try:
+        with Image.open(f) as im:
+            im.load()  # the pixels, not only the header: a truncated file fails here
+            return None, shown_size(im)
+    except Exception as exc:  # any failure to decode is a damaged file
+        return f"{type(exc).__name__}: {exc}", None
+
+
+def decoded(files, n_workers: int | None = None) -> dict[str, tuple]:
+    """`_decode` of every file, by absolute path, on `n_workers` threads; cached in
+    `cache_dir()` under the files' paths, sizes, modification and change times (a file
+    rewritten in place with its size and mtime kept still has a new ctime)."""
+    files = sorted(os.path.abspath(f) for f in files)
+    stats = [(f, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files for st in [os.stat(f)]]
+    key = hashlib.sha1(json.dumps(["v2", stats]).encode()).hexdigest()
+    cached = cache_dir() / "checked" / f"{key}.json"
+    if cached.is_file():
+        return {f: tuple(v) for f, v in json.loads(cached.read_text()).items()}
+    with ThreadPoolExecutor(n_workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
+        results = pool.map(_decode, files)
+        if len(files) > 1000:  # the full dataset: about a minute, once
+            print(f"checking that {len(files)} images decode (once: the answer is cached)")
+            results = progress_bar(results, total=len(files), leave=False)
+        checked = dict(zip(files, results))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_suffix(f".{os.getpid()}.part")
+        part.write_text(json.dumps(checked))
+        os.replace(part, cached)  # whole: a notebook running beside never reads half a file
+    except OSError:  # a read-only home: check again next time
+        pass
+    return checked
+
+
+def damaged_images(files, n_workers: int | None = None) -> dict[Path, str]:
+    """Decode every file fully, on `n_workers` threads (default: one per core); return the
+    ones that fail, with the reason (truncated, empty, not an image, too many pixels).
+
+    The answer is cached in `cache_dir()` under the files' paths, sizes, modification and
+    change times: a second check of the same files reads one small file instead of decoding
+    them all, and a file changed in any way is decoded again.
+    """
+    return {Path(f): why for f, (why, _) in decoded(files, n_workers).items() if why}
+
+
+def damaged_listing(bad: dict[Path, str]) -> str:
+    """"2 damaged files" and one line per file with the reason."""
+    return f"{len(bad)} damaged file{'s' * (len(bad) > 1)}" + "".join(
+        f"\n  {f}: {why}" for f, why in bad.items())
