@@ -180,7 +180,7 @@ class Layout:
     root: Path
     kind: str
     classes: tuple[str, ...]
-    folders: dict[Path, tuple[Path, ...]] = field(hash=False)
+    folders: dict[Path, tuple[Path, ...]] = field(hash=False, repr=False)
 
     @property
     def masks(self) -> bool:
