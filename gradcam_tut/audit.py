@@ -63,6 +63,7 @@ from torch import Tensor
 
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
 from .explain import csv_safe, explain_maps, gathered, image_paths, on_this_process
+from .metrics import peak_points
 from .plot import heat_cmap, image_hwc, new_figure, saved
 from .receptive_field import CellCentres, cell_centres, place
 from .results import check_destination, written_whole
@@ -131,19 +132,18 @@ def mass_numbers(maps: np.ndarray) -> pd.DataFrame:
     total = maps.sum(axis=(1, 2))
     empty = total <= 0
     mass = maps / np.where(empty, 1.0, total)[:, None, None]  # (N, G, G), sums to 1
-    out = {name: (mass * where).sum(axis=(1, 2)) for name, where in regions(G).items()}
+    parts = regions(G)
+    out = {name: (mass * where).sum(axis=(1, 2)) for name, where in parts.items()}
     pos = (np.arange(G) + 0.5) / G  # cell centres in image units, 0..1
     cy, cx = (mass.sum(2) * pos).sum(1), (mass.sum(1) * pos).sum(1)  # (N,) centroid
     spread2 = (mass.sum(2) * (pos - cy[:, None]) ** 2).sum(1) \
         + (mass.sum(1) * (pos - cx[:, None]) ** 2).sum(1)
     flat2 = 2 * (pos.var())  # a flat map's squared spread on this grid
     out["compactness"] = np.clip(1 - np.sqrt(spread2 / flat2), 0, 1)
-    peak = maps.reshape(N, -1).argmax(1)
     table = pd.DataFrame(out)
     table.loc[empty, list(out)] = np.nan
-    rows, cols = peak // G, peak % G
-    names = np.array(list(regions(G)))
-    where = np.select([r[rows, cols] for r in regions(G).values()], names, "")
+    rows, cols = (t.numpy() for t in peak_points(torch.from_numpy(maps)))  # ties: the middle
+    where = np.select([r[rows, cols] for r in parts.values()], np.array(list(parts)), "")
     table["peak_row"], table["peak_col"] = np.where(empty, -1, rows), np.where(empty, -1, cols)
     table["peak_in"] = np.where(empty, "", where)
     table["empty"] = empty.astype(int)

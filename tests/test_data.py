@@ -124,3 +124,14 @@ def test_hidden_folders_are_not_classes(broken):
     (broken / ".ipynb_checkpoints").mkdir()
     assert validate_layout(broken) == dict.fromkeys(CLASSES, 6)
     assert len(fish_image_files(broken)) == 9 * 6
+
+
+def test_learners_exported_before_the_split_still_load():
+    """Exported learners pickle their item type by module: those exported when RGBImage and
+    load_rgb lived in data.py name them there, and must still load."""
+    import pickle
+
+    from gradcam_tut import images
+
+    assert pickle.loads(b"cgradcam_tut.data\nRGBImage\n.") is images.RGBImage
+    assert pickle.loads(b"cgradcam_tut.data\nload_rgb\n.") is images.load_rgb
