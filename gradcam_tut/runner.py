@@ -192,11 +192,20 @@ def run(root: Path | None = None, name: str | None = None, smoke: bool | None = 
     return folder
 
 
+def left_bar(output: dict) -> bool:
+    """Whether a notebook output is what a fastprogress bar with `leave=False` leaves once it
+    is done: an empty HTML display."""
+    data = output.get("data", {})
+    return (set(data) == {"text/html", "text/plain"} and "".join(data["text/html"]) == ""
+            and "".join(data["text/plain"]) == "<IPython.core.display.HTML object>")
+
+
 def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
                       width: int = 960, quality: int = 85) -> list[Path]:
     """Copies of executed notebooks to read without running them: machine paths replaced by
     `runs/latest`, `.` and `~`, papermill's timings dropped, each figure a JPEG at most
-    `width` pixels wide (a heat map as PNG is ~650 kB). Returns the copies' paths."""
+    `width` pixels wide (a heat map as PNG is ~650 kB), the empty outputs fastprogress's bars
+    leave (`leave=False`) dropped. Returns the copies' paths."""
     import base64
     import io
     import json
@@ -228,6 +237,8 @@ def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
             meta.pop("execution", None)
         for cell in nb["cells"]:
             cell["source"] = unplaced(cell["source"])
+            if "outputs" in cell:  # a progress bar that left nothing: an empty box on GitHub
+                cell["outputs"] = [o for o in cell["outputs"] if not left_bar(o)]
             for out in cell.get("outputs", []):
                 for key in ("text", "evalue", "traceback"):
                     if key in out:

@@ -142,8 +142,9 @@ def test_explain_a_folder(tiny_model_file, mini_root, tmp_path, capsys):
 
 def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path, monkeypatch):
     """`make docs` copies: run folder, clone and home shown as runs/latest, . and ~; PNG
-    figures as JPEG at most 960 px wide; papermill's timings dropped. A figure whose base64
-    happens to hold a machine path's characters is left whole (a docs run once failed so)."""
+    figures as JPEG at most 960 px wide; papermill's timings and empty bars dropped. A figure
+    whose base64 happens to hold a machine path's characters is left whole (a docs run once
+    failed so)."""
     import base64
     import io
     import json
@@ -166,6 +167,8 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path, m
     cell.outputs = [
         nbformat.v4.new_output("stream", text=f"data: {REPO}/data/x; out {run}/figures/a.png\n"),
         nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"}),
+        nbformat.v4.new_output("display_data", data={  # a finished progress bar: dropped
+            "text/html": "", "text/plain": "<IPython.core.display.HTML object>"}),
     ]
     nb = nbformat.v4.new_notebook(cells=[cell], metadata={"papermill": {"input_path": str(REPO)}})
     src = tmp_path / "01_x.ipynb"
