@@ -95,9 +95,10 @@ def mark_peak(ax: Axes, heat: Tensor, mask=None) -> None:
     y, x = int(py[0]), int(px[0])
     inside = None if mask is None else bool(mask[y, x])
     if inside is False:
-        ax.plot(x, y, "x", color="red", ms=9, mew=2.5)
+        ax.plot(x, y, "x", color="red", ms=9, mew=2.5, clip_on=False)  # whole on a border
     else:
-        ax.plot(x, y, "o", color="white" if inside is None else "lime", ms=8, mec="k")
+        ax.plot(x, y, "o", color="white" if inside is None else "lime", ms=8, mec="k",
+                clip_on=False)
 
 
 def map_title(name: str, m: Tensor) -> str:

@@ -95,7 +95,7 @@ def train_fish(path: str | Path | Layout, arch=resnet34, epochs: int = 5, size: 
     if was_pretrained:
         learn.fine_tune(epochs, base_lr=lr or 2e-3)
     else:
-        learn.fit_one_cycle(2 * epochs if pretrained else epochs, lr or 2e-3)  # 2x: fell back
+        learn.fit_one_cycle(2 * epochs if pretrained else epochs, lr or 2e-3)  # no weights: 2x
     learn.remove_cbs(cbs or [])
     if export_to is not None:
         export_to = Path(export_to).resolve()
