@@ -3,17 +3,25 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# set up: the package and what the notebooks need (make run); dev adds the tests' libraries
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it is
 
-.PHONY: setup run test test-fast lint bench docs browser
+.PHONY: setup dev run test test-fast lint bench docs browser
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -23,20 +31,20 @@ run: setup
 docs: setup  # run every notebook and keep readable copies in docs/notebooks (committed)
 	$(BIN)/gradcam-tut run --out runs --publish docs/notebooks
 
-test: setup lint browser
+test: dev lint browser
 	$(BIN)/python -m pytest -q
 
 # the edit-test loop. One torch thread: the tests' tensors are tiny, and on a busy machine two
 # threads per process spin-wait for each other (3x the CPU time, 5x the wall time measured)
-test-fast: setup lint browser
+test-fast: dev lint browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 browser:  # tests/test_audit.py opens report.html in headless Chromium (Debian's package)
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq chromium; }
 
-lint: setup
+lint: dev
 	$(BIN)/ruff check .
 
-bench: setup
+bench: dev
 	$(BIN)/python benchmarks/bench_gradcam.py
