@@ -129,14 +129,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _target(target: str | None, vocab) -> int | None:
-    """--target as a class index, by the one resolver (`cam.class_indices`): a class name, or
-    digits that are not a class name."""
-    from .cam import class_index  # torch only once a command needs it
-
-    return None if target is None else class_index(vocab, target)
-
-
 def run(args: argparse.Namespace) -> None:
     if args.data is not None and not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data} is not a folder: pass the Fish Dataset or a "
@@ -155,8 +147,7 @@ def grid(args: argparse.Namespace) -> None:
         raise ValueError(f"cannot read {f} as an image ({why}): pass a PNG or JPEG file")
     out = grid_path(args.out, args.image, args.force)
     learn = load_fish_learner(args.model)
-    fig = gradcam_grid(learn, args.image, target=_target(args.target, learn.dls.vocab),
-                       method=args.method)
+    fig = gradcam_grid(learn, args.image, target=args.target, method=args.method)
     with written_file(out) as part:  # whole: never half a PNG under the name
         fig.savefig(part, dpi=100, format="png")
     print(out)
@@ -169,8 +160,8 @@ def explain(args: argparse.Namespace) -> None:
 
     check_destination(args.out, RESULTS, args.force)  # before loading the learner
     learn = load_fish_learner(args.learner)
-    table = explain_images(learn, args.paths, args.layers, _target(args.target, learn.dls.vocab),
-                           args.method, args.bs, args.out, args.grids, args.force)
+    table = explain_images(learn, args.paths, args.layers, args.target, args.method, args.bs,
+                           args.out, args.grids, args.force)
     if not is_main_process():  # under accelerate launch: the first process says it
         return
     print(f"{len(table)} images: {args.out / 'explain.csv'}, {args.out / 'maps.npz'}"

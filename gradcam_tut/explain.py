@@ -149,9 +149,9 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         raise ValueError("grids=True needs an out folder to write the grids into: pass out=")
     if out is not None:
         check_destination(out, RESULTS, force)  # before listing and decoding every image
-    files = image_paths(paths)
-    named = resolve_layers(learn.model, layers)
+    named = resolve_layers(learn.model, layers)  # so are a wrong layer or class
     cls = None if target is None else class_index(learn.dls.vocab, target)
+    files = image_paths(paths)
     if out is not None:
         csv_safe(files)
     rank, world = on_this_process(learn, files)
