@@ -194,14 +194,10 @@ class Layout:
             return self.root / "train", self.root / "valid"
         return (self.root,)
 
-    @property
-    def files(self) -> tuple[Path, ...]:
-        """Every image, sorted by image folder, then within it."""
-        return tuple(f for files in self.folders.values() for f in files)
-
     def image_files(self, max_per_class: int | None = None) -> L:
-        """The images to train on, sorted; `max_per_class` keeps the first n of each class
-        folder (of `train/` and `valid/` each, when there are both)."""
+        """The images to train on, sorted by image folder, then within it; `max_per_class`
+        keeps the first n of each class folder (of `train/` and `valid/` each, when there are
+        both)."""
         return L(f for files in self.folders.values() for f in files[:max_per_class])
 
 
@@ -263,6 +259,12 @@ def fish_image_files(path: str | Path | Layout, max_per_class: int | None = None
     return layout.image_files(max_per_class)
 
 
+def _not_empty(folder: Path, files: Sequence[Path]) -> None:
+    if not files:
+        raise DatasetLayoutError(f"no images in {folder}: every class needs images "
+                                 "(an empty class would train a model without it)")
+
+
 def validate_folder(path: str | Path | Layout) -> dict[str, int]:
     """Check a folder of class folders and return the image count per class.
 
@@ -284,9 +286,7 @@ def validate_folder(path: str | Path | Layout) -> dict[str, int]:
             f"{sorted(set(classes[1]) - set(classes[0]))}; give both the same class folders")
     counts = {}
     for folder, files in layout.folders.items():
-        if not files:
-            raise DatasetLayoutError(f"no images in {folder}: every class needs images "
-                                     "(an empty class would train a model without it)")
+        _not_empty(folder, files)
         counts[folder.name] = counts.get(folder.name, 0) + len(files)
     return counts
 
@@ -328,9 +328,7 @@ def validate_layout(path: str | Path | Layout, check_images: bool = True) -> dic
                 raise DatasetLayoutError(f"missing folder {d}: each class has <Class>/<Class>/ "
                                          "for images and <Class>/<Class> GT/ for masks")
         files = layout.folders[images]
-        if not files:
-            raise DatasetLayoutError(f"no images in {images}: every class needs images "
-                                     "(an empty class would train a model without it)")
+        _not_empty(images, files)
         names, mask_names = {f.name for f in files}, {f.name for f in listed_images(masks)}
         if names != mask_names:
             unpaired = sorted(names ^ mask_names)

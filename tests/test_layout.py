@@ -29,7 +29,8 @@ def test_the_mini_fish_set_is_the_fish_kind(mini_dest, mini_root):
     assert (found.root, found.kind, found.classes, found.masks) == (mini_root, "fish", CLASSES,
                                                                    True)
     assert list(found.folders) == [mini_root / c / c for c in CLASSES]
-    assert len(found.files) == 9 * 6 and not any(" GT" in str(f) for f in found.files)
+    files = found.image_files()
+    assert len(files) == 9 * 6 and not any(" GT" in str(f) for f in files)
     assert list(found.image_files(2)) == [f for c in CLASSES
                                           for f in sorted((mini_root / c / c).iterdir())[:2]]
     assert found.splits == (mini_root,)
@@ -42,10 +43,10 @@ def test_a_folder_of_class_folders_is_the_folders_kind(mini_root, tmp_path):
     found = scan_layout(root)
     assert (found.kind, found.classes, found.masks) == ("folders", ("shrimp", "trout"), False)
     assert list(found.folders) == [root / "shrimp", root / "trout"]
-    assert found.files == tuple(image_files(root)) and len(found.files) == 6
+    assert found.image_files() == tuple(image_files(root)) and len(found.image_files()) == 6
     assert not is_mini_fish(found.root) and expected_classes(found.root) == CLASSES
     (root / "trout" / "inner").mkdir()
-    shutil.copy(found.files[0], root / "trout" / "inner" / "x.png")
+    shutil.copy(found.image_files()[0], root / "trout" / "inner" / "x.png")
     with pytest.raises(DatasetLayoutError, match="is a folder inside the class folder"):
         scan_layout(root)
 
