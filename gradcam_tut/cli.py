@@ -19,7 +19,7 @@ from .results import (
     ResultInUse,
     check_destination,
     check_writable,
-    os_error_message,
+    error_message,
     written_file,
 )
 from .runner import NotebookFailed
@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, NotebookFailed) as exc:
         if args.debug:
             raise
-        msg = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
-        print(f"gradcam-tut: error: {msg.strip()}", file=sys.stderr)  # a list stays whole
+        print(f"gradcam-tut: error: {error_message(exc)}", file=sys.stderr)
         return 1 if isinstance(exc, NotebookFailed) else 2
     except KeyboardInterrupt:
         if args.debug:

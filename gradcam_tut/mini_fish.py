@@ -31,7 +31,7 @@ except ImportError:  # Windows: filelock's lock, whose file stays
     fcntl = None
 
 from .fish_layout import CLASSES, DatasetLayoutError, mask_file
-from .results import os_error_message
+from .results import error_message
 
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
@@ -489,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (OSError, ValueError) as exc:
-        msg = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
-        print(f"{p.prog}: error: {msg.strip()}", file=sys.stderr)
+        print(f"{p.prog}: error: {error_message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -50,10 +50,12 @@ class NotWritten(OSError):
         return str(self.args[0])
 
 
-def os_error_message(exc: OSError) -> str:
-    """One line for an `OSError`: the path, the cause and, where known, what to do."""
-    if not exc.strerror:  # raised with a message of ours
-        return str(exc)
+def error_message(exc: Exception) -> str:
+    """What a command prints for a user error: for an `OSError` the path, the cause and, where
+    known, what to do; for any other (or an `OSError` raised with a message of ours) its
+    message. One line, except a list of files, which stays whole."""
+    if not isinstance(exc, OSError) or not exc.strerror:
+        return str(exc).strip()
     where = exc.filename if exc.filename is not None else "a file"
     fix = FIXES.get(exc.errno, "")
     return f"{where}: {exc.strerror}" + (f": {fix}" if fix else "")
