@@ -20,17 +20,14 @@ from fastai.vision.data import ImageBlock, MaskBlock
 from fastcore.basics import noop
 
 from .fish_layout import ENV_VAR, HOW_TO_GET, KAGGLE_HANDLE
-from .images import (
-    RGBImage,
-    fish_mask,
-    load_rgb,  # noqa: F401  see below: old learners pickled it here
-)
-from .layout import Layout, checked_image_files, scan_layout, validate_layout
-from .mini_fish import make_mini_fish
 
 # A learner exported before images.py existed pickled its item type as gradcam_tut.data.RGBImage
 # and its loader as gradcam_tut.data.load_rgb: both stay importable here, so load_learner still
 # finds them in a model you exported then (tests/test_data.py).
+from .images import RGBImage, fish_mask, load_rgb  # noqa: F401  load_rgb: for those learners
+from .layout import Layout, checked_image_files, scan_layout, validate_layout
+from .mini_fish import make_mini_fish
+
 KAGGLE_INPUT = Path("/kaggle/input/a-large-scale-fish-dataset")  # in a Kaggle notebook
 
 
