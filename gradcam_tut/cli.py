@@ -69,6 +69,12 @@ def positive_int(text: str) -> int:
     return n
 
 
+TRUST_HELP = ("load the learner file without checking it first. Loading a learner unpickles "
+              "it, which can run any code the file names: by default a file that would "
+              "import anything a fastai learner is not made of is refused. Pass this only "
+              "for a file you trust")
+
+
 def parser() -> argparse.ArgumentParser:
     from .mini_fish import add_mini_fish_arguments  # numpy and PIL, not torch
 
@@ -98,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
                       help="a .png file, or a folder (or a name ending in /) for "
                       "<image>_gradcam.png")
     grid.add_argument("--force", action="store_true", help="replace an existing --out file")
+    grid.add_argument("--trust-learner", action="store_true", help=TRUST_HELP)
     grid.add_argument("--method", default="gradcam", choices=METHOD_NAMES,
                       help="the CAM method (all from the same pass; default gradcam)")
     ex = sub.add_parser("explain", help="Grad-CAM for every image in files and folders, a "
@@ -114,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--bs", type=positive_int, default=16, help="images per grad_cam pass")
     ex.add_argument("--force", action="store_true",
                     help="replace an earlier result in --out, as a whole")
+    ex.add_argument("--trust-learner", action="store_true", help=TRUST_HELP)
     au = sub.add_parser("audit", help="cluster every class's maps and flag the clusters that "
                         "look away from the object (no masks): clusters.csv and report.html")
     au.add_argument("paths", nargs="+", type=Path, help="images and folders of images "
@@ -126,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--bs", type=positive_int, default=16, help="images per grad_cam pass")
     au.add_argument("--force", action="store_true",
                     help="replace an earlier result in --out, as a whole")
+    au.add_argument("--trust-learner", action="store_true", help=TRUST_HELP)
     return p
 
 
@@ -146,7 +155,7 @@ def grid(args: argparse.Namespace) -> None:
     for f, why in damaged_images([args.image]).items():
         raise ValueError(f"cannot read {f} as an image ({why}): pass a PNG or JPEG file")
     out = grid_path(args.out, args.image, args.force)
-    learn = load_fish_learner(args.model)
+    learn = load_fish_learner(args.model, trust=args.trust_learner)
     fig = gradcam_grid(learn, args.image, target=args.target, method=args.method)
     with written_file(out) as part:  # whole: never half a PNG under the name
         fig.savefig(part, dpi=100, format="png")
@@ -159,7 +168,7 @@ def explain(args: argparse.Namespace) -> None:
     from .train import load_fish_learner
 
     check_destination(args.out, RESULTS, args.force)  # before loading the learner
-    learn = load_fish_learner(args.learner)
+    learn = load_fish_learner(args.learner, trust=args.trust_learner)
     table = explain_images(learn, args.paths, args.layers, args.target, args.method, args.bs,
                            args.out, args.grids, args.force)
     if not is_main_process():  # under accelerate launch: the first process says it
@@ -175,7 +184,7 @@ def audit(args: argparse.Namespace) -> None:
     from .train import load_fish_learner
 
     check_destination(args.out, RESULTS, args.force)  # before loading the learner
-    learn = load_fish_learner(args.learner)
+    learn = load_fish_learner(args.learner, trust=args.trust_learner)
     result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
                           force=args.force)
     clusters = result.clusters

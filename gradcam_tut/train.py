@@ -19,6 +19,7 @@ from torchvision.models import resnet34
 
 from .data import fish_dataloaders
 from .layout import Layout
+from .pickle_check import UntrustedFile, check_learner_file, checked_pickle
 
 
 def fp16_wanted(fp16: bool | str = "auto") -> bool:
@@ -104,24 +105,44 @@ def train_fish(path: str | Path | Layout, arch=resnet34, epochs: int = 5, size: 
     return learn
 
 
-def load_fish_learner(model_file: str | Path, dls=None) -> Learner:
-    """`load_learner` on the exported file, on the GPU when there is one.
+def load_fish_learner(model_file: str | Path, dls=None, trust: bool = False) -> Learner:
+    """`load_learner` on the exported file, on the GPU when there is one, checked first.
 
-    With `dls` (from `fish_dataloaders` with the training seed) the learner gets its data back,
-    for `ClassificationInterpretation` and validation images; exported learners carry none.
+    Loading a learner unpickles it, and a pickle can run any code it names: the file is
+    refused, before anything in it runs, when it would import anything a fastai learner is
+    not made of (`pickle_check`). With `dls` (from `fish_dataloaders` with the training seed)
+    the learner gets its data back, for `ClassificationInterpretation` and validation images;
+    exported learners carry none.
+
+    Args:
+        trust: load a file you trust without the check (fastai's own warning then shows).
+
+    Raises:
+        FileNotFoundError: no file there.
+        UntrustedFile: it would run what a learner does not (a `ValueError`).
+        ValueError: it is not a learner saved by `learn.export`.
     """
     model_file = Path(model_file)
     if not model_file.is_file():
         raise FileNotFoundError(f"no exported learner at {model_file}: run notebook 01 "
                                 "(or train_fish(..., export_to=...)) first")
+    if not trust:
+        check_learner_file(model_file)  # its imports, read before anything in it runs
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*insecure pickle.*")  # our own file
+        if not trust:  # fastai's "only load files you trust": checked above, and below
+            warnings.filterwarnings("ignore", message=".*insecure pickle.*")
         try:
-            learn = load_learner(model_file, cpu=not torch.cuda.is_available())
+            learn = load_learner(model_file, cpu=not torch.cuda.is_available(),
+                                 **({} if trust else {"pickle_module": checked_pickle}))
+        except UntrustedFile as exc:
+            raise UntrustedFile(f"{model_file}: {exc}") from exc
         except Exception as exc:  # a pickled dict, a state_dict, a damaged file, ...
             raise ValueError(f"{model_file} is not a learner saved by learn.export "
                              f"({type(exc).__name__}: {exc}); export one with learn.export "
                              "or train_fish(..., export_to=...)") from exc
+    if not isinstance(learn, Learner):
+        raise ValueError(f"{model_file} holds a {type(learn).__name__}, not a learner: "
+                         "export one with learn.export or train_fish(..., export_to=...)")
     if dls is not None:
         learn.dls = dls
     return learn
