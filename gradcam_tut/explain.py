@@ -24,7 +24,7 @@ from .cam import Layer, class_index, grad_cam, resolve_layers
 from .images import damaged_images, damaged_listing
 from .layout import listed_images
 from .plot import plot_layer_grid
-from .results import check_destination, written_whole
+from .results import check_destination, formula_safe, written_whole
 
 RESULTS = ("explain.csv", "maps.npz", "grids")
 
@@ -169,7 +169,7 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         if world > 1:
             dist.barrier()  # every grid drawn before the folder is installed
         if writing:
-            table.to_csv(tmp / "explain.csv", index=False)
+            formula_safe(table).to_csv(tmp / "explain.csv", index=False)  # no formulas
             np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
                                 **maps)
     return table

@@ -21,6 +21,44 @@ from PIL import ExifTags, Image, ImageOps
 from .fish_layout import mask_file
 
 INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+BACKGROUND = (255, 255, 255)  # under transparent pixels, as a viewer shows them
+BUDGET_VAR = "GRADCAM_TUT_MAX_MEGAPIXELS"  # the largest image decoded, in millions of pixels
+DEFAULT_BUDGET = 64  # an 8000 x 8000 photo; a 16-bit scan of that size takes about 2 GB
+
+
+class ImageTooLarge(ValueError):
+    """An image whose decoded pixels would exceed the memory budget."""
+
+
+def pixel_budget() -> float:
+    """The most megapixels an image may have: $GRADCAM_TUT_MAX_MEGAPIXELS, default 64.
+
+    Raises:
+        ValueError: the variable is not a positive number.
+    """
+    text = os.environ.get(BUDGET_VAR, str(DEFAULT_BUDGET))
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = 0.0
+    if not budget > 0:
+        raise ValueError(f"{BUDGET_VAR}={text!r}: set it to a positive number of megapixels")
+    return budget
+
+
+def check_pixels(im: Image.Image, name) -> None:
+    """Refuse an image, from its header, before its pixels are decoded, when it has more
+    pixels than `pixel_budget()` (a small file can decode to gigabytes).
+
+    Raises:
+        ImageTooLarge: naming the image, its size, the budget and how to raise it.
+    """
+    w, h = im.size
+    budget = pixel_budget()
+    if w * h > budget * 1e6:
+        raise ImageTooLarge(f"{name} is {w}x{h}, {w * h / 1e6:.0f} megapixels, over the budget "
+                            f"of {budget:g} megapixels that keeps decoding within memory: "
+                            f"shrink it, or raise the budget with {BUDGET_VAR}=<megapixels>")
 
 
 def shown_size(image: str | Path | Image.Image) -> tuple[int, int]:
@@ -39,6 +77,7 @@ def _opened(fn: str | os.PathLike | Image.Image) -> Image.Image:
     if isinstance(fn, Image.Image):
         return ImageOps.exif_transpose(fn)  # a copy, turned or not
     with Image.open(fn) as im:
+        check_pixels(im, fn)  # from the header, before the pixels are decoded
         return ImageOps.exif_transpose(im)
 
 
@@ -70,14 +109,20 @@ def _to_8_bits(im: Image.Image, name) -> Image.Image:
 def load_rgb(fn: str | os.PathLike | Image.Image) -> Image.Image:
     """An image file (or PIL image) as 8-bit RGB, as a viewer shows it.
 
-    Turned by its EXIF orientation (`ImageOps.exif_transpose`), and 16- and 32-bit grey
-    scaled to 8 bits by their bit depth or range (`_to_8_bits`): PIL's `convert("RGB")`,
-    which fastai's `PILImage` uses, clips them, so a 16-bit scan turns white and a float
-    image of 0..1 black.
+    Turned by its EXIF orientation (`ImageOps.exif_transpose`), 16- and 32-bit grey scaled
+    to 8 bits by their bit depth or range (`_to_8_bits`): PIL's `convert("RGB")`, which
+    fastai's `PILImage` uses, clips them, so a 16-bit scan turns white and a float image of
+    0..1 black. Transparent pixels are laid over `BACKGROUND` (white), as a viewer shows
+    them: `convert("RGB")` drops the alpha and shows the colours hidden under it.
+
+    Raises:
+        ImageTooLarge: more pixels than `pixel_budget()`.
     """
     im = _opened(fn)
     if im.mode in (*INT16_MODES, "I", "F"):
         im = _to_8_bits(im, getattr(fn, "filename", "") or fn)
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND), im.convert("RGBA"))
     return im.convert("RGB")
 
 
@@ -130,6 +175,7 @@ def _decode(f: str) -> tuple[str | None, tuple[int, int] | None]:
     """(None, its size as shown) when `f` decodes fully as an image, else (why not, None)."""
     try:
         with Image.open(f) as im:
+            check_pixels(im, f)  # before the pixels: a small file can decode to gigabytes
             im.load()  # the pixels, not only the header: a truncated file fails here
             return None, shown_size(im)
     except Exception as exc:  # any failure to decode is a damaged file
@@ -142,7 +188,7 @@ def decoded(files, n_workers: int | None = None) -> dict[str, tuple]:
     rewritten in place with its size and mtime kept still has a new ctime)."""
     files = sorted(os.path.abspath(f) for f in files)
     stats = [(f, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files for st in [os.stat(f)]]
-    key = hashlib.sha1(json.dumps(["v2", stats]).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps(["v3", pixel_budget(), stats]).encode()).hexdigest()
     cached = cache_dir() / "checked" / f"{key}.json"
     if cached.is_file():
         return {f: tuple(v) for f, v in json.loads(cached.read_text()).items()}

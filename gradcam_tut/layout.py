@@ -58,7 +58,9 @@ def _is_output(entries: list[os.DirEntry]) -> bool:
     names = {e.name for e in entries}
     run = "figures" in names and bool({"notebooks", "models"} & names)
     runs = any(e.name == "latest" and e.is_symlink() for e in entries)
-    return bool(names & RESULT_FILES) or run or runs
+    marked = bool(names & (RESULT_FILES - {"explain.csv"}))  # a stray explain.csv is not:
+    explained = "explain.csv" in names and bool({"maps.npz", "grids"} & names)  # with its maps
+    return marked or explained or run or runs
 
 
 def is_output_folder(folder: str | Path) -> bool:
@@ -101,6 +103,12 @@ def _walk(root: Path) -> list[tuple[bool, str, str]]:
             elif os.path.splitext(e.name)[1].lower() in image_extensions and e.is_file():
                 found.append((through or link, e.path, sub))
     return found
+
+
+def class_name(image: str | Path) -> str:
+    """The name of the folder an image lies in, its class in the `<class>/<image>` layout:
+    `Trout` for `./x.png` run from `Trout/` too (the folder's real name, not ".")."""
+    return Path(os.path.abspath(image)).parent.name
 
 
 def listed_images(paths: str | Path | Sequence[str | Path]) -> L:

@@ -36,6 +36,26 @@ FIXES = {  # what to do about an OSError, by its errno
 }
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula
+
+
+def spreadsheet_text(cell):
+    """A CSV cell a spreadsheet shows as text: a string that begins like a formula (`=`, `+`,
+    `-`, `@`, tab, CR) gets a leading `'` (OWASP's rule against CSV injection); anything
+    else, numbers included, is returned as it is."""
+    return f"'{cell}" if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
+
+
+def formula_safe(table):
+    """A copy of a pandas `table` to write as CSV, its column names and text cells made
+    `spreadsheet_text`; every CSV this package writes goes through it."""
+    safe = table.rename(columns=spreadsheet_text)
+    for column in safe.columns:
+        if any(isinstance(v, str) for v in safe[column]):
+            safe[column] = [spreadsheet_text(v) for v in safe[column]]
+    return safe
+
+
 class ResultInUse(RuntimeError):
     """Another run holds the destination's lock."""
 
