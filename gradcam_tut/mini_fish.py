@@ -33,6 +33,7 @@ except ImportError:  # Windows: filelock's lock, whose file stays
 from .fish_layout import CLASSES, DatasetLayoutError, mask_file
 from .results import error_message
 
+SHORTCUT_KINDS = ("corner", "strip", "tag", "background", "watermark")  # `mark_kind`
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
 
@@ -67,7 +68,8 @@ class MiniFishSpec:
     width: int = 128
     height: int = 96
     seed: int = 42
-    mark: float = 0.0  # the share of images with their class's coloured corner mark: a shortcut
+    mark: float = 0.0  # the share of images with their class's shortcut mark
+    mark_kind: str = "corner"  # which shortcut: one of SHORTCUT_KINDS
     shuffle_marks: bool = False  # each mark of a random class instead: the shortcut broken
     swap_marks: bool = False  # each mark of another class, never its own: a counterfactual test
     classes: tuple[str, ...] | None = None  # a subset of CLASSES; None: all 9
@@ -82,6 +84,8 @@ class MiniFishSpec:
                              "least 16x16 pixels")
         if not 0 <= self.mark <= 1:
             raise ValueError(f"mark={self.mark}: the share of marked images is in 0..1")
+        if self.mark_kind not in SHORTCUT_KINDS:
+            raise ValueError(f"mark_kind={self.mark_kind!r}: pick one of {SHORTCUT_KINDS}")
         if self.shuffle_marks and self.swap_marks:
             raise ValueError("shuffle_marks and swap_marks: pick one (a random class's mark, or "
                              "always another class's)")
@@ -198,7 +202,7 @@ def render(cls: str, index: int, spec: MiniFishSpec) -> tuple[Image.Image, Image
 
 
 def _render(cls: str, index: int, spec: MiniFishSpec):
-    """`render`, and the mark as (its class, its box (x0, y0, x1, y1)), or None for an image
+    """`render`, and the mark as (its class, where it is: (H, W) bool), or None for an image
     without a mark."""
     rng = np.random.default_rng([spec.seed, CLASSES.index(cls), index])
     w, h = spec.width, spec.height
@@ -224,23 +228,84 @@ def _render(cls: str, index: int, spec: MiniFishSpec):
         if spec.swap_marks:
             pool = [c for c in pool if c != cls]
         of = pool[mark_rng.integers(len(pool))] if spec.shuffle_marks or spec.swap_marks else cls
-        mark = of, _mark(img, full_mask, MARKS[of])
+        where = SHORTCUTS[spec.mark_kind](img, full_mask, MARKS[of])
+        mark = of, where
     return img, full_mask, mark
 
 
-def _mark(img: Image.Image, mask: Image.Image, color: tuple[int, int, int]) -> tuple:
-    """A coloured square, a quarter of the image's height, in the corner that hides the least
-    fish; the fish under it leaves the mask, so the mask stays exactly what is fish in the
-    picture. Returns its box (x0, y0, x1, y1)."""
+def _cover(img: Image.Image, mask: Image.Image, box: tuple, color: tuple) -> np.ndarray:
+    """`box` (x0, y0, x1, y1) painted in `color`; the fish under it leaves the mask, so the
+    mask stays exactly what is fish in the picture. Returns where the mark is, (H, W) bool."""
+    img.paste(color, box)
+    mask.paste(0, box)
+    where = np.zeros((img.height, img.width), bool)
+    where[box[1]:box[3], box[0]:box[2]] = True
+    return where
+
+
+def _corner(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """A square, a quarter of the image's height, in the corner that hides the least fish."""
     w, h = img.size
     side = max(4, min(w, h) // 4)
     corners = [(0, 0), (w - side, 0), (0, h - side), (w - side, h - side)]
     fish = np.asarray(mask) > 0
     x, y = min(corners, key=lambda c: fish[c[1]:c[1] + side, c[0]:c[0] + side].sum())
-    box = (x, y, x + side, y + side)
-    img.paste(color, box)
-    mask.paste(0, box)
-    return box
+    return _cover(img, mask, (x, y, x + side, y + side), color)
+
+
+def _strip(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """A bar along the middle of the bottom edge, half the width and an eighth of the height:
+    a caption or a watermark bar."""
+    w, h = img.size
+    bar = max(2, h // 8)
+    return _cover(img, mask, (w // 4, h - bar, w - w // 4, h), color)
+
+
+def _tag(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """A small square (a sixth of the height) beside the fish, on the side with more room, at
+    the height of the fish's middle: it moves with the fish, as a label on a tray would."""
+    w, h = img.size
+    side = max(3, min(w, h) // 6)
+    x0, y0, x1, y1 = mask.getbbox() or (0, 0, w, h)
+    gap = max(1, side // 4)
+    x = x1 + gap if w - x1 >= x0 else x0 - gap - side
+    y = (y0 + y1) // 2 - side // 2
+    x, y = int(np.clip(x, 0, w - side)), int(np.clip(y, 0, h - side))
+    return _cover(img, mask, (x, y, x + side, y + side), color)
+
+
+def _backdrop(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """The water tinted towards the class's colour (the fish as it was): a studio backdrop
+    per class. The mark is everything that is not fish."""
+    arr = np.asarray(img, dtype=np.float32)
+    water = np.asarray(mask) == 0
+    tinted = arr * (1 - BACKDROP) + np.asarray(color, np.float32) * BACKDROP
+    arr = np.where(water[..., None], tinted, arr)
+    img.paste(Image.fromarray(arr.round().astype(np.uint8)))
+    return water
+
+
+def _watermark(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """Faint diagonal lines in the class's colour across a band through the middle of the
+    image, over the fish too, as a photographer's watermark. The mark is the band."""
+    w, h = img.size
+    y0, y1 = h // 2 - h // 6, h // 2 + h // 6
+    yy, xx = np.mgrid[0:h, 0:w]
+    period = max(4, h // 12)
+    lines = ((xx + yy) % period) < max(2, period // 2)
+    where = lines & (yy >= y0) & (yy < y1)
+    arr = np.asarray(img, dtype=np.float32)
+    faint = arr * (1 - WATERMARK) + np.asarray(color, np.float32) * WATERMARK
+    img.paste(Image.fromarray(np.where(where[..., None], faint, arr).round().astype(np.uint8)))
+    band = np.zeros((h, w), bool)
+    band[y0:y1] = True
+    return band
+
+
+BACKDROP = 0.35  # how far the backdrop is tinted towards the class's colour
+WATERMARK = 0.45  # how strongly the watermark's lines are drawn over the picture
+SHORTCUTS = {"corner": _corner, "strip": _strip, "tag": _tag, "background": _backdrop,
+             "watermark": _watermark}
 
 
 def mark_mask(image: str | Path):
@@ -250,11 +315,8 @@ def mark_mask(image: str | Path):
     from fastai.vision.core import PILMask
 
     mask, mark = _drawn_again(image)[1:]
-    out = np.zeros((mask.height, mask.width), np.uint8)
-    if mark is not None:
-        x0, y0, x1, y1 = mark[1]
-        out[y0:y1, x0:x1] = 1
-    return PILMask.create(out)
+    out = np.zeros((mask.height, mask.width), np.uint8) if mark is None else mark[1]
+    return PILMask.create(out.astype(np.uint8))
 
 
 def mark_class(image: str | Path) -> str | None:
@@ -457,6 +519,7 @@ def _remove_drawn(root: Path) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Write the set the parsed options ask for and print where its classes are."""
     spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed, mark=args.mark,
+                   mark_kind=args.mark_kind,
                    shuffle_marks=args.shuffle_marks, swap_marks=args.swap_marks)
     spec = replace(spec, per_class=args.per_class) if args.per_class is not None else spec
     root = make_mini_fish(args.dest, spec, n_workers=args.workers)
@@ -472,7 +535,10 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--mark", type=float, default=0.0,
-                   help="share of images with their class's coloured corner mark (a shortcut)")
+                   help="share of images with their class's shortcut mark")
+    p.add_argument("--mark-kind", choices=SHORTCUT_KINDS, default="corner",
+                   help="the shortcut: a corner square, a strip along the bottom edge, a tag "
+                        "beside the fish, a tinted backdrop, a faint watermark")
     p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
     p.add_argument("--swap-marks", action="store_true",
                    help="each mark another class's, never its own (a counterfactual test set)")

@@ -43,27 +43,36 @@ def shortcut_recipe(cuda: bool | None = None) -> dict:
             "epochs": 4, "lr": 5e-3, "pretrained": False}
 
 
-def training_sets(dest: str | Path, per_class: int = 72, seed: int = 42) -> dict[str, Path]:
-    """Three training sets of the same fish, drawn once into `dest/<kind>-<per_class>-<seed>`
-    and reused: "clean" (no mark: the reference), "marked" (every image its class's mark: the
-    shortcut) and "shuffled" (every image a random class's mark: the shortcut broken in the
-    data)."""
-    dest, spec = Path(dest), MiniFishSpec(per_class=per_class, seed=seed, mark=1.0)
-    kinds = {"clean": replace(spec, mark=0.0), "marked": spec,
-             "shuffled": replace(spec, shuffle_marks=True)}
-    return {k: make_mini_fish(dest / f"{k}-{per_class}-{seed}", s, progress=False)
-            for k, s in kinds.items()}
-
-
-def counterfactual_sets(dest: str | Path, spec: MiniFishSpec = TEST_SPEC) -> dict[str, L]:
-    """The image files of three test sets drawn from `spec` under `dest` (drawn once, reused):
-    "clean" (no mark), "marked" (each image its class's mark) and "swapped" (each image another
-    class's mark). The same fish in each: only the corner differs."""
+def training_sets(dest: str | Path, per_class: int = 72, seed: int = 42,
+                  kind: str = "corner") -> dict[str, Path]:
+    """Three training sets of the same fish, drawn once into `dest/<set>-<per_class>-<seed>`
+    (`dest/<kind>-<set>-...` for a `kind` of shortcut other than the corner mark, one of
+    `mini_fish.SHORTCUT_KINDS`) and reused: "clean" (no mark: the reference), "marked" (every
+    image its class's mark: the shortcut) and "shuffled" (every image a random class's mark:
+    the shortcut broken in the data)."""
     dest = Path(dest)
-    kinds = {"clean": replace(spec, mark=0.0),
-             "marked": replace(spec, mark=1.0),
-             "swapped": replace(spec, mark=1.0, swap_marks=True)}
-    return {k: image_files(make_mini_fish(dest / k, s, progress=False)) for k, s in kinds.items()}
+    spec = MiniFishSpec(per_class=per_class, seed=seed, mark=1.0, mark_kind=kind)
+    sets = {"clean": replace(spec, mark=0.0, mark_kind="corner"), "marked": spec,
+            "shuffled": replace(spec, shuffle_marks=True)}
+    prefix = "" if kind == "corner" else f"{kind}-"
+    return {k: make_mini_fish(dest / f"{prefix * (k != 'clean')}{k}-{per_class}-{seed}", s,
+                              progress=False)
+            for k, s in sets.items()}
+
+
+def counterfactual_sets(dest: str | Path, spec: MiniFishSpec = TEST_SPEC,
+                        kind: str = "corner") -> dict[str, L]:
+    """The image files of three test sets drawn from `spec` under `dest` (drawn once, reused):
+    "clean" (no mark), "marked" (each image its class's mark of `kind`) and "swapped" (each
+    image another class's mark). The same fish in each: only the mark differs."""
+    dest = Path(dest)
+    sets = {"clean": replace(spec, mark=0.0),
+            "marked": replace(spec, mark=1.0, mark_kind=kind),
+            "swapped": replace(spec, mark=1.0, mark_kind=kind, swap_marks=True)}
+    prefix = "" if kind == "corner" else f"{kind}-"
+    return {k: image_files(make_mini_fish(dest / f"{prefix * (k != 'clean')}{k}", s,
+                                          progress=False))
+            for k, s in sets.items()}
 
 
 @torch.no_grad()
