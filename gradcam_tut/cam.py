@@ -287,6 +287,9 @@ def resolve_layers(model: nn.Module,
     path_of = {id(m): path for path, m in model.named_modules()}
     out = {}
     for layer in layers:
+        if not isinstance(layer, (str, nn.Module)):
+            raise TypeError(f"layers holds {layer!r}, a {type(layer).__name__}: pass modules "
+                            "or names such as 'layer4' (list(body_layers(model)) lists them)")
         if isinstance(layer, nn.Module):
             path, module = path_of.get(id(layer)), layer
             name = _display_name(model, path) if path else type(layer).__name__
@@ -601,6 +604,11 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         normalised or upsampled. For a sequence of methods: {method: that list}. With
         `return_logits`: (those maps, logits).
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x is a {type(x).__name__}, not a torch tensor: pass "
+                        "torch.as_tensor(x) (a batch (B, C, H, W), normalised as in training)")
+    if x.ndim == 4 and len(x) == 0:
+        raise ValueError("x is an empty batch (0 images): pass at least one image")
     if x.ndim != 4:
         raise ValueError(f"x must be a batch (B, C, H, W), got shape {tuple(x.shape)}: "
                          "add the batch dimension with x[None]")

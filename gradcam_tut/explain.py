@@ -175,6 +175,14 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
     return table
 
 
+def grid_name(number: int, image: Path, limit: int = 255) -> str:
+    """`<number>_<image>.png`, the image's name cut to fit a file name of `limit` bytes
+    (the number keeps cut names apart)."""
+    prefix, suffix = f"{number:05d}_", ".png"
+    room = limit - len(prefix) - len(suffix)
+    return prefix + image.stem.encode()[:room].decode("utf-8", "ignore") + suffix
+
+
 def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module],
                  target: int | None = None, method: str = "gradcam", bs: int = 16,
                  grids: Path | None = None, numbers: Sequence[int] | None = None
@@ -215,7 +223,6 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
                 plot_layer_grid(image, [m[i] for m in batch], titles=list(named),
                                 suptitle=f"{row['predicted']} ({row['confidence']:.2f}) · "
                                          f"{method} map for {row['target']}",
-                                save=grids / f"{numbers[done + i]:05d}_{files[done + i].stem}"
-                                             ".png")
+                                save=grids / grid_name(numbers[done + i], files[done + i]))
         done += len(xb)
     return pd.DataFrame(rows), {name: np.concatenate(m) for name, m in maps.items()}

@@ -3,6 +3,7 @@ pixels, images that would decode to gigabytes (issue 25)."""
 
 import csv
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,3 +75,26 @@ def test_an_image_over_the_pixel_budget_is_refused_before_it_is_decoded(tmp_path
     monkeypatch.setenv("GRADCAM_TUT_MAX_MEGAPIXELS", "lots")
     with pytest.raises(ValueError, match="positive number"):
         load_rgb(f)
+
+
+def test_a_grid_name_fits_a_file_name_however_long_the_image_name(tiny_learner, mini_root,
+                                                                  tmp_path):
+    from gradcam_tut.explain import grid_name
+
+    long = "é" * 120 + "x" * 11  # 251 bytes: with the number and .png, over 255
+    assert len(grid_name(7, Path(long + ".png")).encode()) <= 255
+    assert grid_name(7, Path("a.png")) == "00007_a.png"
+    shutil.copy(next((mini_root / "Trout" / "Trout").glob("*.png")), tmp_path / f"{long}.png")
+    explain(tiny_learner, [tmp_path / f"{long}.png"], ["layer4"], out=tmp_path / "o", grids=True)
+    assert len(list((tmp_path / "o" / "grids").iterdir())) == 1
+
+
+def test_the_python_api_names_the_argument_and_the_fix(resnet18, batch):
+    from gradcam_tut.cam import grad_cam
+
+    with pytest.raises(TypeError, match=r"not a torch tensor: pass torch.as_tensor\(x\)"):
+        grad_cam(resnet18, batch.numpy(), ["layer4"])
+    with pytest.raises(TypeError, match=r"layers holds 3, a int: pass modules or names"):
+        grad_cam(resnet18, batch, [3])
+    with pytest.raises(ValueError, match="empty batch"):
+        grad_cam(resnet18, batch[:0], ["layer4"])
