@@ -24,7 +24,7 @@ from .cam import Layer, class_index, grad_cam, resolve_layers
 from .images import damaged_images, damaged_listing
 from .layout import listed_images
 from .plot import plot_layer_grid
-from .results import check_destination, formula_safe, written_whole
+from .results import check_destination, check_inputs_outside, formula_safe, written_whole
 
 RESULTS = ("explain.csv", "maps.npz", "grids")
 
@@ -148,6 +148,7 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
     if grids and out is None:
         raise ValueError("grids=True needs an out folder to write the grids into: pass out=")
     if out is not None:
+        check_inputs_outside(paths, out)  # --force would delete them
         check_destination(out, RESULTS, force)  # before listing and decoding every image
     named = resolve_layers(learn.model, layers)  # so are a wrong layer or class
     cls = None if target is None else class_index(learn.dls.vocab, target)

@@ -125,6 +125,21 @@ def check_writable(dest: str | Path) -> None:
                               "write to, or change its permissions")
 
 
+def check_inputs_outside(paths: Collection[str | Path], dest: str | Path) -> None:
+    """Refuse inputs that are `dest` or lie inside it, before any work: a result replaces
+    `dest` as a whole, and would delete them (or read its own earlier files).
+
+    Raises:
+        ValueError: naming the input and the fix.
+    """
+    dest = Path(os.path.realpath(Path(dest).expanduser()))
+    for p in paths:
+        real = Path(os.path.realpath(Path(p).expanduser()))
+        if real == dest or dest in real.parents:
+            raise ValueError(f"the input {p} lies inside --out {dest}, which a result replaces "
+                             "as a whole: pick another --out, or move the input out of it")
+
+
 def check_destination(dest: str | Path, ours: Collection[str], force: bool = False) -> bool:
     """Check that `dest` can take a result, before any compute; True when it holds one (or
     is an empty folder) to be replaced.
