@@ -13,7 +13,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from .cam import Layer, Targets, body_layers, class_indices, grad_cam, resolve_layers, upsample
+from .cam import Layer, Targets, body_layers, class_indices, grad_cam, resolve_layers
+from .receptive_field import cell_centres, place
 
 
 def randomization_steps(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -55,17 +56,19 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 
 def _cascade(model: nn.Module, x: Tensor, layers, targets: Targets, seed: int, method: str):
-    """Yield (step, maps of every layer upsampled to the image, (B, H, W) each) for the trained
-    model, then after each re-initialisation, top first and cumulatively, on a copy."""
+    """Yield (step, maps of every layer placed on the image at their receptive fields' centres,
+    (B, H, W) each) for the trained model, then after each re-initialisation, top first and
+    cumulatively, on a copy."""
     x = x.as_subclass(Tensor)
     work = copy.deepcopy(model)  # the model, its weights and its mode stay as they were
     idx = class_indices(targets, work.eval()(x))
     names = list(resolve_layers(model, layers))  # a module of `model` by its name in `work`
+    centres = cell_centres(work, names, tuple(x.shape[-2:]))  # each cell at its receptive field
     torch.manual_seed(seed)
 
-    def maps() -> list[Tensor]:  # every layer from one grad_cam pass
-        return [upsample(cam, x.shape[-2:]) for cam in grad_cam(work, x, names, idx,
-                                                                method=method)]
+    def maps() -> list[Tensor]:  # every layer from one grad_cam pass, placed on the image
+        cams = grad_cam(work, x, names, idx, method=method)
+        return [place(cam, tuple(x.shape[-2:]), centres[n]) for n, cam in zip(names, cams)]
 
     yield "trained", names, maps()
     for step, module in randomization_steps(work):
@@ -81,7 +84,8 @@ def cascading_randomization(model: nn.Module, x: Tensor, layer: Layer = "layer4"
     top first and cumulatively, on a copy of `model` (the model itself is left as it was).
 
     The targets stay those of the trained model (its predictions by default). Each map is
-    upsampled to the image and compared with the trained model's by Spearman rank correlation.
+    placed on the image (each cell at its receptive field's centre) and compared with the
+    trained model's by Spearman rank correlation.
 
     Returns:
         A DataFrame with one row per step ("trained", "head", "layer4", ...): the mean and

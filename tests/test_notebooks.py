@@ -12,7 +12,8 @@ FIGURES = {
     "01": ["01_image_and_mask.png", "01_batch.png", "01_confusion_matrix.png"],
     "02": ["02_layer4_by_hand.png", "02_counterfactual.png", "02_bn1_hook_output.png"],
     "03": ["03_article_loop.png", "03_layer_grid_pred.png", "03_layer_grid_runner_up.png",
-           "03_layer_grid_contrast.png", "03_layer_grid_shared.png", "03_sanity_check.png"],
+           "03_layer_grid_contrast.png", "03_layer_grid_shared.png", "03_sanity_check.png",
+           "03_your_picture.png"],
     "04": ["04_top_losses_gradcam.png"],
     "05": ["05_localization_by_layer.png", "05_cell_centres.png", "05_pointing_gallery.png",
            "05_methods.png"],
@@ -67,6 +68,13 @@ def test_notebook_runs(name, out, mini_dest):
     params = {"smoke": True, "data_path": str(mini_dest), "out_dir": str(out), "epochs": 1}
     if name.startswith("06"):
         params["per_class"] = 16  # its own data: a small set for the smoke test
+    if name.startswith("03"):  # "your own picture": a file that is no fish
+        from PIL import Image, ImageDraw
+
+        picture = Image.new("RGB", (90, 60), "white")
+        ImageDraw.Draw(picture).rectangle((10, 10, 50, 40), fill="navy")
+        picture.save(out / "not_a_fish.png")
+        params["picture"] = str(out / "not_a_fish.png")
     nb = pm.execute_notebook(NOTEBOOKS / name, out / name, parameters=params,
                              cwd=NOTEBOOKS, progress_bar=False, kernel_name="python3")
     printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
@@ -88,6 +96,7 @@ def test_notebook_runs(name, out, mini_dest):
         assert "place equals our drawing: True" in printed
     if name.startswith("03"):
         assert "same maps: True" in printed and "peak on the fish: conv1 " in printed
+        assert "not_a_fish.png" in printed
     if name.startswith("05"):
         assert "best layer by the pointing game: " in printed
     if name.startswith("06"):
