@@ -1,5 +1,6 @@
 # `make run` executes every notebook (figures in runs/figures); `make test` runs the tests;
-# `make test-fast` all but those marked slow (notebooks, trainings, large architectures).
+# `make test-fast` all but those marked slow (notebooks, trainings, large architectures) or
+# browser (a page of headless Chromium, which `make test` installs).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -36,8 +37,8 @@ test: dev lint browser
 
 # the edit-test loop. One torch thread: the tests' tensors are tiny, and on a busy machine two
 # threads per process spin-wait for each other (3x the CPU time, 5x the wall time measured)
-test-fast: dev lint browser
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+test-fast: dev lint
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not browser"
 
 browser:  # tests/test_audit.py opens report.html in headless Chromium (Debian's package)
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \

@@ -3,6 +3,15 @@ import torch
 import torchvision
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """A test that opens a page of headless Chromium (a `page` fixture) is marked `browser`:
+    `make test-fast` leaves it out, `make test` installs Chromium and runs it."""
+    for item in items:
+        if "page" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_home(tmp_path_factory):
     """The image check's cache (`images.cache_dir()`, read at each call) in a temporary folder,
