@@ -97,8 +97,11 @@ def test_notebook_runs(name, out, mini_dest):
     if name.startswith("03"):
         assert "same maps: True" in printed and "peak on the fish: conv1 " in printed
         assert "not_a_fish.png" in printed
+    if name.startswith("04"):
+        assert "the helper draws our rows and maps: True" in printed
     if name.startswith("05"):
         assert "best layer by the pointing game: " in printed
+        assert "layer4 equals ours by hand: True" in printed
     if name.startswith("06"):
         markdown = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells
                            for o in c.get("outputs", []))
