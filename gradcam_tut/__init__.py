@@ -1,13 +1,6 @@
 """Grad-CAM by doing it: hooks, per-layer maps in one pass, and plots for fastai learners."""
 
-import warnings
 from importlib import import_module
-
-# Importing fastai 2.8 with this torch and pandas warns about fastai's code, which a reader
-# cannot act on: those two warnings are silenced, matched by message and warning module.
-warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning,
-                        "torch.jit._script")
-warnings.filterwarnings("ignore", "The 'mode.chained_assignment' option", module="fastai.tabular")
 
 __version__ = "0.1.0"
 _WHERE = {"HookBwd": "hooks", "HookForward": "hooks", "HookForwardMany": "hooks",

@@ -4,7 +4,9 @@ notebooks).
 
 A user error (a wrong path, a file that would be overwritten, a bad value, a full disk or a
 read-only folder) prints one line, `gradcam-tut: error: ...`, and exits with 2; `--debug` shows
-the traceback instead. Results are written whole or not at all (`results.py`).
+the traceback instead. Results are written whole or not at all (`results.py`), under Ctrl-C
+(exit 130) and SIGTERM (143) too. On several processes (`torchrun`, `accelerate launch`) the
+first process speaks for all: the others' errors reach it (`explain.agreed`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import runner
 from .results import (
+    ProcessFailed,
     ResultInUse,
+    Stopped,
     check_destination,
     check_writable,
     error_message,
+    holding,
+    sigterm_as_interrupt,
     written_file,
 )
 from .runner import NotebookFailed
 
 # torch and fastai are imported where a command needs them: `--help` answers at once
 METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # cam.METHODS
-USER_ERRORS = (OSError, ResultInUse, ValueError)  # OSError: read-only, disk full, no such file
+USER_ERRORS = (OSError, ResultInUse, ValueError, ProcessFailed)  # OSError: disk full, ...
+# Importing fastai 2.8 with this torch and pandas warns about fastai's code, which a user of the
+# command cannot act on: silenced while a command runs, matched by message, category and module
+# (the notebooks' kernels: runner.QUIET). The package itself leaves the warning filters alone.
+FASTAI_IMPORT_WARNINGS = (("`torch.jit.script` is deprecated", FutureWarning, "torch.jit._script"),
+                          ("The 'mode.chained_assignment' option", Warning, "fastai.tabular"))
 
 
 def grid_path(out: str | Path, image: Path, force: bool = False) -> Path:
@@ -162,16 +175,26 @@ def grid(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _first_process() -> int:
+    """This process's rank, the group started first under a launcher (`process_group`): a
+    user error is then the same on every process, and only the first says it."""
+    from .explain import process_group
+
+    return process_group()[0]
+
+
 def explain(args: argparse.Namespace) -> None:
-    from .explain import RESULTS, is_main_process
+    from .explain import RESULTS
     from .explain import explain as explain_images
     from .train import load_fish_learner
 
-    check_destination(args.out, RESULTS, args.force)  # before loading the learner
-    learn = load_fish_learner(args.learner, trust=args.trust_learner)
-    table = explain_images(learn, args.paths, args.layers, args.target, args.method, args.bs,
-                           args.out, args.grids, args.force)
-    if not is_main_process():  # under accelerate launch: the first process says it
+    rank = _first_process()
+    with holding(args.out, RESULTS) if rank == 0 else nullcontext():  # from start to end
+        check_destination(args.out, RESULTS, args.force)  # before loading the learner
+        learn = load_fish_learner(args.learner, trust=args.trust_learner)
+        table = explain_images(learn, args.paths, args.layers, args.target, args.method,
+                               args.bs, args.out, args.grids, args.force)
+    if rank != 0:  # under accelerate launch: the first process says it
         return
     print(f"{len(table)} images: {args.out / 'explain.csv'}, {args.out / 'maps.npz'}"
           + (f", {args.out / 'grids'}/" if args.grids else ""))
@@ -180,48 +203,67 @@ def explain(args: argparse.Namespace) -> None:
 def audit(args: argparse.Namespace) -> None:
     from .audit import RESULTS
     from .audit import audit as audit_images
-    from .explain import is_main_process
     from .train import load_fish_learner
 
-    check_destination(args.out, RESULTS, args.force)  # before loading the learner
-    learn = load_fish_learner(args.learner, trust=args.trust_learner)
-    result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
-                          force=args.force)
+    rank = _first_process()
+    with holding(args.out, RESULTS) if rank == 0 else nullcontext():  # from start to end
+        check_destination(args.out, RESULTS, args.force)  # before loading the learner
+        learn = load_fish_learner(args.learner, trust=args.trust_learner)
+        result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
+                              force=args.force)
     clusters = result.clusters
-    if not is_main_process():  # under accelerate launch: the first process says it
+    if rank != 0:  # under accelerate launch: the first process says it
         return
     print(f"{len(result.images)} images, {len(clusters)} clusters at {result.layer}, "
           f"{int(clusters['flagged'].sum())} flagged: {args.out / 'clusters.csv'}, "
           f"{args.out / 'report.html'}")
 
 
+def speaks() -> bool:
+    """Whether this process prints errors: alone, or the first of a group started by a
+    launcher (the others' errors reach it); a group not started speaks for itself."""
+    dist = sys.modules.get("torch.distributed")
+    started = dist is not None and dist.is_available() and dist.is_initialized()
+    return not started or dist.get_rank() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on a user error (one line), 1 on a failed notebook."""
     args = parser().parse_args(argv)
     try:
-        if args.cmd == "run":
-            run(args)
-        elif args.cmd == "mini-fish":
-            from . import mini_fish
-
-            mini_fish.run(args)
-        elif args.cmd == "explain":
-            explain(args)
-        elif args.cmd == "audit":
-            audit(args)
-        else:
-            grid(args)
+        with sigterm_as_interrupt():
+            command(args)
     except (*USER_ERRORS, NotebookFailed) as exc:
         if args.debug:
             raise
-        print(f"gradcam-tut: error: {error_message(exc)}", file=sys.stderr)
+        if speaks():
+            print(f"gradcam-tut: error: {error_message(exc)}", file=sys.stderr)
         return 1 if isinstance(exc, NotebookFailed) else 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as `Stopped`
         if args.debug:
             raise
-        print("gradcam-tut: interrupted", file=sys.stderr)
-        return 130
+        stopped = isinstance(exc, Stopped)
+        if speaks():
+            print(f"gradcam-tut: {'stopped (SIGTERM)' if stopped else 'interrupted'}",
+                  file=sys.stderr)
+        return 143 if stopped else 130
     return 0
+
+
+def command(args: argparse.Namespace) -> None:
+    """Run the command `args` names."""
+    if args.cmd == "run":
+        run(args)
+    elif args.cmd == "mini-fish":
+        from . import mini_fish
+
+        mini_fish.run(args)
+    elif args.cmd == "explain":
+        explain(args)
+    elif args.cmd == "audit":
+        audit(args)
+    else:
+        grid(args)
 
 
 if __name__ == "__main__":
