@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on a user error (one line), 1 on a failed notebook."""
     args = parser().parse_args(argv)
     try:
-        with sigterm_as_interrupt():
+        with warnings.catch_warnings(), sigterm_as_interrupt():
+            for message, category, module in FASTAI_IMPORT_WARNINGS:
+                warnings.filterwarnings("ignore", message, category, module)
             command(args)
     except (*USER_ERRORS, NotebookFailed) as exc:
         if args.debug:

@@ -3,13 +3,15 @@
 Under `accelerate launch --num_processes N` (or `torchrun --nproc_per_node N`: both set RANK and
 WORLD_SIZE) each process explains every N-th image, on its own GPU when there are GPUs, and
 the first process writes the one result, the same as one process would (`process_group`).
+The first error on any process ends every one at the next exchange (`agreed`), the first
+process says it in one line, and nothing is left behind.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,15 @@ from .cam import Layer, class_index, grad_cam, resolve_layers
 from .images import damaged_images, damaged_listing
 from .layout import listed_images
 from .plot import plot_layer_grid
-from .results import check_destination, check_inputs_outside, formula_safe, written_whole
+from .results import (
+    ProcessFailed,
+    check_destination,
+    check_inputs_outside,
+    error_message,
+    formula_safe,
+    holding,
+    written_whole,
+)
 
 RESULTS = ("explain.csv", "maps.npz", "grids")
 
@@ -61,18 +71,66 @@ def csv_safe(files: Sequence[Path]) -> None:
                              "or leave it out") from exc
 
 
+LAUNCHED_BY = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK")  # what torchrun sets
+
+
 def process_group() -> tuple[int, int]:
     """This process's rank and the number of processes: (0, 1) alone. Under `accelerate
     launch` or `torchrun` torch.distributed is started (gloo: what is gathered are CPU
-    objects), and each process takes its own GPU (LOCAL_RANK) when there are GPUs."""
+    objects), and each process takes its own GPU (LOCAL_RANK) when there are GPUs.
+
+    Raises:
+        ValueError: WORLD_SIZE set by hand, without a launcher's rendezvous (or it failed).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        how = (f"run `torchrun --nproc_per_node {world} -m gradcam_tut.cli ...` or `accelerate "
+               f"launch --num_processes {world} -m gradcam_tut.cli ...`, or unset WORLD_SIZE "
+               "and RANK to run one process")
+        unset = [name for name in LAUNCHED_BY if not os.environ.get(name)]
+        if unset:
+            raise ValueError(f"WORLD_SIZE={world} is set but not {', '.join(unset)}: the "
+                             f"processes were not started together by a launcher: {how}")
+        try:
+            dist.init_process_group("gloo")
+        except (RuntimeError, ValueError) as exc:  # DistNetworkError, a port taken, ...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"the {world} processes could not meet ({first}): {how}") from exc
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def agreed(error: Exception | None, value=None, world: int = 1) -> list:
+    """Every process's `value` once each has reached this point, or the first error on any:
+    the process that had it raises it again, the others raise `ProcessFailed` with its
+    message (so every process stops here, and the first says why). Alone: `[value]`.
+
+    Args:
+        error: what this process raised since the last exchange, or None.
+
+    Raises:
+        ProcessFailed: another process failed, or stopped without a word (killed).
+    """
+    if world < 2:
+        if error is not None:
+            raise error
+        return [value]
+    said = None if error is None else error_message(error) or type(error).__name__
+    parts = [None] * world
+    try:
+        dist.all_gather_object(parts, (said, None if error else value))
+    except RuntimeError as exc:  # gloo: a peer closed its connection
+        raise ProcessFailed(f"another of the {world} processes stopped without a word ("
+                            f"{str(exc).strip().splitlines()[0]}): see its output") from exc
+    if error is not None:
+        raise error
+    for rank, (message, _) in enumerate(parts):
+        if message is not None:
+            raise ProcessFailed(f"process {rank} of {world}: {message}")
+    return [v for _, v in parts]
 
 
 def is_main_process() -> bool:
@@ -97,14 +155,13 @@ def on_this_process(learn: Learner, files: Sequence[Path]) -> tuple[int, int]:
     return rank, world
 
 
-def gathered(table: pd.DataFrame, maps: dict[str, np.ndarray], world: int
-             ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def gathered(table: pd.DataFrame, maps: dict[str, np.ndarray], world: int,
+             error: Exception | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Every process's rows and maps in the order of the files (process r had files r,
-    r + world, ...); alone, as they are."""
+    r + world, ...); alone, as they are. `error`: this process's, instead (see `agreed`)."""
+    parts = agreed(error, (table, maps), world)
     if world < 2:
         return table, maps
-    parts = [None] * world
-    dist.all_gather_object(parts, (table, maps))
     sizes = [len(t) for t, _ in parts]
     order = np.concatenate([np.arange(r, r + world * n, world) for r, n in enumerate(sizes)])
     back = np.argsort(order)
@@ -131,7 +188,8 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         out: a folder for `explain.csv`, `maps.npz` (one (N, h, w) array per layer, and the
             files) and, with `grids`, `grids/<n>_<image>.png`. Written whole or not at all
             (`results.written_whole`): an earlier result there is replaced, as a whole, only
-            with `force`; a second run to the same folder is refused while this one runs.
+            with `force`; its lock is held from start to end (`results.holding`), so a
+            second run to the same folder is refused at once while this one runs.
 
     Returns:
         One row per image: file, predicted class, confidence, target, and each layer's map max.
@@ -142,37 +200,46 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         FileExistsError: an earlier result in `out` (without `force`), or files not ours.
         ResultInUse: another run writes to `out`.
         NotWritten: the disk is full or read-only; `out` is left as it was.
+        ProcessFailed: another process failed (its error is the message).
     """
     if bs < 1:
         raise ValueError(f"bs={bs!r}: pass a batch size of at least 1 (images per pass)")
     if grids and out is None:
         raise ValueError("grids=True needs an out folder to write the grids into: pass out=")
-    if out is not None:
-        check_inputs_outside(paths, out)  # --force would delete them
-        check_destination(out, RESULTS, force)  # before listing and decoding every image
-    named = resolve_layers(learn.model, layers)  # so are a wrong layer or class
-    cls = None if target is None else class_index(learn.dls.vocab, target)
-    files = image_paths(paths)
-    if out is not None:
-        csv_safe(files)
-    rank, world = on_this_process(learn, files)
+    rank, world = process_group()  # first: on several processes, the first one holds `out`
     writing = out is not None and rank == 0
-    with written_whole(out, RESULTS, force, by="gradcam-tut explain") if writing else \
-            nullcontext() as tmp:
-        if grids:  # every process draws its own images' grids into the first one's folder
-            parts = [tmp]
-            if world > 1:
-                dist.broadcast_object_list(parts, src=0)
-            grids_dir = parts[0] / "grids"
-        table, maps = explain_maps(learn, files[rank::world], named, cls, method, bs,
-                                   grids_dir if grids else None, range(rank, len(files), world))
-        table, maps = gathered(table, maps, world)
-        if world > 1:
-            dist.barrier()  # every grid drawn before the folder is installed
+    with holding(out, RESULTS) if writing else nullcontext():  # from start to end
+        if out is not None:
+            check_inputs_outside(paths, out)  # --force would delete them
         if writing:
-            formula_safe(table).to_csv(tmp / "explain.csv", index=False)  # no formulas
-            np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
-                                **maps)
+            check_destination(out, RESULTS, force)  # before listing and decoding every image
+        named = resolve_layers(learn.model, layers)  # so are a wrong layer or class
+        cls = None if target is None else class_index(learn.dls.vocab, target)
+        files = image_paths(paths)
+        if out is not None:
+            csv_safe(files)
+        rank, world = on_this_process(learn, files)
+        with ExitStack() as stack:
+            tmp, error = None, None
+            try:
+                if writing:
+                    tmp = stack.enter_context(written_whole(out, RESULTS, force,
+                                                            by="gradcam-tut explain"))
+            except Exception as exc:
+                error = exc
+            tmp = agreed(error, tmp, world)[0]  # every process draws into the first's folder
+            part, error = (None, None), None
+            try:
+                part = explain_maps(learn, files[rank::world], named, cls, method, bs,
+                                    tmp / "grids" if grids else None,
+                                    range(rank, len(files), world))
+            except Exception as exc:
+                error = exc
+            table, maps = gathered(*part, world, error)  # after every grid is drawn
+            if writing:
+                formula_safe(table).to_csv(tmp / "explain.csv", index=False)  # no formulas
+                np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
+                                    **maps)
     return table
 
 

@@ -3,12 +3,18 @@ destination and renames it into place once every file is in it, with a completio
 
     explained/                  a finished result: its files and `complete.json`
     .explained.tmp-<pid>/       being written; removed when the write fails
-    .explained.lock             held for the run: a second run to the same folder is refused
+    .explained.old-<pid>/       an earlier result being replaced (`force`)
+    .explained.lock             held for the run (`holding`): a second run to the same folder
+                                is refused at its start
 
 A folder without the marker is an unfinished result, never taken for a finished one. `force`
 replaces a result as a unit (the old one renamed away, the new one renamed in, the old one
-deleted), and a folder holding anything this tool did not write is never replaced.
-Standard library and `filelock` only: the command line imports it before torch.
+deleted, with Ctrl-C and SIGTERM held back meanwhile), and a folder holding anything this
+tool did not write is never replaced. What a killed run left beside the destination is tidied
+by the next run, under the lock: a folder without the marker is removed, a complete one never
+(an earlier result a replace had moved aside is put back). SIGTERM is raised as Ctrl-C is
+(`sigterm_as_interrupt`), so the same clean-up runs. Standard library and `filelock` only:
+the command line imports it before torch.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import glob
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -58,6 +66,15 @@ def formula_safe(table):
 
 class ResultInUse(RuntimeError):
     """Another run holds the destination's lock."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where it lands as Ctrl-C's `KeyboardInterrupt` is (`sigterm_as_interrupt`),
+    so the same clean-up runs."""
+
+
+class ProcessFailed(RuntimeError):
+    """Another process of a run on several processes failed (its error is the message)."""
 
 
 class NotWritten(OSError):
@@ -179,27 +196,134 @@ def check_destination(dest: str | Path, ours: Collection[str], force: bool = Fal
     return True
 
 
-def _remove_leftovers(dest: Path, ours: Collection[str]) -> None:
-    """Delete what earlier runs to `dest` left half-done (called while holding the lock)."""
+HELD_BACK = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back for the block and delivered after it, in the main thread:
+    for steps that must not be cut in two (a swap of folders, a clean-up). A Python handler
+    of its own records them (a signal mask would not do: torch's threads would take them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only: nothing lands here
+        return
+    caught = []
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+              for s in HELD_BACK}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: not Python's
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # now, to the handler it was meant for
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Stopped` (a `KeyboardInterrupt`) for the block, in the main thread: a
+    `kill` or a launcher's stop cleans up as Ctrl-C does. Elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _tidy(dest: Path, ours: Collection[str]) -> None:
+    """What runs to `dest` that were killed left beside it (called holding its lock, so none
+    of them runs). A folder without the marker (provably unfinished) is removed; a complete
+    one never: an earlier result that a replace had moved aside is put back when `dest` is
+    missing, any other is kept and named. A folder holding files not ours is not touched."""
     for left in _leftovers(dest):
-        if left.is_dir() and not left.is_symlink() and not _foreign(left, ours):
+        if not left.is_dir() or left.is_symlink() or _foreign(left, ours):
+            continue
+        if not (left / MARKER).is_file():
             shutil.rmtree(left)
             print(f"removed {left}, left unfinished by a run that was stopped", file=sys.stderr)
+        elif ".old-" in left.name and not os.path.lexists(dest):
+            os.rename(left, dest)
+            print(f"put back {dest}, the earlier result that a stopped --force replace had "
+                  f"moved to {left}", file=sys.stderr)
+        else:
+            print(f"kept {left}, a complete result a stopped run left beside {dest}: move it "
+                  "to keep it, or delete it", file=sys.stderr)
 
 
 def _install(tmp: Path, dest: Path, replace: bool) -> None:
-    """Rename `tmp` to `dest`; an old `dest` is renamed away first and deleted after."""
+    """Rename `tmp` to `dest`; an old `dest` is renamed away first and deleted after (its
+    marker first: provably unfinished if cut). Ctrl-C and SIGTERM wait until it is done."""
     old = _temp_name(dest, "old")
-    if replace:
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
+    with signals_held():
         if replace:
-            os.rename(old, dest)  # the old result back in place
-        raise
-    if replace:
-        shutil.rmtree(old)
+            os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            if replace:
+                os.rename(old, dest)  # the old result back in place
+            raise
+        if replace:
+            (old / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(old)
+
+
+_HELD: dict[Path, list] = {}  # lock file: [its FileLock, depth, the thread holding it]
+
+
+@contextmanager
+def holding(dest: str | Path, ours: Collection[str]) -> Iterator[Path]:
+    """Hold `dest`'s lock (`.<name>.lock` beside it) for the block: a second run to `dest`
+    is refused at once, not after its work. Taken again in the same thread (`written_whole`
+    inside), it is the same hold. On taking it, what killed runs left is tidied (`_tidy`).
+    The lock file is removed when the block ends, Ctrl-C and SIGTERM held back meanwhile.
+
+    Args:
+        ours: the names a result holds (besides `MARKER`): only such folders are tidied.
+
+    Yields:
+        `dest` as an absolute path.
+
+    Raises:
+        ResultInUse: another run (or another thread) holds it.
+        NotADirectoryError, PermissionError: the folder it goes in is a file, or read-only.
+    """
+    dest = Path(os.path.abspath(Path(dest).expanduser()))
+    lock_file = dest.parent / f".{dest.name}.lock"
+    held = _HELD.get(lock_file)
+    if held is not None and held[2] == threading.get_ident():
+        held[1] += 1
+        try:
+            yield dest
+        finally:
+            held[1] -= 1
+        return
+    check_writable(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        if held is not None:  # another thread of this process
+            raise Timeout(str(lock_file))
+        lock.acquire()
+    except Timeout as exc:
+        raise ResultInUse(f"{dest} is in use by another run (it holds {lock_file}): wait for "
+                          "it to finish, or pick another --out") from exc
+    _HELD[lock_file] = [lock, 1, threading.get_ident()]
+    try:
+        _tidy(dest, ours)
+        yield dest
+    finally:
+        with signals_held():
+            del _HELD[lock_file]
+            lock_file.unlink(missing_ok=True)  # while held: filelock retries on an unlinked file
+            lock.release()
 
 
 @contextmanager
@@ -207,8 +331,10 @@ def written_whole(dest: str | Path, ours: Collection[str], force: bool = False,
                   by: str = "gradcam-tut") -> Iterator[Path]:
     """A temporary folder to write a result into; renamed to `dest` when the block ends.
 
-    Checks `dest` (`check_destination`) and locks it for the run first. When the block
-    raises (an error, Ctrl-C) the temporary folder is deleted and `dest` is left as it was.
+    Checks `dest` (`check_destination`) and holds its lock (`holding`; a hold already taken
+    by the caller for the whole run is kept). When the block raises (an error, Ctrl-C,
+    SIGTERM under `sigterm_as_interrupt`) the temporary folder is deleted and `dest` is left
+    as it was.
 
     Args:
         ours: the names a result holds: with `force`, a folder holding only these is replaced.
@@ -221,17 +347,8 @@ def written_whole(dest: str | Path, ours: Collection[str], force: bool = False,
     """
     dest = Path(os.path.abspath(Path(dest).expanduser()))
     check_destination(dest, ours, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = dest.parent / f".{dest.name}.lock"
-    lock = FileLock(lock_file, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout as exc:
-        raise ResultInUse(f"{dest} is in use by another run (it holds {lock_file}): wait for "
-                          "it to finish, or pick another --out") from exc
-    try:
+    with holding(dest, ours):
         replace = check_destination(dest, ours, force)  # again: no other run can change it now
-        _remove_leftovers(dest, ours)
         tmp = _temp_name(dest, "tmp")
         try:
             tmp.mkdir()
@@ -241,16 +358,15 @@ def written_whole(dest: str | Path, ours: Collection[str], force: bool = False,
             (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
             _install(tmp, dest, replace)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with signals_held():
+                shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno is None:  # raised with a message of ours
                 raise
             raise _not_written(exc, dest) from exc
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with signals_held():
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-    finally:
-        lock_file.unlink(missing_ok=True)  # while held: filelock retries on an unlinked file
-        lock.release()
 
 
 @contextmanager
