@@ -20,9 +20,10 @@ from typing import Any
 from torch import Tensor, nn
 
 
-class Hooks:
+class HookBase:
     """Context-manager plumbing shared by the hooks below: leaving the `with` block, also by an
-    exception, removes every handle in `self.handles`."""
+    exception, removes every handle in `self.handles`. Not named `Hooks`: that is fastai's list
+    of hooks, which pasting this file after `from fastai.vision.all import *` must not hide."""
 
     handles: list
 
@@ -38,7 +39,7 @@ class Hooks:
         self.remove()
 
 
-class HookForward(Hooks):
+class HookForward(HookBase):
     """Keep a detached clone of `module`'s output from its latest forward.
 
     `.stored` is `None` until the module runs, then a tensor shaped like the output,
@@ -56,7 +57,7 @@ class HookForward(Hooks):
         self.stored = output.detach().clone()
 
 
-class HookBwd(Hooks):
+class HookBwd(HookBase):
     """Keep the gradient with respect to `module`'s output from the latest forward.
 
     `.stored` is `None` until a backward pass reaches the module's output, then a detached
@@ -94,7 +95,7 @@ class HookBwd(Hooks):
         self.stored = grad.detach()
 
 
-class HookForwardMany(Hooks):
+class HookForwardMany(HookBase):
     """Keep the output of each of `modules` from one forward, indexed like `modules`.
 
     `.stored[i]` is `None` until `modules[i]` runs, then its output, still attached to the

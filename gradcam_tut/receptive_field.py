@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .cam import Layer, resolve_layers, upsample
-from .hooks import Hooks
+from .hooks import HookBase
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _shift(m: nn.Module, size_in: tuple[int, int]) -> tuple[tuple, tuple]:
     return s, tuple(di * (ki - 1) / 2 - pi for ki, di, pi in zip(k, d, p))
 
 
-class _Trace(Hooks):
+class _Trace(HookBase):
     """Follow the chain of strided layers through one forward: each conv or pool whose input has
     the size the chain has reached moves the chain on (a parallel branch, such as a resnet's
     downsample, sees an input of another size and is skipped; for "same"-padded networks every

@@ -144,11 +144,31 @@ def test_module_run_twice_raises_instead_of_a_wrong_map(resnet18, batch):
 
 
 def test_notebook_02_builds_the_same_hooks():
-    """Notebook 02 writes Hooks, HookForward and HookBwd in front of the reader; their code must
-    stay that of gradcam_tut.hooks (docstrings and comments aside)."""
+    """Notebook 02 writes HookBase, HookForward and HookBwd in front of the reader; their code
+    must stay that of gradcam_tut.hooks (docstrings and comments aside)."""
     import gradcam_tut.hooks as hooks
 
     in_notebook = notebook_definitions("02_hooks_step_by_step.ipynb")
     in_package = definitions(Path(hooks.__file__).read_text())
-    for name in ("Hooks", "HookForward", "HookBwd"):
-        assert in_notebook[name] == in_package[name], f"notebook 02's {name} drifted"
+    for name in ("HookBase", "HookForward", "HookBwd"):
+        assert in_notebook.get(name) == in_package[name], f"notebook 02 lacks {name} or it drifted"
+
+
+def test_the_hooks_pasted_into_a_fastai_notebook_hide_none_of_fastais(resnet18, batch):
+    """A notebook starts with `from fastai.vision.all import *`, then pastes hooks.py (or
+    imports everything from it): fastai's `Hooks`, a list of hooks, still works beside ours."""
+    import fastai.callback.hook
+
+    import gradcam_tut.hooks as hooks
+
+    notebook: dict = {}
+    exec("from fastai.vision.all import *", notebook)
+    exec(Path(hooks.__file__).read_text(), notebook)  # the file pasted into a cell
+    exec("from gradcam_tut.hooks import *", notebook)
+    assert notebook["Hooks"] is fastai.callback.hook.Hooks
+    layers = [resnet18.layer3, resnet18.layer4]
+    with notebook["Hooks"](layers, lambda m, i, o: o.shape) as shapes, \
+            notebook["HookForward"](resnet18.layer4) as hook:
+        resnet18.eval()(batch)
+    assert [tuple(s) for s in shapes.stored] == [(3, 256, 4, 4), (3, 512, 2, 2)]
+    assert hook.stored.shape == (3, 512, 2, 2) and hooks_left(resnet18) == 0
