@@ -105,31 +105,35 @@ def process_group() -> tuple[int, int]:
 
 def agreed(error: Exception | None, value=None, world: int = 1) -> list:
     """Every process's `value` once each has reached this point, or the first error on any:
-    the process that had it raises it again, the others raise `ProcessFailed` with its
-    message (so every process stops here, and the first says why). Alone: `[value]`.
+    then every process stops here, the first raising its own error or `ProcessFailed` with
+    the failing process's message (it speaks for all: `cli.speaks`), the others
+    `ProcessFailed`. Alone: `[value]`, or `error` raised.
 
     Args:
         error: what this process raised since the last exchange, or None.
 
     Raises:
-        ProcessFailed: another process failed, or stopped without a word (killed).
+        ProcessFailed: a process failed, or stopped without a word (killed).
     """
     if world < 2:
         if error is not None:
             raise error
         return [value]
-    said = None if error is None else error_message(error) or type(error).__name__
+    said = None
+    if error is not None:
+        said = (error_message(error) if isinstance(error, (OSError, ValueError, RuntimeError))
+                else f"{type(error).__name__}: {error}")
     parts = [None] * world
     try:
         dist.all_gather_object(parts, (said, None if error else value))
     except RuntimeError as exc:  # gloo: a peer closed its connection
         raise ProcessFailed(f"another of the {world} processes stopped without a word ("
                             f"{str(exc).strip().splitlines()[0]}): see its output") from exc
-    if error is not None:
+    if error is not None and dist.get_rank() == 0:
         raise error
     for rank, (message, _) in enumerate(parts):
         if message is not None:
-            raise ProcessFailed(f"process {rank} of {world}: {message}")
+            raise ProcessFailed(f"process {rank} of {world}: {message}") from error
     return [v for _, v in parts]
 
 
