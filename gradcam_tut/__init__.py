@@ -4,10 +4,10 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _WHERE = {"HookBwd": "hooks", "HookForward": "hooks", "HookForwardMany": "hooks",
-          "METHODS": "cam", "body_layers": "cam", "channels_last": "cam",
-          "class_activation_map": "cam", "contrast_target": "cam", "grad_cam": "cam",
-          "normalize_maps": "cam", "resolve_layers": "cam", "target_scores": "cam",
-          "upsample": "cam", "vit_reshape": "cam",
+          "body_layers": "layers", "channels_last": "layers", "resolve_layers": "layers",
+          "vit_reshape": "layers",
+          "METHODS": "cam", "class_activation_map": "cam", "contrast_target": "cam",
+          "grad_cam": "cam", "normalize_maps": "cam", "target_scores": "cam", "upsample": "cam",
           # fastai: importing `learner` also adds Learner.gradcam and plot_top_losses_gradcam
           "gradcam_grid": "learner", "localization_report": "learner", "mask_dl": "learner"}
 __all__ = sorted(_WHERE)

@@ -18,8 +18,9 @@ import torch
 from fastai.callback.core import Callback
 from torch import Tensor
 
-from .cam import Layer, resolve_layers, upsample, weighted_map
+from .cam import upsample, weighted_map
 from .hooks import HookForwardMany
+from .layers import Layer, resolve_layers
 
 
 def take_masks(cb: Callback) -> Tensor:

@@ -24,9 +24,10 @@ from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .cam import METHODS, Layer, body_layers, class_index, grad_cam, normalize_maps, resolve_layers
+from .cam import METHODS, class_index, grad_cam, normalize_maps
 from .fish_layout import mask_file
 from .images import RGBImage, fish_mask
+from .layers import Layer, body_layers, resolve_layers
 from .metrics import centre_map, chance, energy_in_mask, pointing_game
 from .plot import (
     image_hwc,

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .cam import Layer, resolve_layers, upsample
+from .cam import upsample
 from .hooks import HookBase
+from .layers import Layer, resolve_layers
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from .cam import Layer, Targets, body_layers, class_indices, grad_cam, resolve_layers
+from .cam import Targets, class_indices, grad_cam
+from .layers import Layer, body_layers, resolve_layers
 from .receptive_field import cell_centres, place
 
 

@@ -8,8 +8,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from gradcam_tut import body_layers, grad_cam, normalize_maps, upsample
-from gradcam_tut.cam import RESNET_BODY, resolve_layers
 from gradcam_tut.hooks import hooks_left
+from gradcam_tut.layers import RESNET_BODY, resolve_layers
 
 TARGETS = [0, 5, 8]  # mixed targets across the batch
 
@@ -290,8 +290,12 @@ def test_cam_is_grad_cam_for_an_average_pool_and_one_linear(resnet18, batch):
 
 def test_every_public_name_imports():
     import gradcam_tut
+    from gradcam_tut import cam, layers
 
     assert all(getattr(gradcam_tut, name) is not None for name in gradcam_tut.__all__)
+    for name in ("RESNET_BODY", "Layer", "body_layers", "channels_last", "default_reshape",
+                 "resolve_layers", "vit_reshape"):  # from cam before layers.py: still there
+        assert getattr(cam, name) is getattr(layers, name), name
 
 
 def test_cascading_randomization_takes_a_module_of_the_model(resnet18, batch):

@@ -10,7 +10,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchvision.models import SwinTransformer, VisionTransformer
 
 from gradcam_tut import body_layers, grad_cam, upsample
-from gradcam_tut.cam import METHODS, channels_last, default_reshape, vit_reshape
+from gradcam_tut.cam import METHODS
+from gradcam_tut.layers import channels_last, default_reshape, vit_reshape
 
 TARGETS = [0, 5, 8]
 PGC = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
