@@ -95,7 +95,7 @@ def run_notebooks(settings_file: Path) -> list[Path]:
     Two notebooks run at a time, the cores shared between their kernels (`OMP_NUM_THREADS`,
     unless you set it): 01, which trains and exports the model, beside 06, which needs no model
     of 01; then 02-05, which load it. 01 alone (no 06) gets every core. On 2 cores two
-    one-thread trainings get ~15% more done than one two-thread training, and one notebook's
+    one-thread trainings get more done than one two-thread training, and one notebook's
     imports and plots fill the other's idle core. (A model trained with another number of
     threads differs slightly: float sums are taken in another order.)
 
@@ -204,7 +204,7 @@ def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
                       width: int = 960, quality: int = 85) -> list[Path]:
     """Copies of executed notebooks to read without running them: machine paths replaced by
     `runs/latest`, `.` and `~`, papermill's timings dropped, each figure a JPEG at most
-    `width` pixels wide (a heat map as PNG is ~650 kB), the empty outputs fastprogress's bars
+    `width` pixels wide (a heat map compresses badly as PNG), the empty outputs fastprogress's bars
     leave (`leave=False`) dropped. Returns the copies' paths."""
     import base64
     import io
