@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--per-class 1000] [--epochs 2] [--data /tmp/mini_fish_full]
 
 1. Writes the full-size mini fish set (590x445, `--per-class` images per class).
-2. Trains resnet34 at 224 px from random weights (no download on the GPU box) with fastai,
+2. Trains resnet34 at 224 px from random weights (nothing downloaded) with fastai,
    once with `to_fp16()` and once in fp32, and prints images/s of the last epoch side by side.
 3. On the fp16-trained learner, computes every body layer's Grad-CAM for a validation batch in
    fp32 and under fp16 autocast (how the learner ran while training) and checks the maps are

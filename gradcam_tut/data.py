@@ -114,7 +114,7 @@ def fish_dataloaders(path: str | Path | Layout, size: int = 224, bs: int = 64, s
     only) each image's mask goes through the same transforms (the first item is the only input).
     `kwargs` go to `DataBlock.dataloaders` (num_workers, device, ...). Without a CUDA GPU
     the images load in the main process (num_workers=0): worker processes would compete with
-    the training for the same CPU cores (measured: an epoch took 20% longer with 2 workers).
+    the training for the same CPU cores.
     """
     kwargs.setdefault("num_workers", None if torch.cuda.is_available() else 0)
     layout = scan_layout(path)  # once: the checks and the split below read this value

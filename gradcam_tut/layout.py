@@ -49,7 +49,7 @@ def dataset_root(path: str | Path) -> Path:
 
 
 # the files that mark a folder as a result of `explain` (results.MARKER is complete.json)
-RESULT_FILES = frozenset({"explain.csv", "maps.npz", "complete.json", ".gradcam_tut_result"})
+RESULT_FILES = frozenset({"explain.csv", "maps.npz", "complete.json"})
 
 
 def _is_output(entries: list[os.DirEntry]) -> bool:
@@ -248,23 +248,6 @@ def image_files(path: str | Path | Layout, max_per_class: int | None = None) -> 
     Dataset (masks excluded), else of each class folder (of `train/` and `valid/` when there
     are both; `class_images`). `max_per_class` keeps the first n of each (a quick run)."""
     return scan_layout(path).image_files(max_per_class)
-
-
-def fish_image_files(path: str | Path | Layout, max_per_class: int | None = None) -> L:
-    """The images of the Fish Dataset layout, sorted, masks excluded: files in
-    `<Class>/<Class>/`, none in `<Class> GT/`.
-
-    `max_per_class` keeps the first n of each class (a quick run on the real dataset).
-
-    Raises:
-        DatasetLayoutError: the folder is not in the Fish Dataset layout (`image_files` lists
-            your own class folders).
-    """
-    layout = scan_layout(path)
-    if not layout.masks:
-        raise DatasetLayoutError(f"{layout.root} is not in the Fish Dataset layout "
-                                 "(<Class>/<Class>/ and <Class>/<Class> GT/): use image_files")
-    return layout.image_files(max_per_class)
 
 
 def _not_empty(folder: Path, files: Sequence[Path]) -> None:

@@ -4,8 +4,8 @@ a run's `settings.json` for its notebooks to read instead of deciding again.
 Full: the real dataset, 224 px, pretrained resnet34, `to_fp16` on a CUDA GPU. Cpu: no CUDA GPU,
 but the dataset and the ImageNet weights are here: the pretrained resnet34 fine-tuned on 200
 images per class at 160 px, minutes on a laptop. Smoke: 128 px images, a few epochs, random
-weights, the mini fish set unless the real one is there (a recipe measured to pass 0.9
-validation accuracy on it within minutes on 2 CPU cores); chosen by `smoke=True`, by
+weights, the mini fish set unless the real one is there (a recipe that trains well on it
+within minutes on 2 CPU cores: notebook 01 prints its accuracy); chosen by `smoke=True`, by
 `GRADCAM_TUT_SMOKE=1`, or automatically when there is no dataset or no pretrained weights.
 
 `gradcam-tut run` decides once (`run_settings`), writes the file (`RunSettings.save`) and

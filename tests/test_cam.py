@@ -338,6 +338,17 @@ def test_one_target_resolver(resnet18, batch):
     assert hooks_left(resnet18) == 0
 
 
+def test_class_index():
+    from gradcam_tut.cam import class_index
+
+    vocab = ["Shrimp", "Trout"]
+    assert class_index(vocab, "Trout") == 1 and class_index(vocab, 0) == 0
+    with pytest.raises(ValueError, match=r"no class named 'Tuna': use one of \['Shrimp'"):
+        class_index(vocab, "Tuna")
+    with pytest.raises(ValueError, match="out of range"):
+        class_index(vocab, 2)
+
+
 def test_return_logits_are_those_of_the_same_pass(resnet18, batch):
     maps, logits = grad_cam(resnet18, batch, ["layer3", "layer4"], TARGETS, return_logits=True)
     with torch.no_grad():

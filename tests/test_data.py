@@ -9,22 +9,22 @@ from PIL import Image
 from gradcam_tut import data
 from gradcam_tut.data import find_fish_dataset, fish_dataloaders
 from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError, mask_file
-from gradcam_tut.layout import dataset_root, fish_image_files, validate_layout
+from gradcam_tut.layout import dataset_root, image_files, validate_layout
 from gradcam_tut.mini_fish import is_mini_fish
 
 
 def test_masks_excluded_and_nine_classes(mini_root):
     everything = get_image_files(mini_root)
     assert len({parent_label(f) for f in everything}) == 18  # the source article's trap
-    files = fish_image_files(mini_root)
+    files = image_files(mini_root)
     assert len(files) == 9 * 6
     assert {parent_label(f) for f in files} == set(CLASSES)
     assert not any(f.parent.name.endswith(" GT") for f in files)
-    assert len(fish_image_files(mini_root, max_per_class=2)) == 18
+    assert len(image_files(mini_root, max_per_class=2)) == 18
 
 
 def test_mask_pairing(mini_root):
-    f = fish_image_files(mini_root)[0]
+    f = image_files(mini_root)[0]
     m = mask_file(f)
     assert m == f.parent.parent / f"{f.parent.name} GT" / f.name and m.is_file()
     mask = np.asarray(Image.open(m))
@@ -123,7 +123,7 @@ def test_hidden_folders_are_not_classes(broken):
     """Jupyter leaves `.ipynb_checkpoints` wherever a notebook opened a file."""
     (broken / ".ipynb_checkpoints").mkdir()
     assert validate_layout(broken) == dict.fromkeys(CLASSES, 6)
-    assert len(fish_image_files(broken)) == 9 * 6
+    assert len(image_files(broken)) == 9 * 6
 
 
 def test_learners_exported_before_the_split_still_load():

@@ -94,7 +94,7 @@ ARROWS = {"fish_layout": set(), "results": set(), "images": {"fish_layout"},
           "mini_fish": {"fish_layout", "results"},
           "layout": {"fish_layout", "images", "mini_fish"},
           "data": {"fish_layout", "images", "layout", "mini_fish"},
-          "train": {"data", "layout"},
+          "train": {"data", "layout", "pickle_check"},
           "settings": {"data", "fish_layout", "layout", "mini_fish", "results", "train"}}
 
 

@@ -135,9 +135,9 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
 
 
 def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
-    from gradcam_tut.layout import fish_image_files
+    from gradcam_tut.layout import image_files
 
-    files = list(fish_image_files(mini_root))[:6]
+    files = list(image_files(mini_root))[:6]
     full = localization_report(tiny_learner, mask_dl(tiny_learner, files), layers=["layer4"])
 
     def half_empty(f):
@@ -153,9 +153,9 @@ def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
 
 
 def test_pointing_gallery_hits_and_misses(tiny_learner, mini_root):
-    from gradcam_tut.layout import fish_image_files
+    from gradcam_tut.layout import image_files
 
-    dl = mask_dl(tiny_learner, list(fish_image_files(mini_root))[::3], bs=6)
+    dl = mask_dl(tiny_learner, list(image_files(mini_root))[::3], bs=6)
     fig = plot_pointing_gallery(tiny_learner, layer="layer3", n=2, dl=dl)
     assert isinstance(fig, Figure) and "at layer3" in fig._suptitle.get_text()
     titles = [ax.get_title() for ax in fig.axes]

@@ -150,11 +150,11 @@ def test_reshape_defaults_and_errors(vit, swin, resnet18):
 def test_methods_in_the_report_the_grid_and_the_cli(tiny_learner, tiny_model_file, mini_root,
                                                     tmp_path):
     from gradcam_tut.cli import METHOD_NAMES, main
-    from gradcam_tut.layout import fish_image_files
+    from gradcam_tut.layout import image_files
     from gradcam_tut.learner import gradcam_grid, localization_report, mask_dl
 
     assert METHOD_NAMES == tuple(METHODS)  # the CLI lists them without importing torch
-    dl = mask_dl(tiny_learner, fish_image_files(mini_root)[::4], bs=8)
+    dl = mask_dl(tiny_learner, image_files(mini_root)[::4], bs=8)
     both = localization_report(tiny_learner, dl, method=["gradcam", "layercam"])
     assert both.index.names == ["method", "layer"] and len(both) == 2 * 8
     alone = localization_report(tiny_learner, dl)

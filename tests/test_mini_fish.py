@@ -13,7 +13,7 @@ from PIL import Image
 
 from gradcam_tut.cli import main as cli_main
 from gradcam_tut.fish_layout import CLASSES, mask_file
-from gradcam_tut.layout import fish_image_files
+from gradcam_tut.layout import image_files
 from gradcam_tut.mini_fish import MARKER, MARKS, MiniFishSpec, main, make_mini_fish, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_fish_is_where_the_mask_is():
 
 def test_layout_and_marker(tmp_path):
     root = make_mini_fish(tmp_path / "m", SPEC, progress=False)
-    files = fish_image_files(root)
+    files = image_files(root)
     assert len(files) == 18 and all(mask_file(f).is_file() for f in files)
     assert sorted(d.name for d in root.iterdir()) == sorted(CLASSES)
     assert json.loads((tmp_path / "m" / MARKER).read_text())["complete"] is True
@@ -81,7 +81,7 @@ def test_layout_and_marker(tmp_path):
 def test_reuses_its_own_complete_set(tmp_path):
     dest = tmp_path / "m"
     make_mini_fish(dest, SPEC, progress=False)
-    f = fish_image_files(dest)[0]
+    f = image_files(dest)[0]
     before = f.stat().st_mtime_ns
     make_mini_fish(dest, SPEC, progress=False)
     assert f.stat().st_mtime_ns == before  # nothing rewritten
@@ -93,7 +93,7 @@ def test_finishes_an_interrupted_set(tmp_path):
     expected = digest(dest)
     marker = json.loads((dest / MARKER).read_text())
     (dest / MARKER).write_text(json.dumps({**marker, "complete": False}))
-    fish_image_files(dest)[0].unlink()
+    image_files(dest)[0].unlink()
     make_mini_fish(dest, SPEC, progress=False)
     assert digest(dest) == expected
 

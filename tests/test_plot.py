@@ -6,7 +6,6 @@ import torch
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
-from gradcam_tut.cam import class_index
 from gradcam_tut.plot import (
     heat_cmap,
     image_hwc,
@@ -61,15 +60,6 @@ def test_image_hwc_scales_by_dtype():
     dark = np.ones((4, 4, 3), dtype=np.uint8)  # a dark 0..255 image, max 1
     assert image_hwc(dark).max() == pytest.approx(1 / 255)
     assert image_hwc(torch.ones(1, 3, 4, 4)).shape == (4, 4, 3)
-
-
-def test_class_index():
-    vocab = ["Shrimp", "Trout"]
-    assert class_index(vocab, "Trout") == 1 and class_index(vocab, 0) == 0
-    with pytest.raises(ValueError, match=r"no class named 'Tuna': use one of \['Shrimp'"):
-        class_index(vocab, "Tuna")
-    with pytest.raises(ValueError, match="out of range"):
-        class_index(vocab, 2)
 
 
 def test_overlay_is_transparent_where_the_map_is_zero_and_low_values_show():
