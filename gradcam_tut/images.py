@@ -182,10 +182,11 @@ def _decode(f: str) -> tuple[str | None, tuple[int, int] | None]:
         return f"{type(exc).__name__}: {exc}", None
 
 
-def decoded(files, n_workers: int | None = None) -> dict[str, tuple]:
+def decoded(files, n_workers: int | None = None, what: str | None = None) -> dict[str, tuple]:
     """`_decode` of every file, by absolute path, on `n_workers` threads; cached in
     `cache_dir()` under the files' paths, sizes, modification and change times (a file
-    rewritten in place with its size and mtime kept still has a new ctime)."""
+    rewritten in place with its size and mtime kept still has a new ctime). `what` names the
+    files in the line printed before a long check ("648 images and their 648 masks")."""
     files = sorted(os.path.abspath(f) for f in files)
     stats = [(f, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files for st in [os.stat(f)]]
     key = hashlib.sha1(json.dumps(["v3", pixel_budget(), stats]).encode()).hexdigest()
@@ -195,9 +196,10 @@ def decoded(files, n_workers: int | None = None) -> dict[str, tuple]:
     with ThreadPoolExecutor(n_workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
         results = pool.map(_decode, files)
         if len(files) > 1000:  # the full dataset: about a minute, once
-            print(f"checking that {len(files)} images decode (once: the answer is cached)")
+            print(f"checking that {what or f'{len(files)} files'} decode (once: the answer is "
+                  "cached)")
             results = progress_bar(results, total=len(files), leave=False)
-        checked = dict(zip(files, results))
+        checked = dict(zip(files, list(results)))  # the bar run to its end: zip stops early
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         part = cached.with_suffix(f".{os.getpid()}.part")

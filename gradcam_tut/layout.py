@@ -350,7 +350,8 @@ def checked_image_files(path: str | Path | Layout, max_per_class: int | None = N
     layout = scan_layout(path)
     files = layout.image_files(max_per_class)
     masks = list(map(mask_file, files)) if layout.masks else []
-    checked = decoded([*files, *masks])  # by absolute path, as os.path.abspath writes it
+    what = f"{len(files)} images" + (f" and their {len(masks)} masks" if masks else "")
+    checked = decoded([*files, *masks], what=what)  # by absolute path, as abspath writes it
     bad = {Path(f): why for f, (why, _) in checked.items() if why}
     if bad:
         listing = damaged_listing(bad)
