@@ -44,8 +44,9 @@ browser:  # tests/test_audit.py opens report.html in headless Chromium (Debian's
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq chromium; }
 
-lint: dev
+lint: dev  # ruff, then mypy over the package (pyproject.toml's [tool.mypy])
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: dev
 	$(BIN)/python benchmarks/bench_gradcam.py

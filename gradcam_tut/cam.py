@@ -329,13 +329,13 @@ def grad_cam(model: nn.Module, x: Tensor, layers: Layer | Sequence[Layer],
         targets = contrast_target(targets, contrast, vocab)
     score = target_scores(targets, logits, vocab).sum()  # images are independent: sum is fine
     grads = torch.autograd.grad(score, stored)  # no parameter .grad is touched
-    maps = {m: [] for m in methods}
+    maps: dict[str, list[Tensor]] = {m: [] for m in methods}
     for act, grad in zip(stored, grads):  # float32 also under autocast
         act, grad = reshape(act.detach()).float(), reshape(grad).float()  # (B, K, h, w)
         for m in methods:
             maps[m].append(weighted_map(act, grad, m))  # (B, h, w)
-    maps = maps[method] if isinstance(method, str) else maps
-    return (maps, logits.detach()) if return_logits else maps
+    out = maps[method] if isinstance(method, str) else maps
+    return (out, logits.detach()) if return_logits else out
 
 
 @torch.no_grad()
@@ -355,7 +355,7 @@ def class_activation_map(model: nn.Module, x: Tensor, layer: Layer, linear: nn.L
     return torch.einsum("bk,bkhw->bhw", linear.weight[idx].float(), act.float())
 
 
-def upsample(maps: Tensor | Sequence[Tensor], size: int | tuple[int, int],
+def upsample(maps: Tensor | Sequence[Tensor], size: int | Sequence[int],
              mode: str = "bilinear") -> Tensor:
     """Resize maps to `size` (H, W) with `F.interpolate`.
 

@@ -127,7 +127,8 @@ def _what_runs(model: nn.Module, size: tuple[int, int]) -> dict[int, tuple]:
     param = next(model.parameters(), None)
     x = torch.zeros(1, 3, *size, device=param.device if param is not None else "cpu",
                     dtype=param.dtype if param is not None else torch.float32)
-    reshape, seen = default_reshape(model), {}
+    reshape = default_reshape(model)
+    seen: dict[int, list] = {}  # id -> [start order, (h, w) or None]
 
     def started(m, args):
         seen.setdefault(id(m), [len(seen), None])
@@ -172,7 +173,7 @@ def _spatial_stages(module: nn.Module, prefix: str, ran: dict) -> dict[str, nn.M
     first global pool, flatten or linear; a non-spatial child (a head, an aux head) is never
     one. One such child alone is looked into; a flat list of single layers (VGG) gives its
     pools."""
-    stages = {}
+    stages: dict[str, nn.Module] = {}
     for path, child in _ran_children(module, prefix, ran):
         if isinstance(child, _HEAD_TYPES) and stages:
             break
@@ -184,7 +185,8 @@ def _spatial_stages(module: nn.Module, prefix: str, ran: dict) -> dict[str, nn.M
         if inner:
             return inner
     if stages and not any(next(m.children(), None) for m in stages.values()):
-        pools = {p: m for p, m in stages.items() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))}
+        pools: dict[str, nn.Module] = {
+            p: m for p, m in stages.items() if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))}
         return pools or stages
     return stages
 
@@ -195,7 +197,7 @@ def _known_stages(model: nn.Module) -> dict[str, nn.Module] | None:
     body = _fastai_body(model)
     prefix = "0." if body is not None else ""
     if body is not None and type(body).__name__ == "TimmBody":
-        body, prefix = body.model, "0.model."
+        body, prefix = body.get_submodule("model"), "0.model."
     body = model if body is None else body
     info = getattr(body, "feature_info", None)
     if isinstance(info, list) and info and "module" in info[0]:  # timm
@@ -205,9 +207,9 @@ def _known_stages(model: nn.Module) -> dict[str, nn.Module] | None:
         stem, trunk = ("stem", "trunk_output") if "trunk_output" in children else ("0", "1")
         return {prefix + stem: children[stem]} | {
             f"{prefix}{trunk}.{n}": m for n, m in children[trunk].named_children()}
-    encoder = children.get("encoder")
-    if encoder is not None and isinstance(getattr(encoder, "layers", None), nn.Sequential):
-        return {f"encoder.layers.{n}": m for n, m in encoder.layers.named_children()}
+    blocks = getattr(children.get("encoder"), "layers", None)  # torchvision's ViT
+    if isinstance(blocks, nn.Sequential):
+        return {f"encoder.layers.{n}": m for n, m in blocks.named_children()}
     if isinstance(children.get("features"), nn.Sequential) and default_reshape(model):  # Swin
         return {f"features.{n}": m for n, m in children["features"].named_children()}
     return None
@@ -250,7 +252,7 @@ def body_layers(learn_or_model, size: int | tuple[int, int] | None = None
     model = getattr(learn_or_model, "model", learn_or_model)
     if isinstance(size, int):
         size = (size, size)
-    ran = _what_runs(model, tuple(size) if size is not None else _input_size(model))
+    ran = _what_runs(model, (size[0], size[1]) if size is not None else _input_size(model))
     known = _known_stages(model)
     if known is not None:  # a known layout, checked against the run
         known = {p: m for p, m in known.items()
@@ -283,7 +285,7 @@ def resolve_layers(model: nn.Module,
     if len(layers) == 0:
         raise ValueError("layers is empty: pass modules or names, e.g. list(body_layers(model))")
     path_of = {id(m): path for path, m in model.named_modules()}
-    out = {}
+    out: dict[str, nn.Module] = {}
     for layer in layers:
         if not isinstance(layer, (str, nn.Module)):
             raise TypeError(f"layers holds {layer!r}, a {type(layer).__name__}: pass modules "
