@@ -73,6 +73,15 @@ def outline(ax: Axes, mask) -> None:
                    linewidths=0.8)
 
 
+def outline_region(ax: Axes, region) -> None:
+    """Draw the outline of `region` (H, W), nonzero inside, dashed black and white (seen on a
+    white mark and on a dark one alike); nothing for None or an empty region."""
+    if region is not None and np.asarray(region).any():
+        arr = np.asarray(region, dtype=np.float32)
+        ax.contour(arr, levels=[0.5], colors="black", linewidths=1.6)
+        ax.contour(arr, levels=[0.5], colors="white", linewidths=1.0, linestyles="--")
+
+
 def overlay(ax: Axes, image, heatmap: Tensor, cmap: str = "magma", vmax: float = 1.0,
             mask=None):
     """Draw `image` with `heatmap` (H, W) on top, and the mask's outline when given.
@@ -110,7 +119,8 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
                     shared_scale: bool = False, ncols: int = 5, colorbar: bool = True,
                     cmap: str = "magma", mask=None, suptitle: str | None = None,
                     save: str | Path | None = None, details: bool = True,
-                    centres: Sequence[CellCentres | None] | None = None) -> Figure:
+                    centres: Sequence[CellCentres | None] | None = None, peaks: bool = False,
+                    region=None, grey: bool = False) -> Figure:
     """The image, then one panel per layer with that layer's Grad-CAM map over it.
 
     Each panel's title gives the layer, the map's native size and its raw maximum, so small
@@ -129,6 +139,11 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
         details: add each map's native size and raw maximum to its title.
         centres: one `CellCentres` per map: each cell drawn at its receptive field's centre
             (`receptive_field.cell_centres`); None: plain bilinear upsampling.
+        peaks: mark each map's peak (`mark_peak`: green inside `mask`, a red cross outside).
+        region: (H, W), nonzero inside, a second region (a planted mark, a watermark): its
+            outline drawn dashed on every panel.
+        grey: draw the maps over the image in dark grey (the first panel keeps its colours):
+            a colour map reads the same over any background, a white mark included.
 
     Returns:
         The Figure; not left open in pyplot, and shown inline when it ends a notebook cell.
@@ -147,10 +162,15 @@ def plot_layer_grid(image, maps: Sequence[Tensor], titles: Sequence[str] | None 
     axs = fig.subplots(nrows, ncols, squeeze=False).ravel()
     axs[0].imshow(img)
     outline(axs[0], mask)
+    outline_region(axs[0], region)
     axs[0].set_title("image" + (" · mask outline" if mask is not None else ""), fontsize=9)
     axs[0].set_axis_off()
+    under = np.repeat(img.mean(axis=2, keepdims=True) * 0.6, 3, axis=2) if grey else img
     for ax, h, m, name in zip(axs[1:], heat, maps, names):
-        im = overlay(ax, img, h, cmap=cmap, mask=mask)
+        im = overlay(ax, under, h, cmap=cmap, mask=mask)
+        outline_region(ax, region)
+        if peaks:
+            mark_peak(ax, h, mask)
         ax.set_title(map_title(name, m) if details else name, fontsize=9)
     for ax in axs[n:]:
         ax.remove()

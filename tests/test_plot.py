@@ -102,3 +102,23 @@ def test_mark_peak_inside_outside_and_on_an_all_zero_map():
     drawn = [(ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker(), ln.get_color())
              for ln in ax.lines]
     assert drawn == [(4, 1, "o", "lime"), (4, 1, "x", "red"), (4, 1, "o", "white")]
+
+
+def test_layer_grid_marks_peaks_outlines_a_region_and_greys_the_image():
+    """06's grid: each map's peak marked, the mark's outline on every panel, the maps over the
+    image in grey while the first panel keeps its colours."""
+    image = torch.zeros(3, 16, 16)
+    image[0] = 1.0  # red
+    region = torch.zeros(16, 16)
+    region[:4, :4] = 1
+    fig = plot_layer_grid(image, [torch.rand(4, 4), torch.rand(2, 2)], peaks=True,
+                          region=region, grey=True, colorbar=False)
+    first, *panels = fig.axes
+    assert all(len(ax.lines) == 1 for ax in panels)  # one peak marker each
+    assert all(len(ax.collections) == 2 for ax in fig.axes)  # the outline: black, white dashes
+    assert first.images[0].get_array()[0, 0].tolist() == [1.0, 0.0, 0.0]  # in colour
+    under = panels[0].images[0].get_array()[0, 0].tolist()
+    assert under[0] == under[1] == under[2] < 1.0  # grey, darkened
+    plain = plot_layer_grid(image, [torch.rand(4, 4)], region=torch.zeros(16, 16),
+                            colorbar=False)
+    assert not plain.axes[1].lines and not plain.axes[1].collections  # no peak, empty region
