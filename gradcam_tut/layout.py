@@ -30,7 +30,7 @@ from fastai.data.transforms import image_extensions
 from fastcore.foundation import L
 
 from .fish_layout import HOW_TO_GET, DatasetLayoutError, mask_file
-from .images import damaged_listing, decoded, pair_message
+from .images import damaged_listing, decoded, pair_message, shown_size
 from .mini_fish import expected_classes
 
 
@@ -287,8 +287,9 @@ def validate_layout(path: str | Path | Layout, check_images: bool = True) -> dic
 
     Checks: exactly the 9 class folders (a mini fish set: those it was drawn with, and that it
     was finished: `mini_fish.expected_classes`), each with an image folder that is not empty
-    and a `<Class> GT` folder with one mask per image and no other; with `check_images`, that
-    every image and mask decodes (`checked_image_files`).
+    and a `<Class> GT` folder with one mask per image and no other, each mask of its image's
+    size (from the headers); with `check_images`, that every image and mask decodes
+    (`checked_image_files`).
 
     A folder that is not in the Fish Dataset layout is checked as your own data instead
     (`validate_folder`).
@@ -327,9 +328,35 @@ def validate_layout(path: str | Path | Layout, check_images: bool = True) -> dic
                 f"{cls}: {len(unpaired)} images and masks are unpaired, e.g. {unpaired[:3]}; "
                 f"every {images}/x.png needs {masks}/x.png and the other way round")
         counts[cls] = len(files)
+    _check_mask_sizes(layout.image_files())  # from the headers: before any training
     if check_images:
         checked_image_files(layout)
     return counts
+
+
+def _unfit_error(unfit: Sequence[tuple[Path, tuple, tuple]]) -> DatasetLayoutError:
+    """The error for (image, its size, its mask's size) pairs that differ, each named."""
+    return DatasetLayoutError(f"{len(unfit)} mask(s) of another size than their image:" + "".join(
+        f"\n  {pair_message(f, mask_file(f), a, b)}" for f, a, b in unfit))
+
+
+def _check_mask_sizes(files: Sequence[Path]) -> None:
+    """Check that each image's mask has its size, reading the files' headers only (nothing
+    decoded); a file that cannot be opened is left to the decoding check.
+
+    Raises:
+        DatasetLayoutError: every pair of another size, named.
+    """
+    unfit = []
+    for f in files:
+        try:
+            pair = shown_size(f), shown_size(mask_file(f))
+        except (OSError, ValueError, SyntaxError):  # PIL: not an image, a broken header
+            continue
+        if pair[0] != pair[1]:
+            unfit.append((f, *pair))
+    if unfit:
+        raise _unfit_error(unfit)
 
 
 def checked_image_files(path: str | Path | Layout, max_per_class: int | None = None,
@@ -367,7 +394,5 @@ def checked_image_files(path: str | Path | Layout, max_per_class: int | None = N
              for f in (files if masks else [])]
     unfit = [(f, a, b) for f, a, b in pairs if a != b]
     if unfit:
-        raise DatasetLayoutError(
-            f"{len(unfit)} mask(s) of another size than their image:" + "".join(
-                f"\n  {pair_message(f, mask_file(f), a, b)}" for f, a, b in unfit))
+        raise _unfit_error(unfit)
     return files
