@@ -77,11 +77,13 @@ class MiniFishSpec:
     def __post_init__(self):
         if self.seed < 0:
             raise ValueError(f"seed={self.seed}: use a whole number from 0 up")
-        if self.per_class < 1:
-            raise ValueError(f"per_class={self.per_class}: ask for at least 1 image per class")
+        if not 1 <= self.per_class <= 99_999:  # the files' names hold 5 digits, as Kaggle's
+            raise ValueError(f"per_class={self.per_class}: ask for 1 to 99999 images per class")
         if min(self.width, self.height) < 16:
             raise ValueError(f"{self.width}x{self.height} is too small for a fish: use at "
                              "least 16x16 pixels")
+        if max(self.width, self.height) > 4096:  # a few copies of the image while drawn
+            raise ValueError(f"{self.width}x{self.height}: draw at most 4096 pixels a side")
         if not 0 <= self.mark <= 1:
             raise ValueError(f"mark={self.mark}: the share of marked images is in 0..1")
         if self.mark_kind not in SHORTCUT_KINDS:
@@ -517,11 +519,35 @@ def _remove_drawn(root: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Write the set the parsed options ask for and print where its classes are."""
+    """Write the set the parsed options ask for and print where its classes are.
+
+    Raises:
+        OSError: the set would not fit on the disk's free space (checked before drawing).
+        ValueError, FileExistsError: see `MiniFishSpec` and `make_mini_fish`.
+    """
     spec = replace(FULL if args.full else MiniFishSpec(), seed=args.seed, mark=args.mark,
                    mark_kind=args.mark_kind,
                    shuffle_marks=args.shuffle_marks, swap_marks=args.swap_marks)
     spec = replace(spec, per_class=args.per_class) if args.per_class is not None else spec
+    # what the set takes on disk, from one image and mask drawn and compressed here, less what
+    # is there already; refused before drawing when more than the free space
+    import io
+    import shutil
+
+    size = 0
+    for im in render(spec.class_names[0], 0, spec):
+        im.save(buf := io.BytesIO(), "PNG")
+        size += buf.tell()
+    dest = Path(args.dest).absolute()
+    there = sum(f.stat().st_size for f in dest.rglob("*.png")) if dest.is_dir() else 0
+    need = 1.25 * size * spec.per_class * len(spec.class_names) - there
+    disk = next(p for p in (dest, *dest.parents) if p.exists())
+    free = shutil.disk_usage(disk).free
+    if need > free:
+        raise OSError(f"{len(spec.class_names)} x {spec.per_class} images of {spec.width}x"
+                      f"{spec.height} take about {need / 1e9:.3g} GB, more than the "
+                      f"{free / 1e9:.3g} GB free on the disk of {disk}: ask for fewer "
+                      "(--per-class), free some space, or write to a larger disk")
     root = make_mini_fish(args.dest, spec, n_workers=args.workers)
     print(root)
     return root
