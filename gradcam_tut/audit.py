@@ -1,49 +1,38 @@
-"""A Clever-Hans audit without masks: cluster every class's Grad-CAM maps and flag the clusters
-that look away from the object.
+"""A Clever-Hans audit without masks: cluster every class's Grad-CAM maps, then ask the
+network what the region each cluster's maps point at does, and flag what decides a class
+without being its object.
 
-Spectral relevance analysis (SpRAy; Lapuschkin et al., Nature Communications 2019, "Unmasking
-Clever Hans predictors") clusters the explanation maps of a whole class: a strategy the network
-uses on many images, such as reading a copyright tag, shows up as a cluster of similar maps.
-Here one `explain` pass gives each image's map at one layer (for its true class where the
-image sits in a `<class>/<image>` folder named like a class of the learner, else for its
-prediction), each map is placed on a `grid` x `grid` grid of the image and scaled to a maximum
-of 1, and each class's maps are clustered with scikit-learn's `SpectralClustering`, the number
-of clusters chosen by the eigengap. Maps are compared up to mirror images (each averaged with
-its three flips): a tag in the top-left corner and one in the bottom-right are one strategy.
-Each cluster's mean map says where its mass lies, and its maps' peaks where they point:
+1. **Maps.** One `explain` pass gives each image's map at one layer, for its true class where
+   the image sits in a `<class>/<image>` folder named like a class of the learner, else for
+   its prediction.
+2. **Clusters** (`spray`): each class's maps, placed on the image and compared up to mirror
+   images, clustered by spectral relevance analysis (Lapuschkin et al., 2019): a strategy the
+   network uses on many images shows up as a cluster of similar maps.
+3. **Interventions** (`evidence`, `interventions`): each map's region (where it reaches half
+   its maximum) is *taken away* (filled in from its surroundings) and *moved* (pasted at the
+   same place into an image of another class), and the same is done to the region's shape
+   moved elsewhere in the image, the control. Forward passes only.
+4. **Flags** (`flag_reason`): a map says where; only an intervention says why. A cluster is
+   flagged when its regions turn other classes' images into its class (`moved` beyond the
+   control by `RULE["moved"]`) *and* there is a sign, without masks, that what decides is not
+   the object: the regions sit at the same place in images whose objects are anywhere
+   (`same_place` >= `RULE["place"]`), or regions taken anywhere from these images do it too
+   (`moved_control` >= `RULE["everywhere"]`: the class is written all over the picture, a
+   backdrop or a colour cast). The thresholds were chosen with one kind of shortcut left out
+   and are reported on the kind left out (`benchmarks/bench_audit.py`). An image is flagged
+   when its cluster is and its own region shares the cluster's sign.
 
-    centre   cells whose centres lie in the middle half of both axes   (1/4 of the image)
-    corners  cells in the outer quarter of both axes: 4 squares        (1/4 of the image)
-    edges    the rest: the border between the corners                  (1/2 of the image)
-    compactness  1 - spread / a flat map's spread, clipped to 0..1 (spread: the root mean
-             squared distance of the mass from its centroid); 1 is a point, 0 flat or split
-
-A cluster is **flagged** when its maps look at the corners or along the border rather than
-at a compact central region, by any of three numbers:
-
-    peaks in corners >= 0.5   half its maps or more peak in a corner (a random peak: 0.25)
-    corners >= 0.45           its mean map's mass in the corners (a flat map: 0.25)
-    centre <= 0.10            its mean map's mass in the centre (a flat map: 0.25)
-
-Measured on notebook 06's shortcut (`benchmarks/bench_audit.py`): a map that peaks on the
-corner mark peaks in the corners 99% of the time, the other maps 13%; the mean maps stay
-spread (layer2's receptive fields are wide), so the peaks catch what the mass alone misses.
-A flag asks a person to look; it is no verdict (an object that sits in a corner of most photos
-is flagged too).
+A flag asks a person to look; it is no verdict. The report says what to look for.
 
     audited/
-      clusters.csv   one row per image: file, class, cluster, flagged, the numbers
-      report.html    classes -> clusters -> mean map and examples; one file, images inside
+      clusters.csv   one row per image: file, class, cluster, flagged, why, the numbers
+      report.html    classes -> clusters -> numbers, interventions, examples; images inside
       complete.json  written last (`results.written_whole`)
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,35 +42,22 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from fastai.learner import Learner
-from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
-from scipy import sparse
-from scipy.sparse.linalg import lobpcg
-from sklearn.cluster import SpectralClustering
-from sklearn.neighbors import NearestNeighbors
 from torch import Tensor
 
+from .audit_report import example_thumbnails, intervention_figures, report_html
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
 from .explain import csv_safe, explain_maps, gathered, image_paths, on_this_process
-from .metrics import peak_points
-from .plot import heat_cmap, image_hwc, new_figure, saved
+from .interventions import coverage, elsewhere, intervene, map_regions, same_place
+from .layout import class_name
 from .receptive_field import CellCentres, cell_centres, place
-from .results import check_destination, written_whole
+from .results import check_destination, check_inputs_outside, formula_safe, written_whole
+from .spray import GRID, MAX_CLUSTERS, cluster_maps, mass_numbers, regions
 
 RESULTS = ("clusters.csv", "report.html")
-GRID = 8  # maps are compared on GRID x GRID cells of the image
 MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many cells a side
-MAX_CLUSTERS = 6  # at most this many clusters per class
-MIN_PER_CLUSTER = 4  # and at most n // this many, so that a cluster has a few images
-GAP_TIE = 0.8  # eigengaps within 20% of the largest are ties, won by fewer clusters
-NEIGHBOURS = 7  # local scale: the distance to the 7th nearest map (Zelnik-Manor & Perona)
-DENSE_MAX = 4000  # more maps in a class: a sparse nearest-neighbour affinity (memory ~ n^2)
-SPARSE_NEIGHBOURS = 15  # the neighbours each map keeps in the sparse affinity
-PEAK_FLAG = 0.5  # a cluster is flagged when at least this share of its maps peak in a corner,
-CORNER_FLAG = 0.45  # ... or at least this share of its mean map's mass is in the corners,
-CENTRE_FLAG = 0.10  # ... or at most this share in the centre
 EXAMPLES = 6  # example images per cluster in the report
-THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
+POOL = 8  # the images a region is moved into are drawn from this many images of each class
+RULE = {"moved": 0.25, "place": 4.0, "everywhere": 0.3}  # the flag (module); set by LOKO
 
 
 @dataclass
@@ -106,178 +82,30 @@ class Audit:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def regions(grid: int = GRID) -> dict[str, np.ndarray]:
-    """Boolean (grid, grid) masks of the centre, the edges and the corners (see the module).
-
-    Raises:
-        ValueError: `grid` not a multiple of 4 (the regions would not be 1/4, 1/2, 1/4).
-    """
-    if grid < 4 or grid % 4:
-        raise ValueError(f"grid={grid}: use a multiple of 4 (8, 16), so that the centre and "
-                         "the corners are each a quarter of the image")
-    inner = np.zeros(grid, bool)
-    inner[grid // 4: grid - grid // 4] = True
-    centre = inner[:, None] & inner[None, :]
-    corners = ~inner[:, None] & ~inner[None, :]
-    return {"centre": centre, "edges": ~centre & ~corners, "corners": corners}
-
-
-def mass_numbers(maps: np.ndarray) -> pd.DataFrame:
-    """Where the mass of each map (N, grid, grid) lies: its share in the centre, the edges and
-    the corners, its compactness (see the module), the row and column of its peak cell and the
-    region it is in (`peak_in`). An all-zero map gets NaN shares, no peak (-1, "") and `empty`
-    1: it holds no evidence anywhere."""
-    maps = np.asarray(maps, dtype=np.float64)
-    N, G, _ = maps.shape
-    total = maps.sum(axis=(1, 2))
-    empty = total <= 0
-    mass = maps / np.where(empty, 1.0, total)[:, None, None]  # (N, G, G), sums to 1
-    parts = regions(G)
-    out = {name: (mass * where).sum(axis=(1, 2)) for name, where in parts.items()}
-    pos = (np.arange(G) + 0.5) / G  # cell centres in image units, 0..1
-    cy, cx = (mass.sum(2) * pos).sum(1), (mass.sum(1) * pos).sum(1)  # (N,) centroid
-    spread2 = (mass.sum(2) * (pos - cy[:, None]) ** 2).sum(1) \
-        + (mass.sum(1) * (pos - cx[:, None]) ** 2).sum(1)
-    flat2 = 2 * (pos.var())  # a flat map's squared spread on this grid
-    out["compactness"] = np.clip(1 - np.sqrt(spread2 / flat2), 0, 1)
-    table = pd.DataFrame(out)
-    table.loc[empty, list(out)] = np.nan
-    rows, cols = (t.numpy() for t in peak_points(torch.from_numpy(maps)))  # ties: the middle
-    where = np.select([r[rows, cols] for r in parts.values()], np.array(list(parts)), "")
-    table["peak_row"], table["peak_col"] = np.where(empty, -1, rows), np.where(empty, -1, cols)
-    table["peak_in"] = np.where(empty, "", where)
-    table["empty"] = empty.astype(int)
-    return table
-
-
-def flag_reason(numbers: pd.Series | dict) -> str:
-    """Why a cluster is flagged (see the module), or "" when it is not.
+def flag_reason(numbers: pd.Series | dict, cls: str, rule: dict = RULE) -> tuple[str, str]:
+    """Why a cluster is flagged, in a sentence a person can check, and what to look for; two
+    empty strings when it is not (see the module).
 
     Args:
-        numbers: its mean map's `centre` and `corners` (`mass_numbers`), and
-            `peaks_in_corners`, the share of its maps whose peak is in a corner (NaN: none).
+        numbers: the cluster's `moved` and `moved_control` (shares of images of other classes
+            turned into `cls`), `same_place` (median) and `size`.
     """
-    peaks = numbers.get("peaks_in_corners", np.nan)
-    if peaks >= PEAK_FLAG:
-        return f"{peaks:.0%} of its maps peak in a corner (flag at {PEAK_FLAG:.0%})"
-    if numbers["corners"] >= CORNER_FLAG:
-        return f"corners hold {numbers['corners']:.2f} of the mass (flag at {CORNER_FLAG})"
-    if numbers["centre"] <= CENTRE_FLAG:
-        return (f"along the border: the centre holds {numbers['centre']:.2f} of the mass "
-                f"(flag at {CENTRE_FLAG})")
-    return ""
-
-
-def affinity(features: np.ndarray, dense_max: int = DENSE_MAX) -> np.ndarray | sparse.csr_matrix:
-    """Similarity of the maps (N, D), with local scaling (Zelnik-Manor & Perona, NeurIPS 2004):
-    W_ij = exp(-d_ij^2 / (s_i s_j)), d the Euclidean distance, s_i the distance from map i to
-    its `NEIGHBOURS`-th nearest map. Dense (N, N) up to `dense_max` maps; above, a sparse
-    matrix that keeps each map's `SPARSE_NEIGHBOURS` nearest (memory ~ N k instead of N^2:
-    20,000 maps dense take 3.2 GB per copy, and spectral clustering makes several)."""
-    X = np.ascontiguousarray(features, dtype=np.float32)
-    N = len(X)
-    k = min(NEIGHBOURS, N - 1)
-    if N <= dense_max:
-        sq = (X * X).sum(1)
-        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * X @ X.T, 0).astype(np.float64)
-        np.fill_diagonal(d2, 0)
-        scale = np.sqrt(np.partition(d2, k, axis=1)[:, k])
-        scale = np.maximum(scale, _floor(scale))
-        W = np.exp(-d2 / (scale[:, None] * scale[None, :]))
-        return (W + W.T) / 2
-    n_keep = min(max(SPARSE_NEIGHBOURS, k) + 1, N)
-    dist, idx = NearestNeighbors(n_neighbors=n_keep).fit(X).kneighbors(X)  # self first
-    scale = np.maximum(dist[:, k], _floor(dist[:, k]))
-    w = np.exp(-dist.astype(np.float64) ** 2 / (scale[:, None] * scale[idx]))
-    W = sparse.csr_matrix((w.ravel(), (np.repeat(np.arange(N), n_keep), idx.ravel())),
-                          shape=(N, N))
-    return W.maximum(W.T).tocsr()
-
-
-def _floor(scale: np.ndarray) -> float:
-    """A smallest local scale: identical maps (all-zero ones) would otherwise divide by 0."""
-    positive = scale[scale > 0]
-    return float(positive.min() * 1e-3) if len(positive) else 1.0
-
-
-def laplacian_spectrum(W: np.ndarray | sparse.spmatrix, n: int) -> np.ndarray:
-    """The `n` smallest eigenvalues of the normalised Laplacian I - D^-1/2 W D^-1/2, ascending
-    (the largest of the normalised affinity; for more than 300 maps by LOBPCG, a block method
-    that finds a repeated eigenvalue as often as it repeats: a sparse affinity in k pieces has
-    k zeros, and ARPACK's Lanczos returned two of three, measured)."""
-    N = W.shape[0]
-    d = np.asarray(W.sum(axis=1)).ravel()
-    inv = 1 / np.sqrt(np.maximum(d, 1e-300))
-    if sparse.issparse(W):
-        A = sparse.diags(inv) @ W @ sparse.diags(inv)
-    else:
-        A = W * inv[:, None] * inv[None, :]
-    if N <= 300 or n >= N - 1:
-        mu = np.linalg.eigvalsh(A.toarray() if sparse.issparse(A) else A)[::-1][:n]
-    else:
-        start = np.random.default_rng(0).normal(size=(N, n))  # the same every run
-        with warnings.catch_warnings():  # "not reaching the requested tolerance": close enough
-            warnings.simplefilter("ignore", UserWarning)
-            mu = np.sort(lobpcg(A, start, largest=True, tol=1e-6, maxiter=500)[0])[::-1]
-    return np.clip(1 - mu, 0, 2)
-
-
-def eigengap_clusters(eigenvalues: np.ndarray, tie: float = GAP_TIE) -> int:
-    """The number of clusters k with the largest gap lambda_{k+1} - lambda_k between the
-    Laplacian's smallest eigenvalues (ascending): k well separated groups give k eigenvalues
-    near 0 and then a jump (von Luxburg, "A tutorial on spectral clustering", 2007, 8.3).
-    A gap of at least `tie` x the largest is a tie, and ties go to fewer clusters: maps with
-    no cluster structure give gaps that are all alike, and the largest is then chance."""
-    if len(eigenvalues) < 2:
-        return 1
-    gaps = np.diff(eigenvalues)
-    return int(np.flatnonzero(gaps >= tie * gaps.max())[0]) + 1
-
-
-def mirrored(features: np.ndarray) -> np.ndarray:
-    """Maps (N, h, w) averaged with their left-right, up-down and both flips, scaled to a
-    maximum of 1: where a map looks, up to which side or corner."""
-    f = np.asarray(features, dtype=np.float32)
-    g = f + f[:, ::-1] + f[:, :, ::-1] + f[:, ::-1, ::-1]
-    return g / np.maximum(g.max(axis=(1, 2), keepdims=True), 1e-12)
-
-
-def cluster_maps(features: np.ndarray, max_clusters: int = MAX_CLUSTERS,
-                 dense_max: int = DENSE_MAX, seed: int = 0,
-                 mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral clustering of one class's maps, the number of clusters from the eigengap.
-
-    Args:
-        features: (N, grid, grid) maps, each scaled to a maximum of 1.
-        mirror: compare the maps up to mirror images (`mirrored`): the same place in another
-            corner or on the other side is the same strategy.
-        max_clusters: the cap; also at most N // `MIN_PER_CLUSTER` clusters.
-        dense_max: above this many maps the affinity is sparse (`affinity`).
-
-    Returns:
-        Labels (N,) numbered by size, 0 the largest cluster; and the Laplacian's smallest
-        eigenvalues that chose their number.
-    """
-    X = mirrored(features) if mirror else np.asarray(features, dtype=np.float32)
-    X = X.reshape(len(X), -1)
-    N = len(X)
-    cap = min(max_clusters, N // MIN_PER_CLUSTER)
-    if cap < 2:
-        return np.zeros(N, int), np.zeros(1)
-    W = affinity(X, dense_max)
-    eigenvalues = laplacian_spectrum(W, cap + 1)
-    k = eigengap_clusters(eigenvalues)
-    if k == 1:
-        return np.zeros(N, int), eigenvalues
-    with warnings.catch_warnings():  # a graph in pieces: the eigengap counted the pieces
-        warnings.filterwarnings("ignore", message="Graph is not fully connected")
-        # LOBPCG for the embedding too: ARPACK's shift-invert took 65 s at 20,000 maps, this 1 s
-        labels = SpectralClustering(n_clusters=k, affinity="precomputed",
-                                    assign_labels="cluster_qr", random_state=seed,
-                                    eigen_solver="lobpcg" if N > 300 else "arpack"
-                                    ).fit_predict(W)
-    by_size = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
-    return np.argsort(by_size)[labels], eigenvalues
+    moved, control = numbers["moved"], numbers["moved_control"]
+    if np.isnan(moved) or moved - control < rule["moved"]:
+        return "", ""
+    said = (f"Moved into images of other classes, its regions made {moved:.0%} of them "
+            f"{cls} (the same shapes moved elsewhere: {control:.0%})")
+    if numbers["same_place"] >= rule["place"]:
+        return (f"{said}, and they sit at the same place in its images, "
+                f"{numbers['same_place']:.1f} times more often than by chance.",
+                f"Look at that place in the examples: is the {cls} there in every photo, or "
+                "something else that is (a mark, a caption, a border, a watermark)?")
+    if control >= rule["everywhere"]:
+        return (f"{said}; even regions taken elsewhere in these images make {control:.0%} "
+                f"of other images {cls}: the class is written all over the picture.",
+                f"Compare the backgrounds of these images with other classes': a colour, a "
+                f"backdrop or a texture that only {cls} photos have?")
+    return "", ""
 
 
 def default_layer(learn: Learner, x: Tensor) -> str:
@@ -305,16 +133,16 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
           out: str | Path | None = None, layer: Layer | None = None,
           method: str = "gradcam", bs: int = 16, grid: int = GRID,
           max_clusters: int = MAX_CLUSTERS, examples: int = EXAMPLES,
-          force: bool = False) -> Audit:
-    """Cluster every class's Grad-CAM maps and flag the clusters that look away from the object
-    (see the module for the rule), with no mask.
+          force: bool = False, seed: int = 0) -> Audit:
+    """Cluster every class's Grad-CAM maps, test what each map's region does by intervention,
+    and flag what decides a class without being its object (see the module), with no mask.
 
     One `explain` pass over `items` (a batch at a time) gives each image's map at `layer` for
     its true class where it lies in a `<class>/<image>` folder whose name is one of
     `learn.dls.vocab`, else for its predicted class; images are grouped the same way.
     Under `accelerate launch --num_processes N` (or `torchrun`) each process explains every
-    N-th image, the maps are gathered, every process clusters them and the first one writes
-    `out` (`explain.process_group`).
+    N-th image, the maps are gathered, and the first process runs the interventions and
+    writes `out` (`explain.process_group`).
 
     Args:
         items: image files and folders (searched recursively, as `explain` does).
@@ -322,19 +150,22 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
             (`results.written_whole`): an earlier result is replaced only with `force`.
         layer: a body layer's name or a module; default `default_layer`.
         method: a CAM method of `grad_cam`.
-        grid: the maps are compared on grid x grid cells of the image (a multiple of 4).
+        grid: the maps are clustered on grid x grid cells of the image (a multiple of 4).
         max_clusters: at most this many clusters per class (the eigengap picks up to it).
-        examples: images shown per cluster in the report: the nearest to its mean map.
+        examples: images shown per cluster in the report, the nearest to its mean map (0
+            to N).
+        seed: draws the images regions are moved into, and where the controls go.
 
     Returns:
-        An `Audit`; its `images` has one row per image: file, class, cluster, flagged (1 when
-        its cluster is), label ("" when none), predicted, confidence, correct (empty without
-        a label), its cluster's size, its own map's centre, edges, corners, compactness,
-        peak_row, peak_col, peak_in (centre, edges, corners) and empty (an all-zero map).
+        An `Audit`; its `images` has one row per image: file, class, cluster, flagged (its
+        cluster is, and its region shares the cluster's sign), label ("" when none),
+        predicted, confidence, correct (empty without a label), cluster_size, the
+        interventions (`evidence`: removed_changed, moved, their controls, same_place,
+        region_area) and where its map's mass lies (`spray.mass_numbers`).
 
     Raises:
-        ValueError: `bs` < 1, a `grid` that is not a multiple of 4, an unknown layer or method,
-            a file name a CSV cannot hold, images that cannot be decoded.
+        ValueError: `bs` < 1, `examples` < 0, a `grid` that is not a multiple of 4, an
+            unknown layer or method, a file name a CSV cannot hold, undecodable images.
         FileNotFoundError: no images in `items`.
         FileExistsError: an earlier result in `out` (without `force`), or files not ours.
         ResultInUse: another run writes to `out`.
@@ -342,10 +173,14 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     """
     if bs < 1:
         raise ValueError(f"bs={bs!r}: pass a batch size of at least 1 (images per pass)")
+    if examples < 0:
+        raise ValueError(f"examples={examples!r}: pass how many images to show per cluster, "
+                         "0 or more")
     regions(grid)  # checks grid before any compute
-    if out is not None:
-        check_destination(out, RESULTS, force)
     items = [items] if isinstance(items, (str, Path)) else items
+    if out is not None:
+        check_inputs_outside(items, out)
+        check_destination(out, RESULTS, force)
     files = image_paths(items)
     if out is not None:
         csv_safe(files)
@@ -364,19 +199,95 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     start = time.perf_counter()
     centres = cell_centres(learn.model, [module], size)[name]
     features = on_grid(maps, size, centres, grid)
-    images, clusters = _clusters(table, features, max_clusters)
+    images, members = _clusters(table, features, max_clusters)
     seconds["cluster"] = time.perf_counter() - start
+    if rank != 0:  # the first process tests, flags and writes
+        return Audit(images, pd.DataFrame(), features, maps, name, seconds)
 
+    start = time.perf_counter()
+    tested = evidence(learn, [Path(f) for f in images["file"]], images["class"],
+                      images["predicted"], maps, centres, size, seed=seed)
+    images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
+    seconds["interventions"] = time.perf_counter() - start
     result = Audit(images, clusters, features, maps, name, seconds)
-    if out is not None and rank == 0:
+    if out is not None:
         start = time.perf_counter()
+        thumbs = example_thumbnails(learn, images, clusters, features, maps, centres, size,
+                                    examples, bs)
+        figures = intervention_figures(learn, images, clusters, maps, centres, size)
         with written_whole(out, RESULTS, force, by="gradcam-tut audit") as tmp:
-            images.to_csv(tmp / "clusters.csv", index=False)
-            page = report_html(result, _example_thumbnails(learn, result, maps, centres, size,
-                                                           examples, bs), method=method)
+            formula_safe(images).to_csv(tmp / "clusters.csv", index=False)
+            page = report_html(images, clusters, name, thumbs, figures, method, RULE)
             (tmp / "report.html").write_text(page, encoding="utf-8")
         seconds["report"] = time.perf_counter() - start
     return result
+
+
+def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
+             predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
+             size: tuple[int, int], bs: int = 64, seed: int = 0) -> pd.DataFrame:
+    """What the network does when the region each map points at (`interventions.map_regions`,
+    the map placed at its cells' receptive fields) is taken away, or moved into an image of
+    another class (`interventions.intervene`), one row per image in the order of `files`; the
+    same for the region's shape moved elsewhere in the image, in every second image of each
+    class (`*_control`, the control; NaN in the others); and how much more than by chance its
+    class's regions lie at its region's place (`same_place`).
+
+    The image each region is moved into is drawn for each image from up to `POOL` images of
+    each other class. Forward passes only: three images per image.
+    """
+    vocab = list(learn.dls.vocab)
+    classes = np.asarray(classes)
+    N = len(files)
+    rng = np.random.default_rng(seed)
+    pool = np.concatenate([rng.permutation(np.flatnonzero(classes == c))[:POOL]
+                           for c in np.unique(classes)]).astype(int)
+    others = [pool[classes[pool] != c] for c in classes]
+    if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
+        return pd.DataFrame(index=range(N))
+    chosen = torch.tensor([rng.choice(o) for o in others])  # (N,) indices of files
+    where = torch.full((N,), -1, dtype=torch.long)
+    where[torch.from_numpy(pool)] = torch.arange(len(pool))
+    pool_x = torch.cat([xb.as_subclass(Tensor)
+                        for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
+    target = torch.tensor([vocab.index(c) for c in classes])
+    with_control = torch.from_numpy(pd.Series(classes).groupby(classes).cumcount().to_numpy()
+                                    % 2 == 0)
+    rows, covers, done = [], [], 0
+    model, training = learn.model, learn.model.training
+    try:
+        model.eval()
+        for (xb,) in learn.dls.test_dl(list(files), bs=bs):
+            xb, b = xb.as_subclass(Tensor), slice(done, done + len(xb))
+            heat = place(torch.from_numpy(np.asarray(maps[b], np.float32)), size, centres)
+            regions = map_regions(heat)
+            controls = elsewhere(regions, seed=seed + done)
+            cls, rec = target[b].to(xb.device), pool_x[where[chosen[b]]]
+            out = intervene(model, xb, cls, regions.to(xb.device), rec, bs=bs)
+            part = pd.DataFrame({k: v.numpy() for k, v in out.items()})
+            c = with_control[b]  # the control, on every second image of each class
+            ctl = intervene(model, xb[c], cls[c], controls[c].to(xb.device), rec[c], bs=bs)
+            for k, v in ctl.items():
+                part.loc[c.numpy(), _control(k)] = v.numpy()
+            rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
+            covers.append((coverage(regions), coverage(controls)))
+            done += len(xb)
+    finally:
+        model.train(training)
+    table = pd.concat(rows, ignore_index=True)
+    before = np.array([vocab.index(p) for p in predicted])
+    for tag in ("", "_control"):  # 1 where taking the region away changed the prediction
+        table[f"removed{tag}_changed"] = (table.pop(f"removed{tag}_pred") != before).astype(float)
+    region_cover, control_cover = (torch.cat(c) for c in zip(*covers))
+    table["same_place"] = same_place(region_cover, control_cover, classes).numpy()
+    table.loc[table["region_area"] == 0] = np.nan  # an all-zero map points nowhere
+    return table
+
+
+def _control(name: str) -> str:
+    """removed_p -> removed_control_p, moved -> moved_control."""
+    head, _, tail = name.partition("_")
+    return f"{head}_control" + (f"_{tail}" if tail else "")
 
 
 def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs: int
@@ -385,7 +296,7 @@ def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs
     per class) and the prediction's for the rest: the table with a `label` column, and the
     maps (N, h, w) at the one layer, both in the order of `files`."""
     vocab = list(learn.dls.vocab)
-    labels = [f.parent.name if f.parent.name in vocab else "" for f in files]
+    labels = [class_name(f) if class_name(f) in vocab else "" for f in files]
     tables, maps, order = [], [], []
     for label in sorted(set(labels)):
         pos = [i for i, lab in enumerate(labels) if lab == label]
@@ -400,250 +311,52 @@ def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs
 
 
 def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The per-image rows of `clusters.csv` and one row per (class, cluster)."""
+              ) -> tuple[pd.DataFrame, dict[tuple[str, int], np.ndarray]]:
+    """The per-image rows of `clusters.csv` so far (cluster found, nothing flagged yet), and
+    each (class, cluster)'s members."""
     labelled = table["label"] != ""
     images = pd.DataFrame({"file": table["file"],
                            "class": table["label"].where(labelled, table["predicted"]),
-                           "cluster": 0, "flagged": 0, "label": table["label"],
+                           "cluster": 0, "flagged": 0, "why": "", "label": table["label"],
                            "predicted": table["predicted"],
                            "confidence": table["confidence"].round(4),
                            "correct": pd.array(np.where(labelled,
                                                         table["label"] == table["predicted"],
                                                         pd.NA), dtype="Int64")})
-    own = mass_numbers(features)
-    rows = []
+    members = {}
     for cls in sorted(images["class"].unique()):
         pos = np.flatnonzero(images["class"] == cls)
-        labels, eigenvalues = cluster_maps(features[pos], max_clusters)
+        labels, _ = cluster_maps(features[pos], max_clusters)
         images.loc[pos, "cluster"] = labels
-        for c in range(labels.max() + 1):
-            members = pos[labels == c]
-            mean = features[members].mean(0)
-            numbers = mass_numbers(mean[None]).iloc[0]
-            peaks = own["peak_in"].iloc[members]
-            numbers["peaks_in_corners"] = ((peaks == "corners").sum() / (peaks != "").sum()
-                                           if (peaks != "").any() else np.nan)
-            correct = images.loc[members, "correct"].dropna()
-            why = "" if numbers["empty"] else flag_reason(numbers)
-            rows.append({"class": cls, "cluster": c, "size": len(members),
-                         "accuracy": float(correct.mean()) if len(correct) else np.nan,
-                         "labelled": len(correct),
-                         **numbers[["centre", "edges", "corners", "compactness",
-                                    "peaks_in_corners"]].to_dict(),
-                         "flagged": int(bool(why)), "why": why, "mean_map": mean,
-                         "members": members, "eigenvalues": eigenvalues})
-    clusters = pd.DataFrame(rows)
-    for row in clusters.itertuples():
-        images.loc[row.members, "flagged"] = row.flagged
-        images.loc[row.members, "cluster_size"] = row.size
-    images = pd.concat([images, own.round(4)], axis=1)
-    images["cluster_size"] = images["cluster_size"].astype(int)
+        members |= {(cls, c): pos[labels == c] for c in range(labels.max() + 1)}
+    images["cluster_size"] = images.groupby(["class", "cluster"])["file"].transform("size")
+    return pd.concat([images, mass_numbers(features).round(4)], axis=1), members
+
+
+def _flagged(images: pd.DataFrame, features: np.ndarray,
+             members: dict[tuple[str, int], np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per (class, cluster) with its numbers and its flag; the images flagged where
+    their cluster is and their own region shares its sign (`flag_reason`)."""
+    rows = []
+    for (cls, c), pos in members.items():
+        part = images.iloc[pos]
+        correct = part["correct"].dropna()
+        numbers = {"size": len(pos), "moved": part["moved"].mean(),
+                   "moved_control": part["moved_control"].mean(),
+                   "removed": part["removed_changed"].mean(),
+                   "removed_control": part["removed_control_changed"].mean(),
+                   "same_place": part["same_place"].median()}
+        why, look_for = flag_reason(numbers, cls)
+        mean = features[pos].mean(0)
+        dist = ((features[pos] - mean) ** 2).sum(axis=(1, 2))
+        rows.append({"class": cls, "cluster": c, **numbers,
+                     "accuracy": float(correct.mean()) if len(correct) else np.nan,
+                     "labelled": len(correct), "flagged": int(bool(why)), "why": why,
+                     "look_for": look_for, "mean_map": mean, "members": pos,
+                     "example": int(pos[np.argmin(dist)])})
+        if why:
+            own = part["same_place"] >= RULE["place"] if "same place" in why else \
+                pd.Series(True, index=part.index)
+            images.loc[part.index[own.to_numpy()], ["flagged", "why"]] = 1, why
+    clusters = pd.DataFrame(rows).sort_values(["class", "cluster"], ignore_index=True)
     return images, clusters
-
-
-def _rgb(arr: np.ndarray) -> np.ndarray:
-    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _data_uri(img: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    mime = "jpeg" if fmt == "JPEG" else "png"
-    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
-
-
-def _thumb(img: Image.Image) -> Image.Image:
-    w, h = img.size
-    scale = THUMB * 3 / 4 / max(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-
-
-def mean_map_image(mean: np.ndarray) -> Image.Image:
-    """A cluster's mean map (grid, grid) as a colour image, THUMB pixels a side, with the
-    centre square and the four corner squares outlined."""
-    top = mean.max()
-    rgba = heat_cmap("magma", 1.0)(mean / top if top > 0 else mean)  # opaque
-    img = Image.fromarray(_rgb(rgba[..., :3])).resize((THUMB, THUMB), Image.NEAREST)
-    draw, q = ImageDraw.Draw(img), THUMB // 4
-    draw.rectangle([q, q, THUMB - q - 1, THUMB - q - 1], outline=(0, 220, 255))
-    for x in (0, THUMB - q):
-        for y in (0, THUMB - q):
-            draw.rectangle([x, y, x + q - 1, y + q - 1], outline=(160, 160, 160))
-    return img
-
-
-def plot_clusters(result: Audit, notes: Sequence[str] | None = None, ncols: int = 6,
-                  save: str | Path | None = None) -> Figure:
-    """Every cluster's mean map (`mean_map_image`: the centre square outlined in cyan, the
-    corners in grey), titled with its class, number and size; a flagged cluster framed in red.
-
-    Args:
-        notes: a last title line per cluster, in the order of `result.clusters`.
-    """
-    rows = list(result.clusters.itertuples())
-    nrows = -(-len(rows) // ncols)
-    fig = new_figure(figsize=(1.7 * ncols, 2.4 * nrows))
-    axs = list(fig.subplots(nrows, ncols, squeeze=False).flat)
-    for i, (ax, row) in enumerate(zip(axs, rows)):
-        ax.imshow(mean_map_image(row.mean_map))
-        note = f"\n{notes[i]}" if notes is not None else ""
-        name = result.clusters["class"].iloc[i]
-        ax.set_title(f"{name}\n#{row.cluster}: {row.size} maps{note}", fontsize=8,
-                     color="#d22" if row.flagged else "black")
-        ax.set_xticks([]), ax.set_yticks([])
-        for side in ax.spines.values():
-            side.set(color="#d22" if row.flagged else "0.7", linewidth=3 if row.flagged else 1)
-    for ax in axs[len(rows):]:
-        ax.axis("off")  # the empty panels of the last row
-    fig.tight_layout()
-    return saved(fig, save)
-
-
-def _example_thumbnails(learn: Learner, result: Audit, maps: np.ndarray,
-                        centres: CellCentres | None, size: tuple[int, int], examples: int,
-                        bs: int) -> dict[int, tuple[str, str]]:
-    """{image index: (image, image with its map) as data URIs} for the `examples` images of
-    each cluster nearest its mean map: the image as the network saw it (validation
-    transforms), decoded."""
-    chosen = []
-    for row in result.clusters.itertuples():
-        members = row.members
-        dist = ((result.features[members] - row.mean_map) ** 2).sum(axis=(1, 2))
-        chosen += list(members[np.argsort(dist, kind="stable")[:examples]])
-    files = [Path(result.images["file"][i]) for i in chosen]
-    dl = learn.dls.test_dl(files, bs=bs)
-    cmap, thumbs, done = heat_cmap(), {}, 0
-    for (xb,) in dl:
-        decoded = dl.decode((xb,))[0]
-        heat = normalize_maps(place(torch.from_numpy(maps[chosen[done:done + len(xb)]]),
-                                    size, centres))  # (b, H, W)
-        for image, h in zip(decoded, heat):
-            rgb = image_hwc(image)
-            rgba = cmap(h.numpy())
-            mixed = rgb * (1 - rgba[..., 3:]) + rgba[..., :3] * rgba[..., 3:]
-            thumbs[chosen[done]] = tuple(_data_uri(_thumb(Image.fromarray(_rgb(a))), "JPEG")
-                                         for a in (rgb, mixed))
-            done += 1
-    return thumbs
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Grad-CAM audit: {title}</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
-h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; margin-top: 1.6em; }}
-.controls button {{ font: inherit; padding: .2em .8em; margin-right: .4em; }}
-.controls button[aria-pressed="true"] {{ background: #246; color: #fff; }}
-.clusters {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.cluster {{ border: 2px solid #ccc; border-radius: 6px; padding: 8px; width: 460px; }}
-.cluster.flagged {{ border-color: #d22; background: #fff4f4; }}
-.cluster h3 {{ margin: 0 0 6px; font-size: 1em; }}
-.flag {{ color: #fff; background: #d22; border-radius: 3px; padding: 0 .4em; }}
-.why {{ color: #b00; }}
-.top {{ display: flex; gap: 10px; align-items: flex-start; }}
-.numbers td {{ padding: 0 .5em 0 0; }}
-.examples {{ display: flex; flex-wrap: wrap; gap: 4px; margin-top: 6px; }}
-.example {{ display: flex; gap: 1px; }}
-.example img, .mean {{ image-rendering: pixelated; }}
-.note {{ color: #555; max-width: 60em; }}
-</style></head><body>
-<h1>Grad-CAM audit</h1>
-<p class="note">{summary}</p>
-<p class="note">Each class's maps at <code>{layer}</code> ({method}, on {grid}x{grid} cells of the
-image, each scaled to a maximum of 1) are clustered with spectral clustering, up to mirror
-images, the number of clusters from the eigengap. The mean map of a cluster shows the centre
-(cyan square) and the four corners (grey squares), each a quarter of the image; the numbers are
-the shares of its mass there, and the share of its maps that peak in a corner. <b>Flagged</b>:
-at least {peak} of its maps peak in a corner (a random peak: 0.25), or the corners hold at
-least {corner} of the mean map's mass, or the centre at most {centre} (a flat map: 0.25 each).
-Examples: the images nearest their cluster's mean map, as the network saw them, and their map.
-A flag asks you to look; it is no verdict.</p>
-<div class="controls">Sort clusters by
-<button type="button" data-key="size" aria-pressed="false">size</button>
-<button type="button" data-key="accuracy" aria-pressed="false">accuracy</button>
-<span id="sorted"></span></div>
-{classes}
-<script>
-document.querySelectorAll("button[data-key]").forEach(function (button) {{
-  button.addEventListener("click", function () {{
-    var key = button.dataset.key, desc = button.dataset.dir !== "desc";
-    document.querySelectorAll("button[data-key]").forEach(function (b) {{
-      b.dataset.dir = ""; b.setAttribute("aria-pressed", "false"); }});
-    button.dataset.dir = desc ? "desc" : "asc";
-    button.setAttribute("aria-pressed", "true");
-    document.querySelectorAll(".clusters").forEach(function (list) {{
-      var cards = Array.prototype.slice.call(list.children);
-      cards.sort(function (a, b) {{
-        var x = parseFloat(a.dataset[key]), y = parseFloat(b.dataset[key]);
-        if (isNaN(x) || isNaN(y)) {{ return isNaN(x) - isNaN(y); }}  // no value: last
-        return desc ? y - x : x - y;
-      }});
-      cards.forEach(function (card) {{ list.appendChild(card); }});
-    }});
-    document.getElementById("sorted").textContent =
-      "(" + key + ", " + (desc ? "largest" : "smallest") + " first; click again to reverse)";
-  }});
-}});
-</script>
-</body></html>
-"""
-
-
-def report_html(result: Audit, thumbs: dict[int, tuple[str, str]],
-                method: str = "gradcam") -> str:
-    """The report page: one static HTML file, every image inside it as a data URI (it opens
-    offline, and can be mailed as one file). Classes, each with its clusters as cards
-    (`data-size`, `data-accuracy` for the sort buttons; flagged cards have class `flagged`)."""
-    esc = html.escape
-    images, clusters = result.images, result.clusters
-    sections = []
-    for cls, group in clusters.groupby("class", sort=True):
-        n = int(group["size"].sum())
-        cards = []
-        for row in group.itertuples():
-            acc = "" if np.isnan(row.accuracy) else f"{row.accuracy:.4f}"
-            acc_text = (f"accuracy {row.accuracy:.2f} ({row.labelled} labelled)" if acc
-                        else "no labels")
-            flag = ('<span class="flag">flagged</span> ' if row.flagged else "")
-            numbers = "".join(f"<tr><td>{k.replace('_', ' ')}</td>"
-                              f"<td>{getattr(row, k):.2f}</td></tr>"
-                              for k in ("centre", "edges", "corners", "compactness",
-                                        "peaks_in_corners")
-                              if not np.isnan(getattr(row, k)))
-            shown = []
-            for i in row.members:
-                if i in thumbs:
-                    file = esc(images["file"][i])
-                    title = esc(f"{Path(images['file'][i]).name}: predicted "
-                                f"{images['predicted'][i]} ({images['confidence'][i]:.2f})")
-                    plain, mixed = thumbs[i]
-                    shown.append(f'<span class="example" title="{title}">'
-                                 f'<img src="{plain}" alt="{file}">'
-                                 f'<img src="{mixed}" alt="map of {file}"></span>')
-            mean = _data_uri(mean_map_image(row.mean_map))
-            cards.append(
-                f'<div class="cluster{" flagged" if row.flagged else ""}" '
-                f'id="{esc(cls)}-{row.cluster}" data-size="{row.size}" data-accuracy="{acc}">'
-                f"<h3>{flag}cluster {row.cluster}: {row.size} images "
-                f"({row.size / n:.0%}), {acc_text}</h3>"
-                + (f'<p class="why">{esc(row.why)}</p>' if row.why else "")
-                + f'<div class="top"><img class="mean" src="{mean}" alt="mean map" '
-                f'width="{THUMB}" height="{THUMB}"><table class="numbers">{numbers}</table>'
-                f'</div><div class="examples">{"".join(shown)}</div></div>')
-        k, n_flagged = len(group), int(group["flagged"].sum())
-        sections.append(f'<section class="class" data-class="{esc(cls)}"><h2>{esc(cls)}: '
-                        f"{n} images, {k} cluster{'s' * (k > 1)}, {n_flagged} flagged</h2>"
-                        f'<div class="clusters">{"".join(cards)}</div></section>')
-    flagged = clusters[clusters["flagged"] == 1]
-    summary = (f"{len(images)} images, {clusters['class'].nunique()} classes, "
-               f"{len(clusters)} clusters, {len(flagged)} flagged"
-               + (": " + ", ".join(f'<a href="#{esc(r["class"])}-{r["cluster"]}">'
-                                   f'{esc(r["class"])} {r["cluster"]} ({r["size"]} images)</a>'
-                                   for _, r in flagged.iterrows()) if len(flagged) else "")
-               + ".")
-    return PAGE.format(title=esc(f"{len(images)} images"), summary=summary,
-                       layer=esc(result.layer), method=esc(method), grid=result.features.shape[1],
-                       peak=PEAK_FLAG, corner=CORNER_FLAG, centre=CENTRE_FLAG,
-                       classes="\n".join(sections))

@@ -264,10 +264,10 @@ def _strip(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
 
 
 def _tag(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
-    """A small square (a sixth of the height) beside the fish, on the side with more room, at
+    """A small square (a fifth of the height) beside the fish, on the side with more room, at
     the height of the fish's middle: it moves with the fish, as a label on a tray would."""
     w, h = img.size
-    side = max(3, min(w, h) // 6)
+    side = max(3, min(w, h) // 5)
     x0, y0, x1, y1 = mask.getbbox() or (0, 0, w, h)
     gap = max(1, side // 4)
     x = x1 + gap if w - x1 >= x0 else x0 - gap - side

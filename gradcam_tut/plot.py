@@ -17,6 +17,7 @@ from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .cam import normalize_maps
@@ -208,4 +209,48 @@ def plot_localization(report: pd.DataFrame, title: str | None = None,
         ax.tick_params(axis="x", labelsize=8)
         ax.legend(fontsize=7, loc="upper left", ncols=3)
     fig.suptitle(title or f"Grad-CAM against the GT masks, {report['images'].iloc[0]} images")
+    return saved(fig, save)
+
+
+def mean_map_image(mean: np.ndarray, side: int = 96) -> Image.Image:
+    """A cluster's mean map (grid, grid) as a colour image `side` pixels a side, with the
+    centre square (cyan) and the four corner squares (grey) outlined, a quarter of the image
+    each."""
+    top = mean.max()
+    rgba = heat_cmap("magma", 1.0)(mean / top if top > 0 else mean)  # opaque
+    img = Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8))
+    img = img.resize((side, side), Image.NEAREST)
+    draw, q = ImageDraw.Draw(img), side // 4
+    draw.rectangle([q, q, side - q - 1, side - q - 1], outline=(0, 220, 255))
+    for x in (0, side - q):
+        for y in (0, side - q):
+            draw.rectangle([x, y, x + q - 1, y + q - 1], outline=(160, 160, 160))
+    return img
+
+
+def plot_clusters(clusters, notes: Sequence[str] | None = None, ncols: int = 6,
+                  save: str | Path | None = None) -> Figure:
+    """Every cluster's mean map (`mean_map_image`), titled with its class, number and size; a
+    flagged cluster titled and framed in red.
+
+    Args:
+        clusters: `Audit.clusters` (or the `Audit`): class, cluster, size, flagged, mean_map.
+        notes: a last title line per cluster, in the order of `clusters`.
+    """
+    clusters = getattr(clusters, "clusters", clusters)
+    nrows = -(-len(clusters) // ncols)
+    fig = new_figure(figsize=(1.7 * ncols, 2.4 * nrows))
+    axs = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for i, (ax, (_, row)) in enumerate(zip(axs, clusters.iterrows())):
+        ax.imshow(mean_map_image(row["mean_map"]))
+        note = f"\n{notes[i]}" if notes is not None else ""
+        ax.set_title(f"{row['class']}\n#{row['cluster']}: {row['size']} maps{note}",
+                     fontsize=8, color="#d22" if row["flagged"] else "black")
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set(color="#d22" if row["flagged"] else "0.7",
+                     linewidth=3 if row["flagged"] else 1)
+    for ax in axs[len(clusters):]:
+        ax.axis("off")  # the empty panels of the last row
+    fig.tight_layout()
     return saved(fig, save)

@@ -1,0 +1,169 @@
+"""The audit's report: one static HTML page to hand to a colleague, every image inside it.
+
+The page is the Jinja2 template `templates/audit_report.html` (autoescaped: file names and
+class names cannot inject markup); this module only prepares what it shows. Per class, its
+clusters as cards: the mean map, the interventions' numbers beside their controls, the flag
+and its reason in a sentence, one example of each intervention with the network's
+predictions, and the images nearest the mean map beside their maps.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.learner import Learner
+from jinja2 import Environment, PackageLoader
+from PIL import Image
+from torch import Tensor
+
+from .cam import normalize_maps
+from .interventions import REGION_LEVEL, fill, map_regions, paste, probabilities
+from .plot import heat_cmap, image_hwc, mean_map_image
+from .receptive_field import CellCentres, place
+
+THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
+ENV = Environment(loader=PackageLoader("gradcam_tut", "templates"), autoescape=True,
+                  trim_blocks=True, lstrip_blocks=True)
+
+
+def _rgb(arr: np.ndarray) -> np.ndarray:
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+
+
+def data_uri(img: Image.Image, fmt: str = "PNG") -> str:
+    """An image as a `data:` URI, to live inside the page."""
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    mime = "jpeg" if fmt == "JPEG" else "png"
+    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _thumb(arr: np.ndarray) -> str:
+    img = Image.fromarray(_rgb(arr))
+    w, h = img.size
+    scale = THUMB * 3 / 4 / max(w, h)
+    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    return data_uri(img, "JPEG")
+
+
+def example_thumbnails(learn: Learner, images, clusters, features: np.ndarray,
+                       maps: np.ndarray, centres: CellCentres | None, size: tuple[int, int],
+                       examples: int, bs: int) -> dict[int, tuple[str, str]]:
+    """{image index: (image, image with its map) as data URIs} for the `examples` images of
+    each cluster nearest its mean map: the image as the network saw it, decoded."""
+    chosen = []
+    for row in clusters.itertuples():
+        dist = ((features[row.members] - row.mean_map) ** 2).sum(axis=(1, 2))
+        chosen += list(row.members[np.argsort(dist, kind="stable")[:examples]])
+    dl = learn.dls.test_dl([Path(images["file"][i]) for i in chosen], bs=bs)
+    cmap, thumbs, done = heat_cmap(), {}, 0
+    for (xb,) in dl:
+        heat = normalize_maps(place(torch.from_numpy(maps[chosen[done:done + len(xb)]]),
+                                    size, centres))  # (b, H, W)
+        for image, h in zip(dl.decode((xb,))[0], heat):
+            rgb, rgba = image_hwc(image), cmap(h.numpy())
+            mixed = rgb * (1 - rgba[..., 3:]) + rgba[..., :3] * rgba[..., 3:]
+            thumbs[chosen[done]] = (_thumb(rgb), _thumb(mixed))
+            done += 1
+    return thumbs
+
+
+def _outlined(rgb: np.ndarray, region: Tensor) -> np.ndarray:
+    """The image with the region's edge drawn in cyan."""
+    inside = region[None, None].float()
+    edge = (F.max_pool2d(inside, 3, 1, 1) - inside)[0, 0].bool().numpy()
+    out = rgb.copy()
+    out[edge] = (0.0, 0.9, 1.0)
+    return out
+
+
+def intervention_figures(learn: Learner, images, clusters, maps: np.ndarray,
+                         centres: CellCentres | None, size: tuple[int, int]
+                         ) -> dict[int, list[dict[str, str]]]:
+    """{cluster row: four figures} for each cluster's example (its image nearest the mean
+    map): the image with its region outlined, the region taken away, an image of another
+    class, and that image with the region moved in; each captioned with the prediction."""
+    vocab, figures = list(learn.dls.vocab), {}
+    model, training = learn.model, learn.model.training
+    try:
+        model.eval()
+        for k, row in enumerate(clusters.itertuples()):
+            i = int(row.example)
+            others = np.flatnonzero(images["class"].to_numpy() != clusters["class"].iloc[k])
+            if not len(others):
+                continue
+            j = int(others[i % len(others)])
+            dl = learn.dls.test_dl([Path(images["file"][i]), Path(images["file"][j])])
+            (xb,) = dl.one_batch()
+            x = xb.as_subclass(Tensor)
+            heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
+            region = map_regions(heat).to(x.device)
+            if not region.any():
+                continue
+            batch = torch.cat([x[:1], fill(x[:1], region), x[1:], paste(x[1:], x[:1], region)])
+            probs = probabilities(model, batch)
+            shown = dl.decode((batch,))[0]
+            names = ["its region", "taken away", "another class", "region moved in"]
+            pics = [_outlined(image_hwc(shown[0]), region[0].cpu())] + \
+                [image_hwc(s) for s in shown[1:]]
+            figures[k] = [{"src": _thumb(p), "caption": f"{name}: {vocab[int(q.argmax())]} "
+                                                        f"{float(q.max()):.2f}"}
+                          for name, p, q in zip(names, pics, probs)]
+    finally:
+        model.train(training)
+    return figures
+
+
+def _number(value: float, fmt: str = "{:.0%}") -> str:
+    return "" if value is None or np.isnan(value) else fmt.format(value)
+
+
+def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]],
+                figures: dict[int, list[dict[str, str]]] | None = None,
+                method: str = "gradcam", rule: dict | None = None) -> str:
+    """The report page (see the module).
+
+    Args:
+        images, clusters: `Audit.images` and `Audit.clusters`.
+        thumbs: from `example_thumbnails`; figures: from `intervention_figures`.
+        rule: the flag's thresholds as the page states them (`audit.RULE`).
+    """
+    figures, rule = figures or {}, rule or {}
+    sections = []
+    for cls, group in clusters.groupby("class", sort=True):
+        n, cards = int(group["size"].sum()), []
+        for k, row in zip(group.index, group.itertuples()):
+            accurate = not np.isnan(row.accuracy)
+            shown = [{"file": images["file"][i], "plain": thumbs[i][0], "mixed": thumbs[i][1],
+                      "title": f"{Path(images['file'][i]).name}: predicted "
+                               f"{images['predicted'][i]} ({images['confidence'][i]:.2f})"}
+                     for i in row.members if i in thumbs]
+            cards.append({
+                "cls": cls, "cluster": row.cluster, "size": row.size, "flagged": row.flagged,
+                "anchor": f"{cls}-{row.cluster}", "share": f"{row.size / n:.0%}",
+                "accuracy_value": f"{row.accuracy:.4f}" if accurate else "",
+                "accuracy_text": (f"accuracy {row.accuracy:.2f} ({row.labelled} labelled)"
+                                  if accurate else "no labels"),
+                "moved_value": _number(row.moved, "{:.4f}"),
+                "why": row.why, "look_for": row.look_for,
+                "mean": data_uri(mean_map_image(row.mean_map, THUMB)),
+                "numbers": [("taken away: prediction changed", _number(row.removed),
+                             _number(row.removed_control)),
+                            ("moved: others now this class", _number(row.moved),
+                             _number(row.moved_control)),
+                            ("same place (x chance)", _number(row.same_place, "{:.1f}"), "1")],
+                "interventions": figures.get(k, []), "examples": shown})
+        sections.append({"cls": cls, "n": n, "clusters": cards,
+                         "n_flagged": int(group["flagged"].sum())})
+    flagged = [c for s in sections for c in s["clusters"] if c["flagged"]]
+    return ENV.get_template("audit_report.html").render(
+        images=images, clusters=clusters, n_classes=clusters["class"].nunique(),
+        sections=sections, flagged=flagged, layer=layer, method=method, thumb=THUMB,
+        level=f"{REGION_LEVEL:.0%}", moved_flag=_number(rule.get("moved", np.nan)),
+        place_flag=_number(rule.get("place", np.nan), "{:.1f}"),
+        everywhere_flag=_number(rule.get("everywhere", np.nan)))

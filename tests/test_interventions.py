@@ -1,0 +1,104 @@
+"""Interventions on tensors: regions from maps, their controls, taken away (filled in) and
+moved (pasted), what a network does then, and where a group's regions sit."""
+
+import pytest
+import torch
+from torch import nn
+
+from gradcam_tut.interventions import (
+    coverage,
+    elsewhere,
+    fill,
+    intervene,
+    map_regions,
+    paste,
+    same_place,
+)
+
+
+def square(n: int, y: int, x: int, side: int = 8, size: int = 32) -> torch.Tensor:
+    """n regions (n, size, size), each a square at (y, x)."""
+    r = torch.zeros(n, size, size, dtype=torch.bool)
+    r[:, y:y + side, x:x + side] = True
+    return r
+
+
+def test_a_region_is_where_the_map_reaches_the_level():
+    heat = torch.zeros(3, 8, 8)
+    heat[0, 2, 3], heat[0, 5, 5] = 1.0, 0.49  # one cell at the top, one below the level
+    heat[1] = torch.arange(64.0).view(8, 8)  # a ramp: its upper half (32 of 64 cells)
+    regions = map_regions(heat)
+    assert regions[0].sum() == 1 and regions[0, 2, 3]
+    assert regions[1].sum() == 32 and not regions[2].any()  # an all-zero map: nowhere
+
+
+def test_the_control_is_the_same_shape_elsewhere_and_the_same_every_run():
+    regions = torch.cat([square(3, 4, 4), square(1, 0, 0, side=20)])
+    controls = elsewhere(regions, seed=1)
+    assert torch.equal(controls, elsewhere(regions, seed=1))
+    assert (controls.sum((1, 2)) == regions.sum((1, 2))).all()  # shifted: the same area
+    assert not (controls[:3] & regions[:3]).any()  # room enough: no overlap at all
+    assert not torch.equal(controls[0], regions[0])
+
+
+def test_fill_takes_the_region_away_and_leaves_the_rest():
+    x = torch.zeros(2, 3, 32, 32)
+    x[:, 1] = torch.linspace(-1, 1, 32)  # a horizontal ramp in one channel
+    x[:, 0, 4:12, 4:12] = 5.0  # a mark, in the region
+    regions = square(2, 4, 4)
+    filled = fill(x, regions)
+    assert torch.equal(filled[:, :, ~regions[0]], x[:, :, ~regions[0]])
+    assert filled[:, 0, 4:12, 4:12].abs().max() < 0.5  # the mark is gone
+    inside = filled[0, 1, 8, 4:12]  # the ramp, rebuilt from around the hole
+    assert torch.allclose(inside, x[0, 1, 8, 4:12], atol=0.15)
+    assert torch.equal(x[:, 0, 4:12, 4:12], torch.full((2, 8, 8), 5.0))  # x unchanged
+
+
+def test_paste_copies_the_region_at_the_same_place():
+    into, source = torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32)
+    out = paste(into, source, square(1, 20, 2))
+    assert out.sum() == 3 * 64 and out[0, :, 20:28, 2:10].eq(1).all()
+
+
+class CornerReader(nn.Module):
+    """Class k's logit: how much of channel 0 in the top-left 8x8 corner equals k (a network
+    that reads a mark in the corner and nothing else)."""
+
+    def forward(self, x):
+        corner = x[:, 0, :8, :8].mean((1, 2))  # (B,)
+        return -(corner[:, None] - torch.arange(3.0)) ** 2 * 10
+
+
+def test_moving_the_region_a_network_reads_turns_other_images_into_its_class():
+    x = torch.zeros(4, 3, 32, 32)
+    x[:2, 0, :8, :8] = 2.0  # two images of class 2 (its mark), two of class 0
+    classes = torch.tensor([2, 2, 0, 0])
+    regions = square(4, 0, 0)
+    receivers = x[[2, 3, 0, 1]]  # each moved into an image of the other class
+    out = intervene(CornerReader(), x, classes, regions, receivers)
+    assert out["moved"].tolist() == [1, 1, 1, 1]  # the corner decides, wherever it goes
+    assert out["removed_pred"][:2].tolist() == [0, 0]  # taken away: back to the background
+    control = intervene(CornerReader(), x, classes, square(4, 20, 20), receivers)
+    assert control["moved"][:2].tolist() == [0, 0]  # a patch elsewhere: nothing
+    assert control["removed_pred"][:2].tolist() == [2, 2]
+
+
+def test_same_place_is_large_for_a_fixed_place_and_about_one_anywhere():
+    g = torch.Generator().manual_seed(0)
+    fixed = square(40, 0, 24)  # every region in the top-right corner
+    anywhere = torch.stack([square(1, *torch.randint(0, 25, (2,), generator=g).tolist())[0]
+                            for _ in range(40)])
+    for regions, low, high in ((fixed, 4, 1e9), (anywhere, 0.5, 2)):
+        ratio = same_place(coverage(regions), coverage(elsewhere(regions)), [0] * 40)
+        assert low < ratio.median() < high, ratio.median()
+    mirrored = torch.cat([square(20, 0, 0), square(20, 24, 24)])  # opposite corners: one place
+    ratio = same_place(coverage(mirrored), coverage(elsewhere(mirrored)), [0] * 40)
+    assert ratio.median() > 4
+    assert same_place(coverage(fixed[:1]), coverage(fixed[:1]), ["a"]).isnan().all()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_fill_is_exact_on_a_constant_image(steps):
+    x = torch.full((1, 3, 16, 16), 0.3)
+    regions = square(1, 2, 2, side=4 * steps, size=16)
+    assert torch.allclose(fill(x, regions), x)
