@@ -56,6 +56,9 @@ from .spray import GRID, MAX_CLUSTERS, cluster_maps, mass_numbers, regions
 RESULTS = ("clusters.csv", "report.html")
 MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many cells a side
 EXAMPLES = 6  # example images per cluster in the report
+EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
+            "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
+            "same_place")  # evidence's columns
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 RULE = {"moved": 0.25, "place": 4.0, "everywhere": 0.3}  # the flag (module); set by LOKO
 
@@ -244,7 +247,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
                            for c in np.unique(classes)]).astype(int)
     others = [pool[classes[pool] != c] for c in classes]
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
-        return pd.DataFrame(index=range(N))
+        return pd.DataFrame(np.nan, index=range(N), columns=list(EVIDENCE))
     chosen = torch.tensor([rng.choice(o) for o in others])  # (N,) indices of files
     where = torch.full((N,), -1, dtype=torch.long)
     where[torch.from_numpy(pool)] = torch.arange(len(pool))
@@ -270,7 +273,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
             for k, v in ctl.items():
                 part.loc[c.numpy(), _control(k)] = v.numpy()
             rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
-            covers.append((coverage(regions), coverage(controls)))
+            covers.append(coverage(regions))
             done += len(xb)
     finally:
         model.train(training)
@@ -278,8 +281,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     before = np.array([vocab.index(p) for p in predicted])
     for tag in ("", "_control"):  # 1 where taking the region away changed the prediction
         table[f"removed{tag}_changed"] = (table.pop(f"removed{tag}_pred") != before).astype(float)
-    region_cover, control_cover = (torch.cat(c) for c in zip(*covers))
-    table["same_place"] = same_place(region_cover, control_cover, classes).numpy()
+    table["same_place"] = same_place(torch.cat(covers), classes).numpy()
+    table = table[list(EVIDENCE)]
     table.loc[table["region_area"] == 0] = np.nan  # an all-zero map points nowhere
     return table
 
@@ -333,30 +336,53 @@ def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int
     return pd.concat([images, mass_numbers(features).round(4)], axis=1), members
 
 
+def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
+    """One row per (class, cluster) of `images` (`Audit.images`): its size, accuracy, and
+    the interventions' numbers: `removed` and `moved` (the shares of its images whose
+    prediction changed when the region was taken away, and of the images of other classes
+    turned into its class when it was moved in), their controls, and the median `same_place`.
+    """
+    groups = images.groupby(["class", "cluster"], sort=True)
+    numbers = groups.agg(size=("file", "size"), moved=("moved", "mean"),
+                         moved_control=("moved_control", "mean"),
+                         removed=("removed_changed", "mean"),
+                         removed_control=("removed_control_changed", "mean"),
+                         same_place=("same_place", "median"),
+                         accuracy=("correct", lambda c: c.astype(float).mean()),
+                         labelled=("correct", "count"))
+    return numbers.reset_index()
+
+
+def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule` (see
+    `flag_reason`): a cluster flagged for the place its regions sit at flags the images whose
+    own region is there (`same_place` at least `rule["place"]`); one flagged because its
+    class is all over the picture flags all its images."""
+    images, clusters = images.copy(), clusters.copy()
+    said = [flag_reason(row, row["class"], rule) for _, row in clusters.iterrows()]
+    clusters["why"], clusters["look_for"] = [w for w, _ in said], [lf for _, lf in said]
+    clusters["flagged"] = (clusters["why"] != "").astype(int)
+    images["flagged"], images["why"] = 0, ""
+    for _, row in clusters[clusters["flagged"] == 1].iterrows():
+        own = (images["class"] == row["class"]) & (images["cluster"] == row["cluster"])
+        if "same place" in row["why"]:
+            own &= images["same_place"] >= rule["place"]
+        images.loc[own, ["flagged", "why"]] = 1, row["why"]
+    return images, clusters
+
+
 def _flagged(images: pd.DataFrame, features: np.ndarray,
              members: dict[tuple[str, int], np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per (class, cluster) with its numbers and its flag; the images flagged where
-    their cluster is and their own region shares its sign (`flag_reason`)."""
-    rows = []
-    for (cls, c), pos in members.items():
-        part = images.iloc[pos]
-        correct = part["correct"].dropna()
-        numbers = {"size": len(pos), "moved": part["moved"].mean(),
-                   "moved_control": part["moved_control"].mean(),
-                   "removed": part["removed_changed"].mean(),
-                   "removed_control": part["removed_control_changed"].mean(),
-                   "same_place": part["same_place"].median()}
-        why, look_for = flag_reason(numbers, cls)
-        mean = features[pos].mean(0)
-        dist = ((features[pos] - mean) ** 2).sum(axis=(1, 2))
-        rows.append({"class": cls, "cluster": c, **numbers,
-                     "accuracy": float(correct.mean()) if len(correct) else np.nan,
-                     "labelled": len(correct), "flagged": int(bool(why)), "why": why,
-                     "look_for": look_for, "mean_map": mean, "members": pos,
-                     "example": int(pos[np.argmin(dist)])})
-        if why:
-            own = part["same_place"] >= RULE["place"] if "same place" in why else \
-                pd.Series(True, index=part.index)
-            images.loc[part.index[own.to_numpy()], ["flagged", "why"]] = 1, why
-    clusters = pd.DataFrame(rows).sort_values(["class", "cluster"], ignore_index=True)
+    """`apply_rule` with `RULE`, and each cluster's mean map, members and example (the image
+    nearest its mean map) for the report."""
+    images, clusters = apply_rule(images, cluster_numbers(images))
+    means, pos, examples = [], [], []
+    for cls, c in zip(clusters["class"], clusters["cluster"]):
+        p = members[(cls, c)]
+        mean = features[p].mean(0)
+        means.append(mean)
+        pos.append(p)
+        examples.append(int(p[np.argmin(((features[p] - mean) ** 2).sum(axis=(1, 2)))]))
+    clusters["mean_map"], clusters["members"], clusters["example"] = means, pos, examples
     return images, clusters

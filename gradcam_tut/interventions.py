@@ -120,32 +120,31 @@ def coverage(regions: Tensor, cells: int = 16) -> Tensor:
     return F.adaptive_avg_pool2d(regions[:, None].float(), cells)[:, 0]
 
 
-def same_place(regions: Tensor, controls: Tensor, groups: Sequence) -> Tensor:
+def same_place(regions: Tensor, groups: Sequence) -> Tensor:
     """How much more than by chance the regions of a group's other images lie where this
     image's region lies, up to mirror images: the mean share of their area inside this region
-    or one of its three mirror images, over the same share for the control regions (the same
-    shapes moved elsewhere, `elsewhere`). About 1 for regions that follow an object placed
-    anywhere; large for a region fixed in place (a corner, a caption bar).
+    or one of its three mirror images, over the share of the image those cover (what a region
+    at a random place would have inside). About 1 for regions that follow an object placed
+    anywhere (more for objects that keep to the middle); large for a region fixed in place (a
+    corner, a caption bar).
 
     Args:
-        regions, controls: (N, h, w) `coverage` of the regions and of their controls.
-        groups: (N,) each image's group (its class).
+        regions: (N, h, w) `coverage` of the regions; `groups` (N,) each image's group.
 
     Returns:
         (N,) float32; NaN for an image alone in its group or with an empty region.
     """
     r = regions
     cover = ((r + r.flip(1) + r.flip(2) + r.flip(1, 2)) > 0).float().flatten(1)  # (N, D)
-    area, ctl = regions.flatten(1), controls.flatten(1)
+    area = regions.flatten(1)
+    chance = cover.mean(1)  # (N,)
     groups = np.asarray(groups)
     out = torch.full((len(regions),), float("nan"))
     for g in np.unique(groups):
         idx = torch.from_numpy(np.flatnonzero(groups == g))
         if len(idx) < 2:
             continue
-        others = 1 - torch.eye(len(idx))
         inside = (cover[idx] @ area[idx].T) / area[idx].sum(1).clamp(min=1e-6)  # (n, n)
-        chance = (cover[idx] @ ctl[idx].T) / ctl[idx].sum(1).clamp(min=1e-6)
-        ratio = (inside * others).sum(1) / (chance * others).sum(1).clamp(min=1e-6)
-        out[idx] = torch.where(area[idx].sum(1) > 0, ratio, float("nan"))
+        others = (inside.sum(1) - inside.diagonal()) / (len(idx) - 1)
+        out[idx] = torch.where(chance[idx] > 0, others / chance[idx], float("nan"))
     return out

@@ -7,24 +7,22 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from fastai.data.transforms import Normalize
+from fastai.learner import Learner
+from torch import nn
 
 from gradcam_tut import audit as audit_module
-from gradcam_tut.audit import (
-    Audit,
-    _clusters,
-    audit,
-    cluster_maps,
-    flag_reason,
-    mass_numbers,
-    regions,
-    report_html,
-)
+from gradcam_tut.audit import EVIDENCE, RULE, _clusters, _flagged, audit, flag_reason
+from gradcam_tut.audit_report import report_html
 from gradcam_tut.cli import main
+from gradcam_tut.mini_fish import MARKS, MiniFishSpec, make_mini_fish, mark_mask
 from gradcam_tut.results import MARKER
+from gradcam_tut.spray import cluster_maps, mass_numbers, regions
 
-COLUMNS = ["file", "class", "cluster", "flagged", "label", "predicted", "confidence", "correct",
-           "cluster_size", "centre", "edges", "corners", "compactness", "peak_row", "peak_col",
-           "peak_in", "empty"]
+COLUMNS = ["file", "class", "cluster", "flagged", "why", "label", "predicted", "confidence",
+           "correct", "cluster_size", "centre", "edges", "corners", "compactness", "peak_row",
+           "peak_col", "peak_in", "empty", *EVIDENCE]
 
 
 def blobs(n: int, where: str, seed: int, grid: int = 8, width=(0.01, 0.03)) -> np.ndarray:
@@ -46,15 +44,13 @@ def families():
     return np.concatenate([blobs(30, "centre", 0), blobs(20, "corner", 1)]).astype(np.float32)
 
 
-def test_clustering_separates_centre_and_corner_maps_and_flags_the_corner(families):
+def test_clustering_separates_centre_and_corner_maps(families):
     labels, eigenvalues = cluster_maps(families)
     assert labels.max() == 1, eigenvalues  # the eigengap finds 2 clusters
     assert np.diff(eigenvalues).argmax() == 1 and eigenvalues[1] < 0.1 < eigenvalues[2]
     assert (labels[:30] == 0).all() and (labels[30:] == 1).all()  # numbered by size
     numbers = mass_numbers(np.stack([families[labels == c].mean(0) for c in (0, 1)]))
     assert numbers.loc[0, "centre"] > 0.6 and numbers.loc[1, "corners"] > 0.6
-    assert flag_reason(numbers.loc[0]) == ""
-    assert flag_reason(numbers.loc[1]).startswith("corners hold")
 
 
 def test_one_family_is_one_cluster_and_sparse_agrees_with_dense(families):
@@ -72,7 +68,7 @@ def test_one_family_is_one_cluster_and_sparse_agrees_with_dense(families):
     assert not set(labels[:200]) & set(labels[200:])  # no cluster mixes the families
 
 
-def test_mass_numbers_and_the_flag_rule():
+def test_mass_numbers():
     G = 8
     assert [r.sum() for r in regions(G).values()] == [16, 32, 16]  # centre, edges, corners
     flat, point, ring, empty = np.ones((G, G)), np.zeros((G, G)), np.ones((G, G)), np.zeros((G, G))
@@ -85,13 +81,81 @@ def test_mass_numbers_and_the_flag_rule():
     assert numbers.loc[1, ["peak_row", "peak_col", "peak_in"]].tolist() == [3, 4, "centre"]
     assert numbers.loc[3, ["centre", "corners"]].isna().all() and numbers.loc[3, "empty"] == 1
     assert numbers.loc[3, ["peak_row", "peak_in"]].tolist() == [-1, ""]  # no peak
-    assert flag_reason(numbers.loc[0]) == "" and flag_reason(numbers.loc[1]) == ""
-    assert "along the border" in flag_reason(numbers.loc[2])  # the centre holds 0
-    spread = {"centre": 0.3, "corners": 0.3}  # mass that does not say it, peaks that do
-    assert flag_reason(spread | {"peaks_in_corners": 0.49}) == ""
-    assert flag_reason(spread | {"peaks_in_corners": 0.5}).startswith("50% of its maps peak")
+    assert numbers.loc[2, "centre"] == 0  # a ring along the border
     with pytest.raises(ValueError, match="multiple of 4"):
         regions(6)
+
+
+def test_the_flag_needs_the_network_and_a_sign_that_it_is_not_the_object():
+    """Flagged: the region moves other classes' images to the class beyond its control, and
+    sits at a fixed place or works from anywhere in the picture. An object's region that
+    moves them too (a fish is its class) is not flagged without that second sign."""
+    m, p, e = RULE["moved"], RULE["place"], RULE["everywhere"]
+    fixed = {"moved": 0.9, "moved_control": 0.0, "same_place": p + 1, "size": 20}
+    why, look = flag_reason(fixed, "Trout")
+    assert why.startswith("Moved into images of other classes, its regions made 90% of them "
+                          "Trout (the same shapes moved elsewhere: 0%)") and "same place" in why
+    assert "Look at that place" in look
+    anywhere = fixed | {"moved_control": e + 0.05, "moved": e + m + 0.1, "same_place": 1.0}
+    assert "written all over the picture" in flag_reason(anywhere, "Trout")[0]
+    for numbers in (fixed | {"same_place": 1.2},  # moves them, but follows the object
+                    fixed | {"moved": m - 0.01},  # the region decides nothing
+                    fixed | {"moved": 0.9, "moved_control": 0.9 - m + 0.01},  # no more than
+                    fixed | {"moved": np.nan}):  # an empty map: no region to test
+        assert flag_reason(numbers, "Trout") == ("", ""), numbers
+
+
+class MarkColours(nn.Module):
+    """(B, classes, H, W): how close each pixel (0..1: a learner trained from random weights
+    has no `Normalize`) is to each class's mark colour (`MARKS`)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        colours = torch.tensor([MARKS[c] for c in vocab], dtype=torch.float32) / 255
+        self.register_buffer("colours", colours[:, :, None, None])  # (K, 3, 1, 1)
+
+    def forward(self, x):
+        return torch.exp(-((x[:, None] - self.colours) ** 2).sum(2) / 0.02)
+
+
+class StripReader(nn.Module):
+    """A network with a shortcut and nothing else: its logits are the mark colours it sees
+    in the middle of the bottom edge, where the strip of `MiniFishSpec(mark_kind="strip")`
+    lies; the fish are nothing to it."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.body = MarkColours(vocab)
+
+    def forward(self, x):
+        a = self.body(x)  # (B, K, H, W)
+        H, W = a.shape[-2:]
+        return 20 * a[:, :, H - H // 8:, W // 4: W - W // 4].mean((2, 3))
+
+
+def test_a_planted_shortcut_is_flagged_because_of_what_the_network_does(tiny_learner,
+                                                                          tmp_path):
+    """A network that reads a strip along the bottom edge: every image's map lies on the
+    strip; moved into images of other classes, the strip makes them its class, the same
+    shape elsewhere does not, and it sits at one place: every cluster is flagged."""
+    root = make_mini_fish(tmp_path / "strip", MiniFishSpec(per_class=6, width=64, height=48,
+                                                           mark=1.0, mark_kind="strip"),
+                          progress=False)
+    dls = tiny_learner.dls
+    assert not any(isinstance(t, Normalize) for t in dls.after_batch.fs)  # pixels in 0..1
+    learn = Learner(dls, StripReader(dls.vocab))
+    result = audit(learn, root, layer="body", examples=1, out=tmp_path / "audited")
+    images, clusters = result.images, result.clusters
+    assert (images["correct"] == 1).all()  # the strip is the class, to this network
+    assert images["moved"].mean() == 1 and images["moved_control"].mean() == 0
+    assert images["same_place"].min() > RULE["place"]
+    assert clusters["flagged"].all() and images["flagged"].all()
+    assert clusters["why"].str.contains("same place").all()
+    masks = np.stack([np.asarray(mark_mask(f)) for f in images["file"]])
+    assert masks.any(axis=(1, 2)).all()  # the strip's own mask, which the audit never saw
+    page = (tmp_path / "audited" / "report.html").read_text()
+    assert page.count('class="cluster flagged"') == len(clusters)
+    assert page.count("<figcaption>region moved in:") == len(clusters)  # one example each
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +177,12 @@ def test_audit_writes_one_row_per_image(audited, tiny_learner):
     assert result.features.shape == (54, 8, 8) and result.maps.shape[0] == 54
     assert result.layer == "layer1"  # the deepest with 8x8 cells at 32 px
     flagged = result.clusters.set_index(["class", "cluster"])["flagged"]
-    assert (table.set_index(["class", "cluster"]).index.map(flagged) == table["flagged"]).all()
+    assert (table["flagged"] <= table.set_index(["class", "cluster"]).index.map(flagged)).all()
+    tested = result.images.dropna(subset=["moved"])  # every map that points somewhere
+    assert len(tested) == (result.images["empty"] == 0).sum() and set(tested["moved"]) <= {0, 1}
+    controls = tested.dropna(subset=["moved_control"])  # every second image of each class
+    assert abs(len(controls) - len(tested) / 2) <= 9  # rounding, and empty maps
+    assert set(result.seconds) == {"explain", "cluster", "interventions", "report"}
 
 
 def test_unlabelled_images_are_grouped_by_prediction(tiny_learner, mini_root, tmp_path):
@@ -164,17 +233,23 @@ def test_cli_audit_and_its_one_line_errors(tiny_model_file, mini_root, tmp_path,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def synthetic_report(families) -> Audit:
-    """An Audit of the two families (one class with a centre and a corner cluster, one class
-    of centre maps), no images."""
+def synthetic_report(families):
+    """The images and clusters of the two families (Trout: a centre and a corner cluster,
+    the corner one moving other images; Shrimp: centre maps), no image files."""
     table = pd.DataFrame({"file": [f"/data/{'Trout' if i < 50 else 'Shrimp'}/{i}.png"
                                    for i in range(70)],
                           "predicted": ["Trout"] * 45 + ["Shrimp"] * 25,
                           "confidence": 0.9})
     table["label"] = ["Trout"] * 50 + ["Shrimp"] * 20
     features = np.concatenate([families, blobs(20, "centre", 3)]).astype(np.float32)
-    images, clusters = _clusters(table, features, 6)
-    return Audit(images, clusters, features, features, "layer2")
+    images, members = _clusters(table, features, 6)
+    corner = np.arange(70) >= 30
+    corner[50:] = False
+    tested = pd.DataFrame({"moved": np.where(corner, 0.9, 0.1), "moved_control": 0.0,
+                           "removed_changed": np.where(corner, 0.8, 0.1),
+                           "removed_control_changed": 0.0,
+                           "same_place": np.where(corner, 9.0, 1.0)})
+    return _flagged(pd.concat([images, tested], axis=1), features, members)
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +288,15 @@ def test_report_in_a_browser(audited, page, tmp_path):
 
 
 def test_report_sorts_and_marks_flagged_clusters(families, page, tmp_path):
-    result = synthetic_report(families)
+    images, clusters = synthetic_report(families)
     file = tmp_path / "report.html"
-    file.write_text(report_html(result, {}), encoding="utf-8")
+    file.write_text(report_html(images, clusters, "layer2", {}, rule=RULE), encoding="utf-8")
     page.goto(file.as_uri())
     assert page.locator("section.class").count() == 2
     flagged = page.locator(".cluster.flagged")
     assert flagged.count() == 1 and flagged.locator(".flag").is_visible()
-    assert "100% of its maps peak in a corner" in flagged.inner_text()
+    assert "made 90% of them Trout" in flagged.inner_text()
+    assert "Look at that place" in flagged.inner_text()
     assert "1 flagged: Trout 1 (20 images)" in page.inner_text("p.note")
     assert flagged.evaluate("e => getComputedStyle(e).borderTopColor") == "rgb(221, 34, 34)"
     page.click("button[data-key=size]")
@@ -253,7 +329,10 @@ def test_two_processes_write_what_one_does(audited, tiny_model_file, mini_root, 
     assert sorted(p.name for p in out.iterdir()) == ["clusters.csv", MARKER, "report.html"]
     one = pd.read_csv(audited[1] / "clusters.csv", keep_default_na=False)
     two = pd.read_csv(out / "clusters.csv", keep_default_na=False)
-    numbers = ["confidence", "centre", "edges", "corners", "compactness"]
+    numbers = ["confidence", "centre", "edges", "corners", "compactness", "flagged", "why",
+               *EVIDENCE]  # maps equal to 1e-5: regions may not
     pd.testing.assert_frame_equal(one.drop(columns=numbers), two.drop(columns=numbers))
-    one, two = (pd.read_csv(f / "clusters.csv")[numbers] for f in (audited[1], out))
+    one, two = (pd.read_csv(f / "clusters.csv")[numbers[:5]] for f in (audited[1], out))
     assert np.allclose(one, two, atol=2e-4, equal_nan=True)
+    one, two = (pd.read_csv(f / "clusters.csv")["moved"] for f in (audited[1], out))
+    assert (one == two).mean() > 0.9
