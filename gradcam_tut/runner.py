@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,13 +99,15 @@ def run_notebooks(settings_file: Path) -> list[Path]:
     imports and plots fill the other's idle core. (A model trained with another number of
     threads differs slightly: float sums are taken in another order.)
 
-    From a script of your own, call it under `if __name__ == "__main__":`, as for any spawned
-    worker process. Figures land in `<run>/figures/`. Returns the executed notebooks' paths,
-    in order.
+    The first notebook that fails ends the run: the one running beside it is stopped, and
+    the error says which failed, where, and where its output is. From a script of your own,
+    call it under `if __name__ == "__main__":`, as for any spawned worker process. Figures
+    land in `<run>/figures/`. Returns the executed notebooks' paths, in order.
 
     Raises:
         FileNotFoundError: no notebooks (a package installed without its repository).
-        NotebookFailed: a cell raised; says which notebook, which cell and what.
+        NotebookFailed: a cell raised; says which notebook, which cell and what, and which
+            notebook was stopped beside it.
     """
     from .settings import RunSettings  # torch: only once a run starts
 
@@ -131,15 +133,31 @@ def run_notebooks(settings_file: Path) -> list[Path]:
     # processes, not threads: papermill changes the working directory of its process
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = submit(first)
-        try:
-            runs[notebooks[0]].result()  # the model the others load
-        except NotebookFailed:
-            if len(first) > 1:
-                print(f"{notebooks[0].name} failed: waiting for "
-                      f"{', '.join(nb.name for nb in first[1:])} to finish", flush=True)
-            raise
-        runs |= submit(rest)
+        running = set(runs.values())
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:  # the first failure ends the run: the others are stopped
+                beside = [nb.name for nb, f in runs.items() if f in running]
+                _stop(pool)
+                if not beside:
+                    raise failed.exception()
+                raise NotebookFailed(f"{failed.exception()}; stopped {', '.join(beside)}, "
+                                     "which ran beside it") from failed.exception()
+            if runs[notebooks[0]] in done and rest:  # the model the others load is there
+                more = submit(rest)
+                runs |= more
+                running |= set(more.values())
         return [runs[nb].result() for nb in notebooks]
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop what `pool` runs: the notebooks not started are dropped, the worker processes
+    killed (each kernel exits with its worker: ipykernel watches its parent)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public way
+    pool.shutdown(wait=False, cancel_futures=True)  # (which forgets them) before Python 3.14's
+    for process in workers:  # pool.terminate_workers()
+        process.terminate()
 
 
 def _execute(nb: Path, out: Path, params: dict, env: dict[str, str]) -> Path:
