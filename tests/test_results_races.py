@@ -231,6 +231,54 @@ def test_the_first_error_on_any_process_ends_them_all(explain_cmd, images, tmp_p
     (images / "zz_broken.png").write_bytes(b"\x89PNG not really")
     done = torchrun(["-m", "gradcam_tut.cli", *explain_cmd(out)], tmp_path)
     assert done.returncode != 0
-    assert len(our_lines(done.stderr)) == 1, done.stderr[-3000:]
-    assert done.stderr.count("zz_broken.png") == 1 and "gradcam_tut/" not in done.stderr
+    assert our_lines(done.stderr) == ["gradcam-tut: error: 1 damaged file"], done.stderr[-3000:]
+    assert f"  {images / 'zz_broken.png'}: " in done.stderr and "gradcam_tut/" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "rank_1_fails.py"]
+
+
+def notebook(*cells: str) -> str:
+    import nbformat
+
+    return nbformat.writes(nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(c, metadata={"tags": ["parameters"] * (i == 0)})
+               for i, c in enumerate(cells)],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}}))
+
+
+@pytest.mark.slow
+def test_a_failing_notebook_ends_the_run_promptly(mini_dest, tmp_path, monkeypatch):
+    """01 fails in its last cell (4: papermill's parameters are 2) while 06 runs beside it:
+    the run ends at once, 06's kernel is stopped, and the one error names 01, the cell and
+    where its output is."""
+    import time
+
+    from gradcam_tut import runner
+    from gradcam_tut.settings import RunSettings
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    pid_file = tmp_path / "kernel_06.pid"
+    (notebooks / "01_train_resnet34_on_fish.ipynb").write_text(notebook(
+        "settings = None", "import time; time.sleep(3)", "raise ValueError('no fish here')"))
+    (notebooks / "06_catching_a_shortcut.ipynb").write_text(notebook(
+        "settings = None",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()))",
+        "time.sleep(600)"))
+    monkeypatch.setattr(runner, "NOTEBOOKS", notebooks)
+    run = tmp_path / "run"
+    s = RunSettings("smoke", "asked for smoke", mini_dest, 32, 4, 1, False, out=run)
+    start = time.monotonic()
+    with pytest.raises(runner.NotebookFailed) as failed:
+        runner.run_notebooks(s.save(run / "settings.json"))
+    assert time.monotonic() - start < 120
+    target = run / "notebooks" / "01_train_resnet34_on_fish.ipynb"
+    assert str(failed.value) == (
+        f"01_train_resnet34_on_fish.ipynb failed in cell 4: ValueError: no fish here (the whole "
+        f"error: {target}); stopped 06_catching_a_shortcut.ipynb, which ran beside it")
+    kernel = int(pid_file.read_text())
+    for _ in range(50):  # its kernel exits with its worker (ipykernel watches its parent)
+        if not Path(f"/proc/{kernel}").exists():
+            break
+        time.sleep(0.2)
+    assert not Path(f"/proc/{kernel}").exists(), "06's kernel still runs"
