@@ -242,8 +242,8 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     monkeypatch.setenv("FAKE_FAIL", "01")
     capsys.readouterr()
     with pytest.raises(runner.NotebookFailed, match="01_train_resnet34_on_fish.ipynb failed in "
-                       "cell 3: ValueError: bad value; stopped 06_catching_a_shortcut.ipynb, "
-                       "which ran beside it"):
+                       r"cell 3: ValueError: bad value \(the whole error: .*01_train.*\); "
+                       "stopped 06_catching_a_shortcut.ipynb, which ran beside it"):
         runner.run_notebooks(decided(tmp_path / "again"))
     ran = runs()
     assert set(ran) == {"01"} and ran["01"][2] == "3"  # 06 stopped, 02-05 never started
