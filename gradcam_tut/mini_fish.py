@@ -77,8 +77,11 @@ class MiniFishSpec:
     def __post_init__(self):
         if self.seed < 0:
             raise ValueError(f"seed={self.seed}: use a whole number from 0 up")
-        if not 1 <= self.per_class <= 99_999:  # the files' names hold 5 digits, as Kaggle's
-            raise ValueError(f"per_class={self.per_class}: ask for 1 to 99999 images per class")
+        if self.per_class < 1:
+            raise ValueError(f"per_class={self.per_class}: ask for at least 1 image per class")
+        if self.per_class > 99_999:  # the files' names hold 5 digits, as Kaggle's
+            raise ValueError(f"per_class={self.per_class}: ask for at most 99999 images per "
+                             "class")
         if min(self.width, self.height) < 16:
             raise ValueError(f"{self.width}x{self.height} is too small for a fish: use at "
                              "least 16x16 pixels")

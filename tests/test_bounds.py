@@ -18,8 +18,8 @@ def test_mini_fish_counts_and_sizes_that_cannot_fit_are_refused(tmp_path, capsys
     dest = tmp_path / "mini"
     assert main(["mini-fish", str(dest), "--per-class", "100000000000"]) == 2
     err = capsys.readouterr().err
-    assert err == ("gradcam-tut: error: per_class=100000000000: ask for 1 to 99999 images per "
-                   "class\n")
+    assert err == ("gradcam-tut: error: per_class=100000000000: ask for at most 99999 images "
+                   "per class\n")
     assert not dest.exists()
     with pytest.raises(ValueError, match="20000x96: draw at most 4096 pixels a side"):
         MiniFishSpec(width=20_000)
