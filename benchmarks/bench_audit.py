@@ -1,20 +1,23 @@
-"""Does the audit catch notebook 06's planted shortcut, and what does it cost?
+"""Does the audit catch shortcuts it was not tuned on, and what does it cost?
 
-(1) Trains (or reuses) notebook 06's shortcut model (every training image its class's corner
-mark) and its reference (no marks), with `shortcut.shortcut_recipe()`, side by side, one thread
-each, and audits the marked test set of `shortcut.counterfactual_sets` with each (no mask given).
-Where each cluster's maps really lie is measured apart from the audit, with `mini_fish.mark_mask`:
-the share of each map's mass on the mark (maps placed at their receptive fields, as
-`shortcut.map_shares` does) and whether its peak is on the mark.
-(2) Times `audit` on 1,008 mini fish at 128 px (resnet34, random weights: the time does not
-depend on what the network learned), split into the explain pass, the clustering and the report.
-(3) Times `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, each size in a fresh process for
-its peak memory, with the dense affinity and with the sparse nearest-neighbour one.
-(4) Times `gradcam-tut explain` and `audit` of (2)'s images with one process and with two
-(torchrun).
+(1) `--only kinds`: for each kind of planted shortcut (`mini_fish.SHORTCUT_KINDS`: a corner
+square, a strip along the bottom edge, a tag beside the fish, a tinted backdrop, a faint
+watermark band) trains (or reuses) a network with notebook 06's recipe on mini fish carrying
+it, and three networks without any shortcut (seeds 42, 43, 44). Audits each shortcut network
+on new fish with its shortcut, and each clean network on new fish with every kind, no mask
+given; where each map really lies is measured apart from the audit with the shortcut's own
+mask (`mini_fish.mark_mask`: the map's peak within half a cell of it). Then leave one kind
+out: the flag's three thresholds (`audit.RULE`) are chosen on the other kinds (the best mean
+F1 with at most 10% of the clean networks' images flagged) and reported on the kind left out.
+Rows in `results/audit_kinds.csv`, the table in `results/audit_loko.csv`.
+(2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
+explain, clustering, interventions and the report, per 1,000 images.
+(3) `--only scaling`: `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, dense and sparse.
+(4) `--only processes`: `gradcam-tut explain` and `audit` with one process and with two.
+(5) `--only corelay`: CoRelAy's spectral embedding and clustering (the SpRAy authors' library)
+against `spray.cluster_maps` on the same maps of (1), judged by the shortcut's mask.
 
-    .venv/bin/python benchmarks/bench_audit.py             # all four, ~15 min on 2 cores
-    .venv/bin/python benchmarks/bench_audit.py --only shortcut   # or: time, scaling, processes
+    .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~25 min on 2 busy cores
 """
 
 from __future__ import annotations
@@ -35,63 +38,199 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data" / "bench_audit"
 SETS = HERE.parent / "data" / "bench_shortcut"  # bench_shortcut.py's mini fish, drawn once
+RESULTS = HERE / "results"
 SEED = 42
 
 
-def train_one(kind: str, data: Path) -> Path:
-    """Notebook 06's recipe on the "marked" (shortcut) or "clean" (reference) training set,
-    exported to `data/<kind>.pkl`; reused when there (in a worker process, one thread)."""
+def train_one(job: tuple[str, int]) -> Path:
+    """Notebook 06's recipe on mini fish with a `kind` of shortcut ("clean": none), exported to
+    `data/bench_audit/<kind>-<seed>.pkl`; reused when there (in a worker, one thread)."""
     import torch
 
     torch.set_num_threads(1)
     from gradcam_tut.shortcut import shortcut_recipe, training_sets
     from gradcam_tut.train import train_fish
 
-    model = data / f"{kind}.pkl"
+    kind, seed = job
+    model = DATA / f"{kind}-{seed}.pkl"
     if not model.is_file():
-        train = training_sets(SETS, 72, SEED)
-        train_fish(train[kind], **shortcut_recipe(), seed=SEED, export_to=model)
+        train = training_sets(SETS, 72, seed, "corner" if kind == "clean" else kind)
+        train_fish(train["clean" if kind == "clean" else "marked"], **shortcut_recipe(),
+                   seed=seed, export_to=model)
     return model
 
 
-def shortcut_rows(data: Path) -> None:
+def audit_one(job: tuple[str, str]):
+    """The audit of one network on one kind's marked test fish, with where its maps lie."""
     import pandas as pd
+    import torch
 
+    torch.set_num_threads(1)
     from gradcam_tut.audit import audit
     from gradcam_tut.shortcut import counterfactual_sets, where_maps_lie
     from gradcam_tut.train import load_fish_learner
 
+    model, kind = job
+    learn = load_fish_learner(DATA / f"{model}.pkl")
+    files = counterfactual_sets(SETS / "test", kind=kind)["marked"]
+    result = audit(learn, files)
+    truth = where_maps_lie(learn, result.images["file"], result.maps, result.layer)
+    return pd.concat([result.images, truth], axis=1).assign(
+        model=model, kind=kind, shortcut=not model.startswith("clean"),
+        **{f"seconds_{k}": v for k, v in result.seconds.items()})
+
+
+CLEAN_SEEDS = (42, 43, 44)
+GRID = {"moved": np.round(np.arange(0.05, 0.65, 0.05), 2),
+        "place": [1.5, 2, 3, 4, 5, 6, 8, 10, 15],
+        "everywhere": [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, np.inf]}
+
+
+def with_cluster_numbers(rows):
+    """Each image's row with its cluster's numbers (`audit.cluster_numbers`), prefixed c_."""
+    from gradcam_tut.audit import cluster_numbers
+
+    key = ["model", "kind", "class", "cluster"]
+    numbers = rows.groupby(["model", "kind"], sort=False, group_keys=False).apply(
+        lambda part: cluster_numbers(part).assign(model=part.name[0], kind=part.name[1]))
+    numbers = numbers[key + ["moved", "moved_control", "same_place"]].add_prefix("c_")
+    return rows.merge(numbers.rename(columns={f"c_{k}": k for k in key}), on=key, how="left")
+
+
+def flags(rows, rule: dict) -> np.ndarray:
+    """`audit.apply_rule` on every image at once (rows from `with_cluster_numbers`); checked
+    equal to it in `kind_rows`."""
+    moved = (rows["c_moved"] - rows["c_moved_control"] >= rule["moved"]).to_numpy()
+    place = (rows["c_same_place"] >= rule["place"]).to_numpy()
+    own = (rows["same_place"] >= rule["place"]).to_numpy()
+    everywhere = (rows["c_moved_control"] >= rule["everywhere"]).to_numpy()
+    return (moved & place & own) | (~(moved & place) & everywhere)
+
+
+def scores(rows, rule: dict) -> dict:
+    """Precision and recall of the flags on the shortcut networks' images (truth: the map's
+    peak near the shortcut), and the share of the clean networks' images flagged."""
+    flagged = flags(rows, rule)
+    short, truth = rows["shortcut"].to_numpy(), (rows["near mark"] == 1).to_numpy()
+    tp = (flagged & truth & short).sum()
+    return {"precision": tp / max((flagged & short).sum(), 1),
+            "recall": tp / max((truth & short).sum(), 1),
+            "flagged clean": flagged[~short].mean() if (~short).any() else np.nan,
+            "flagged shortcut": flagged[short].mean() if short.any() else np.nan}
+
+
+def choose_rule(rows) -> dict:
+    """The thresholds with the best mean F1 over the kinds in `rows`, among those that flag at
+    most 10% of the clean networks' images."""
+    import itertools
+
+    best, kinds = None, rows["kind"].unique()
+    clean = rows[~rows["shortcut"]]
+    parts = [rows[rows["shortcut"] & (rows["kind"] == k)] for k in kinds]
+    for m, p, e in itertools.product(*GRID.values()):
+        rule = {"moved": float(m), "place": float(p), "everywhere": float(e)}
+        if scores(clean, rule)["flagged clean"] > 0.10:
+            continue
+        f1 = [2 * s["precision"] * s["recall"] / max(s["precision"] + s["recall"], 1e-9)
+              for s in (scores(part, rule) for part in parts)]
+        if best is None or np.mean(f1) > best[0]:
+            best = (np.mean(f1), rule)
+    return best[1]
+
+
+def calibrated_rule(clean, q: float = 0.95, moved: float = 0.1) -> dict:
+    """Thresholds from networks without any shortcut alone: the `q` quantile of their clusters'
+    `same_place` and `moved_control`, so that a sign is one that clean networks seldom show;
+    `moved`, a region that moves other images at least this much more than its control."""
+    c = clean.drop_duplicates(["model", "kind", "class", "cluster"])
+    return {"moved": moved, "place": round(float(c["c_same_place"].quantile(q)), 2),
+            "everywhere": round(float(c["c_moved_control"].quantile(q)), 2)}
+
+
+def calibrated_table(rows, seeds: tuple[int, ...] = (42, 43)):
+    """(b): the rule from the clean networks of `seeds` alone, scored on every kind (none of
+    which chose it) and on the other clean networks."""
+    import pandas as pd
+
+    rows = with_cluster_numbers(rows)
+    clean = rows[~rows["shortcut"]]
+    chosen = clean["model"].isin([f"clean-{s}" for s in seeds])
+    rule = calibrated_rule(clean[chosen])
+    held_clean = clean[~chosen]
+    table = [{"kind": k, **{f"rule {n}": v for n, v in rule.items()},
+              **scores(pd.concat([rows[rows["shortcut"] & (rows["kind"] == k)],
+                                  held_clean[held_clean["kind"] == k]]), rule),
+              "maps on it": rows.loc[rows["shortcut"] & (rows["kind"] == k), "near mark"].mean(),
+              "follows": rows.loc[rows["shortcut"] & (rows["kind"] == k), "follows"].iloc[0]}
+             for k in rows["kind"].unique()]
+    return pd.DataFrame(table)
+
+
+def loko_table(rows):
+    """Leave one kind out: for each kind, the rule chosen on the others, scored on it."""
+    import pandas as pd
+
+    from gradcam_tut.audit import apply_rule, cluster_numbers
+
+    rows = with_cluster_numbers(rows)
+    table = []
+    for k in rows["kind"].unique():
+        rule = choose_rule(rows[rows["kind"] != k])
+        held = rows[rows["kind"] == k]
+        for _, part in held.groupby(["model", "kind"]):  # the shortcut: the audit's own rule
+            images, _ = apply_rule(part, cluster_numbers(part), rule)
+            assert (images["flagged"].to_numpy() == 1).tolist() == flags(part, rule).tolist()
+        table.append({"left out": k, **{f"rule {n}": v for n, v in rule.items()},
+                      **scores(held, rule),
+                      "maps on it": held.loc[held["shortcut"], "near mark"].mean(),
+                      "follows": held.loc[held["shortcut"], "follows"].iloc[0]})
+    return pd.DataFrame(table)
+
+
+def kind_rows(data: Path) -> None:
+    """(1): every network audited, then the leave-one-kind-out table."""
+    import pandas as pd
+
+    from gradcam_tut.audit import EVIDENCE
+    from gradcam_tut.mini_fish import SHORTCUT_KINDS
+    from gradcam_tut.shortcut import counterfactual_sets, shortcut_scores
+    from gradcam_tut.train import load_fish_learner
+
+    jobs = [(k, SEED) for k in SHORTCUT_KINDS] + [("clean", s) for s in CLEAN_SEEDS]
+    audits = [(f"{k}-{SEED}", k) for k in SHORTCUT_KINDS] + \
+        [(f"clean-{s}", k) for s in CLEAN_SEEDS for k in SHORTCUT_KINDS]
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        models = dict(zip(("marked", "clean"),
-                          pool.map(train_one, ("marked", "clean"), (data, data))))
-    marked = counterfactual_sets(SETS / "test")["marked"]
-    folder = Path(marked[0]).parents[2]  # .../Fish_Dataset/Fish_Dataset
-    for kind, name in (("marked", "shortcut"), ("clean", "reference")):
-        learn = load_fish_learner(models[kind])
-        result = audit(learn, [folder], out=data / f"audit-{name}", force=True)
-        truth = where_maps_lie(learn, result.images["file"], result.maps, result.layer)
-        images = pd.concat([result.images, truth], axis=1)
-        flagged = images[images["flagged"] == 1]
-        rest = images[images["flagged"] == 0]
-        per = images.groupby(["class", "cluster"]).agg(
-            size=("file", "size"), flagged=("flagged", "first"),
-            accuracy=("correct", "mean"), corners=("corners", "mean"),
-            mark_energy=("mark energy", "mean"), on_mark=("on mark", "mean"))
-        print(f"\n== {name} model ({models[kind].name}): {len(images)} marked test images, "
-              f"layer {result.layer}, {len(per)} clusters, {int(per['flagged'].sum())} flagged "
-              f"({len(flagged)} images); report: {data / f'audit-{name}' / 'report.html'}")
-        print(per.round(3).to_string())
-        on = images["on mark"] == 1
-        print(f"images whose map peaks on the mark: {int(on.sum())}"
-              f" ({on.mean():.3f}); of them in flagged clusters: "
-              f"{(on & (images['flagged'] == 1)).sum() / max(on.sum(), 1):.3f}")
-        for what, part in (("flagged", flagged), ("not flagged", rest)):
-            if len(part):
-                print(f"{what:>12}: {len(part):4d} images, peak on the mark "
-                      f"{part['on mark'].mean():.3f}, mass on the mark "
-                      f"{part['mark energy'].mean():.3f} (the mark's area: "
-                      f"{part['mark area'].mean():.3f})")
+        list(pool.map(train_one, jobs))
+        rows = pd.concat(list(pool.map(audit_one, audits)), ignore_index=True)
+    print("\n== what each shortcut network does with its shortcut (follows: the share of "
+          "swapped test fish named by the shortcut's class; chance 0.11)")
+    for k in SHORTCUT_KINDS:
+        learn = load_fish_learner(DATA / f"{k}-{SEED}.pkl")
+        got = shortcut_scores(learn, counterfactual_sets(SETS / "test", kind=k))
+        rows.loc[rows["model"] == f"{k}-{SEED}", "follows"] = got["follows mark"]
+        print(f"{k:>10}: " + ", ".join(f"{n} {v:.2f}" for n, v in got.items()), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    rows["file"] = [str(Path(f).relative_to(SETS)) for f in rows["file"]]
+    keep = ["model", "kind", "shortcut", "follows", "file", "class", "cluster", "predicted",
+            "correct", *EVIDENCE, "near mark", "on mark", "mark energy", "mark area"]
+    rows = rows[keep + [c for c in rows if c.startswith("seconds_")]]
+    rows.to_csv(RESULTS / "audit_kinds.csv", index=False, float_format="%.4g")
+    report_rules(rows)
+
+
+def report_rules(rows) -> None:
+    """(a) leave one kind out and (b) the rule from clean networks alone, printed and saved."""
+    table = loko_table(rows)
+    table.to_csv(RESULTS / "audit_loko.csv", index=False)
+    print("\n== (a) leave one kind out: thresholds chosen on the other kinds (best mean F1, at "
+          "most 10% of the clean networks' images flagged), scored on this one")
+    print(table.round(3).to_string(index=False))
+    table = calibrated_table(rows)
+    table.to_csv(RESULTS / "audit_calibrated.csv", index=False)
+    print("\n== (b) thresholds from the clean networks of seeds 42 and 43 alone (no shortcut "
+          "kind), scored on every kind; flagged clean: the clean network of seed 44")
+    print(table.round(3).to_string(index=False))
 
 
 def time_rows(data: Path, per_class: int = 112) -> None:
@@ -189,7 +328,7 @@ def scale_one(n: int, dense: bool) -> dict:
     """One clustering of n synthetic maps (run in a fresh process: its peak memory)."""
     from sklearn.metrics import adjusted_rand_score, homogeneity_score
 
-    from gradcam_tut.audit import cluster_maps, flag_reason, mass_numbers
+    from gradcam_tut.spray import cluster_maps
 
     maps, family = synthetic_maps(n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -197,15 +336,10 @@ def scale_one(n: int, dense: bool) -> dict:
     labels, eigenvalues = cluster_maps(maps, dense_max=n if dense else 0)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    means = np.stack([maps[labels == c].mean(0) for c in range(labels.max() + 1)])
-    flagged = np.array([bool(flag_reason(r)) for _, r in mass_numbers(means).iterrows()])
-    away = family > 0  # the corner and edge families
     return {"n": n, "affinity": "dense" if dense else "sparse 15-NN", "seconds": seconds,
             "clusters": int(labels.max() + 1),
             "homogeneity": homogeneity_score(family, labels),
             "ARI": adjusted_rand_score(family, labels),
-            "corner/edge maps flagged": flagged[labels][away].mean(),
-            "centre maps flagged": flagged[labels][~away].mean(),
             "peak MB over start": (peak - base) / 1024}
 
 
@@ -234,7 +368,8 @@ def scaling_rows(sizes: tuple[int, ...] = (1000, 5000, 20000), dense_up_to: int 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["shortcut", "time", "scaling", "processes"])
+    p.add_argument("--only", choices=["kinds", "loko", "time", "scaling", "processes",
+                                      "corelay"])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -244,8 +379,12 @@ def main() -> None:
         print(json.dumps(scale_one(args.scale_one, args.dense)))
         return
     args.data.mkdir(parents=True, exist_ok=True)
-    if args.only in (None, "shortcut"):
-        shortcut_rows(args.data)
+    if args.only in (None, "kinds"):
+        kind_rows(args.data)
+    if args.only == "loko":  # again, from the rows that `kinds` wrote
+        import pandas as pd
+
+        report_rules(pd.read_csv(RESULTS / "audit_kinds.csv"))
     if args.only in (None, "time"):
         time_rows(args.data)
     if args.only in (None, "scaling"):

@@ -13,12 +13,13 @@ without being its object.
    same place into an image of another class), and the same is done to the region's shape
    moved elsewhere in the image, the control. Forward passes only.
 4. **Flags** (`flag_reason`): a map says where; only an intervention says why. A cluster is
-   flagged when its regions turn other classes' images into its class (`moved` beyond the
-   control by `RULE["moved"]`) *and* there is a sign, without masks, that what decides is not
-   the object: the regions sit at the same place in images whose objects are anywhere
-   (`same_place` >= `RULE["place"]`), or regions taken anywhere from these images do it too
-   (`moved_control` >= `RULE["everywhere"]`: the class is written all over the picture, a
-   backdrop or a colour cast). The thresholds were chosen with one kind of shortcut left out
+   flagged when there is a sign, without masks, that what decides its class is not its
+   object: its regions turn other classes' images into its class (`moved` beyond the control
+   by `RULE["moved"]`) and its maps peak at the same place in images whose objects are
+   anywhere (`same_place` >= `RULE["place"]`); or regions taken anywhere in its images do it
+   too (`moved_control` >= `RULE["everywhere"]`: the class is written all over the picture, a
+   backdrop or a colour cast). An object's region moves other images too (the fish is its
+   class): that alone is no flag. The thresholds were chosen with one kind of shortcut left out
    and are reported on the kind left out (`benchmarks/bench_audit.py`). An image is flagged
    when its cluster is and its own region shares the cluster's sign.
 
@@ -44,11 +45,12 @@ import torch.nn.functional as F
 from fastai.learner import Learner
 from torch import Tensor
 
-from .audit_report import example_thumbnails, intervention_figures, report_html
+from .audit_report import example_thumbnails, intervention_examples, report_html
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
 from .explain import csv_safe, explain_maps, gathered, image_paths, on_this_process
-from .interventions import coverage, elsewhere, intervene, map_regions, same_place
+from .interventions import elsewhere, intervene, map_regions, same_place
 from .layout import class_name
+from .metrics import peak_points
 from .receptive_field import CellCentres, cell_centres, place
 from .results import check_destination, check_inputs_outside, formula_safe, written_whole
 from .spray import GRID, MAX_CLUSTERS, cluster_maps, mass_numbers, regions
@@ -69,12 +71,18 @@ class Audit:
 
     Attributes:
         images: one row per image, the rows of `clusters.csv` (see `audit`).
-        clusters: one row per (class, cluster): size, accuracy, mass numbers, flagged, why.
+        clusters: one row per (class, cluster): size, the interventions' numbers and their
+            controls (`cluster_numbers`), accuracy, flagged, why, what to look for, mean map,
+            members and example.
         features: (N, grid, grid) float32, each image's map on the grid, maximum 1 (0 for an
             all-zero map), in the order of `images`.
         maps: (N, h, w) float32, the maps as `grad_cam` gives them, in the same order.
         layer: the layer the maps are from.
-        seconds: wall time of "explain" (the model pass), "cluster" and "report".
+        seconds: wall time of "explain" (the model pass), "cluster", "interventions" and
+            "report".
+        examples: {row of `clusters`: four (image (H, W, 3), caption)}: its example image
+            with its region outlined, the region taken away, an image of another class, and
+            that image with the region moved in (`audit_report.intervention_examples`).
     """
 
     images: pd.DataFrame
@@ -83,6 +91,7 @@ class Audit:
     maps: np.ndarray
     layer: str
     seconds: dict[str, float] = field(default_factory=dict)
+    examples: dict[int, list] = field(default_factory=dict)
 
 
 def flag_reason(numbers: pd.Series | dict, cls: str, rule: dict = RULE) -> tuple[str, str]:
@@ -91,21 +100,21 @@ def flag_reason(numbers: pd.Series | dict, cls: str, rule: dict = RULE) -> tuple
 
     Args:
         numbers: the cluster's `moved` and `moved_control` (shares of images of other classes
-            turned into `cls`), `same_place` (median) and `size`.
+            turned into `cls`) and `same_place` (median): `cluster_numbers`.
     """
     moved, control = numbers["moved"], numbers["moved_control"]
-    if np.isnan(moved) or moved - control < rule["moved"]:
+    if np.isnan(moved):
         return "", ""
     said = (f"Moved into images of other classes, its regions made {moved:.0%} of them "
             f"{cls} (the same shapes moved elsewhere: {control:.0%})")
-    if numbers["same_place"] >= rule["place"]:
-        return (f"{said}, and they sit at the same place in its images, "
+    if moved - control >= rule["moved"] and numbers["same_place"] >= rule["place"]:
+        return (f"{said}, and its maps peak at the same place in its images, "
                 f"{numbers['same_place']:.1f} times more often than by chance.",
                 f"Look at that place in the examples: is the {cls} there in every photo, or "
                 "something else that is (a mark, a caption, a border, a watermark)?")
     if control >= rule["everywhere"]:
-        return (f"{said}; even regions taken elsewhere in these images make {control:.0%} "
-                f"of other images {cls}: the class is written all over the picture.",
+        return (f"{said}: even regions taken anywhere in these images make other images "
+                f"{cls}, so the class is written all over the picture.",
                 f"Compare the backgrounds of these images with other classes': a colour, a "
                 f"backdrop or a texture that only {cls} photos have?")
     return "", ""
@@ -211,16 +220,17 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     tested = evidence(learn, [Path(f) for f in images["file"]], images["class"],
                       images["predicted"], maps, centres, size, seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
+    shown = intervention_examples(learn, images, clusters, maps, centres, size,
+                                  grow=round(_cell(centres, size, maps) / 2))
     seconds["interventions"] = time.perf_counter() - start
-    result = Audit(images, clusters, features, maps, name, seconds)
+    result = Audit(images, clusters, features, maps, name, seconds, shown)
     if out is not None:
         start = time.perf_counter()
         thumbs = example_thumbnails(learn, images, clusters, features, maps, centres, size,
                                     examples, bs)
-        figures = intervention_figures(learn, images, clusters, maps, centres, size)
         with written_whole(out, RESULTS, force, by="gradcam-tut audit") as tmp:
             formula_safe(images).to_csv(tmp / "clusters.csv", index=False)
-            page = report_html(images, clusters, name, thumbs, figures, method, RULE)
+            page = report_html(images, clusters, name, thumbs, result.examples, method, RULE)
             (tmp / "report.html").write_text(page, encoding="utf-8")
         seconds["report"] = time.perf_counter() - start
     return result
@@ -233,8 +243,9 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     the map placed at its cells' receptive fields) is taken away, or moved into an image of
     another class (`interventions.intervene`), one row per image in the order of `files`; the
     same for the region's shape moved elsewhere in the image, in every second image of each
-    class (`*_control`, the control; NaN in the others); and how much more than by chance its
-    class's regions lie at its region's place (`same_place`).
+    class (`*_control`, the control; NaN in the others); and how much more often than by
+    chance its class's maps peak where its map peaks (`same_place`). A region is where the map
+    reaches half its maximum, grown by half a cell.
 
     The image each region is moved into is drawn for each image from up to `POOL` images of
     each other class. Forward passes only: three images per image.
@@ -256,14 +267,16 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     target = torch.tensor([vocab.index(c) for c in classes])
     with_control = torch.from_numpy(pd.Series(classes).groupby(classes).cumcount().to_numpy()
                                     % 2 == 0)
-    rows, covers, done = [], [], 0
+    cell = _cell(centres, size, maps)
+    rows, peaks, done = [], [], 0
     model, training = learn.model, learn.model.training
     try:
         model.eval()
         for (xb,) in learn.dls.test_dl(list(files), bs=bs):
             xb, b = xb.as_subclass(Tensor), slice(done, done + len(xb))
             heat = place(torch.from_numpy(np.asarray(maps[b], np.float32)), size, centres)
-            regions = map_regions(heat)
+            regions = map_regions(heat, grow=round(cell / 2))
+            peaks.append(torch.stack(peak_points(heat), dim=1))
             controls = elsewhere(regions, seed=seed + done)
             cls, rec = target[b].to(xb.device), pool_x[where[chosen[b]]]
             out = intervene(model, xb, cls, regions.to(xb.device), rec, bs=bs)
@@ -273,7 +286,6 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
             for k, v in ctl.items():
                 part.loc[c.numpy(), _control(k)] = v.numpy()
             rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
-            covers.append(coverage(regions))
             done += len(xb)
     finally:
         model.train(training)
@@ -281,10 +293,15 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     before = np.array([vocab.index(p) for p in predicted])
     for tag in ("", "_control"):  # 1 where taking the region away changed the prediction
         table[f"removed{tag}_changed"] = (table.pop(f"removed{tag}_pred") != before).astype(float)
-    table["same_place"] = same_place(torch.cat(covers), classes).numpy()
+    table["same_place"] = same_place(torch.cat(peaks), classes, size, cell / 2).numpy()
     table = table[list(EVIDENCE)]
     table.loc[table["region_area"] == 0] = np.nan  # an all-zero map points nowhere
     return table
+
+
+def _cell(centres: CellCentres | None, size: tuple[int, int], maps: np.ndarray) -> float:
+    """A cell's side in pixels: the layer's stride."""
+    return centres.stride[0] if centres is not None else size[0] / maps.shape[-2]
 
 
 def _control(name: str) -> str:
@@ -366,7 +383,7 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
     images["flagged"], images["why"] = 0, ""
     for _, row in clusters[clusters["flagged"] == 1].iterrows():
         own = (images["class"] == row["class"]) & (images["cluster"] == row["cluster"])
-        if "same place" in row["why"]:
+        if "same place" in row["why"]:  # the images whose own map peaks there
             own &= images["same_place"] >= rule["place"]
         images.loc[own, ["flagged", "why"]] = 1, row["why"]
     return images, clusters

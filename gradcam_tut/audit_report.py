@@ -82,13 +82,14 @@ def _outlined(rgb: np.ndarray, region: Tensor) -> np.ndarray:
     return out
 
 
-def intervention_figures(learn: Learner, images, clusters, maps: np.ndarray,
-                         centres: CellCentres | None, size: tuple[int, int]
-                         ) -> dict[int, list[dict[str, str]]]:
-    """{cluster row: four figures} for each cluster's example (its image nearest the mean
-    map): the image with its region outlined, the region taken away, an image of another
-    class, and that image with the region moved in; each captioned with the prediction."""
-    vocab, figures = list(learn.dls.vocab), {}
+def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
+                          centres: CellCentres | None, size: tuple[int, int], grow: int = 0
+                          ) -> dict[int, list[tuple[np.ndarray, str]]]:
+    """{cluster row: four (image (H, W, 3) in 0..1, caption)} for each cluster's example (its
+    image nearest the mean map): the image with its region outlined, the region taken away,
+    an image of another class, and that image with the region moved in; each captioned with
+    the network's prediction and its probability."""
+    vocab, examples = list(learn.dls.vocab), {}
     model, training = learn.model, learn.model.training
     try:
         model.eval()
@@ -99,24 +100,21 @@ def intervention_figures(learn: Learner, images, clusters, maps: np.ndarray,
                 continue
             j = int(others[i % len(others)])
             dl = learn.dls.test_dl([Path(images["file"][i]), Path(images["file"][j])])
-            (xb,) = dl.one_batch()
-            x = xb.as_subclass(Tensor)
+            x = dl.one_batch()[0].as_subclass(Tensor)
             heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
-            region = map_regions(heat).to(x.device)
+            region = map_regions(heat, grow=grow).to(x.device)
             if not region.any():
                 continue
             batch = torch.cat([x[:1], fill(x[:1], region), x[1:], paste(x[1:], x[:1], region)])
             probs = probabilities(model, batch)
-            shown = dl.decode((batch,))[0]
+            shown = [image_hwc(t) for t in dl.decode((batch,))[0]]
+            shown[0] = _outlined(shown[0], region[0].cpu())
             names = ["its region", "taken away", "another class", "region moved in"]
-            pics = [_outlined(image_hwc(shown[0]), region[0].cpu())] + \
-                [image_hwc(s) for s in shown[1:]]
-            figures[k] = [{"src": _thumb(p), "caption": f"{name}: {vocab[int(q.argmax())]} "
-                                                        f"{float(q.max()):.2f}"}
-                          for name, p, q in zip(names, pics, probs)]
+            examples[k] = [(pic, f"{name}: {vocab[int(q.argmax())]} {float(q.max()):.2f}")
+                           for name, pic, q in zip(names, shown, probs)]
     finally:
         model.train(training)
-    return figures
+    return examples
 
 
 def _number(value: float, fmt: str = "{:.0%}") -> str:
@@ -124,16 +122,18 @@ def _number(value: float, fmt: str = "{:.0%}") -> str:
 
 
 def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]],
-                figures: dict[int, list[dict[str, str]]] | None = None,
+                examples: dict[int, list[tuple[np.ndarray, str]]] | None = None,
                 method: str = "gradcam", rule: dict | None = None) -> str:
     """The report page (see the module).
 
     Args:
         images, clusters: `Audit.images` and `Audit.clusters`.
-        thumbs: from `example_thumbnails`; figures: from `intervention_figures`.
+        thumbs: from `example_thumbnails`; examples: from `intervention_examples`.
         rule: the flag's thresholds as the page states them (`audit.RULE`).
     """
-    figures, rule = figures or {}, rule or {}
+    rule = rule or {}
+    figures = {k: [{"src": _thumb(pic), "caption": caption} for pic, caption in shown]
+               for k, shown in (examples or {}).items()}
     sections = []
     for cls, group in clusters.groupby("class", sort=True):
         n, cards = int(group["size"].sum()), []
@@ -156,7 +156,8 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.removed_control)),
                             ("moved: others now this class", _number(row.moved),
                              _number(row.moved_control)),
-                            ("same place (x chance)", _number(row.same_place, "{:.1f}"), "1")],
+                            ("same place (x chance)", _number(row.same_place, "{:.1f}"),
+                             "1: chance")],
                 "interventions": figures.get(k, []), "examples": shown})
         sections.append({"cls": cls, "n": n, "clusters": cards,
                          "n_flagged": int(group["flagged"].sum())})

@@ -135,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true",
                     help="replace an earlier result in --out, as a whole")
     ex.add_argument("--trust-learner", action="store_true", help=TRUST_HELP)
-    au = sub.add_parser("audit", help="cluster every class's maps and flag the clusters that "
-                        "look away from the object (no masks): clusters.csv and report.html")
+    au = sub.add_parser("audit", help="cluster every class's maps, test each map's region by "
+                        "taking it away and moving it into other images, and flag what decides "
+                        "a class without being its object (no masks): clusters.csv, report.html")
     au.add_argument("paths", nargs="+", type=Path, help="images and folders of images "
                     "(<class>/<image> folders named like the learner's classes: labelled)")
     au.add_argument("--learner", type=Path, required=True, help="a learner saved by learn.export")
@@ -192,8 +193,9 @@ def explain(args: argparse.Namespace) -> None:
     with holding(args.out, RESULTS) if rank == 0 else nullcontext():  # from start to end
         check_destination(args.out, RESULTS, args.force)  # before loading the learner
         learn = load_fish_learner(args.learner, trust=args.trust_learner)
-        table = explain_images(learn, args.paths, args.layers, args.target, args.method,
-                               args.bs, args.out, args.grids, args.force)
+        table = explain_images(learn, args.paths, layers=args.layers, target=args.target,
+                               method=args.method, bs=args.bs, out=args.out, grids=args.grids,
+                               force=args.force)
     if rank != 0:  # under accelerate launch: the first process says it
         return
     print(f"{len(table)} images: {args.out / 'explain.csv'}, {args.out / 'maps.npz'}"
@@ -209,8 +211,8 @@ def audit(args: argparse.Namespace) -> None:
     with holding(args.out, RESULTS) if rank == 0 else nullcontext():  # from start to end
         check_destination(args.out, RESULTS, args.force)  # before loading the learner
         learn = load_fish_learner(args.learner, trust=args.trust_learner)
-        result = audit_images(learn, args.paths, args.out, args.layer, args.method, args.bs,
-                              force=args.force)
+        result = audit_images(learn, args.paths, out=args.out, layer=args.layer,
+                              method=args.method, bs=args.bs, force=args.force)
     clusters = result.clusters
     if rank != 0:  # under accelerate launch: the first process says it
         return

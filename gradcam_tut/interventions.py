@@ -28,8 +28,10 @@ from torch import Tensor, nn
 REGION_LEVEL = 0.5  # a map's region: where it is at least this share of its maximum
 
 
-def map_regions(heat: Tensor, level: float = REGION_LEVEL) -> Tensor:
-    """Where each map points: the pixels where it reaches `level` times its maximum.
+def map_regions(heat: Tensor, level: float = REGION_LEVEL, grow: int = 0) -> Tensor:
+    """Where each map points: the pixels where it reaches `level` times its maximum, grown by
+    `grow` pixels on every side (a coarse map's edge is uncertain by half a cell: it peaks
+    beside a small mark as often as on it).
 
     Args:
         heat: (N, H, W) maps placed on the image (`receptive_field.place`).
@@ -38,7 +40,10 @@ def map_regions(heat: Tensor, level: float = REGION_LEVEL) -> Tensor:
         (N, H, W) bool; all False for an all-zero map (it points nowhere).
     """
     top = heat.flatten(1).amax(dim=1)[:, None, None]
-    return (heat >= level * top) & (top > 0)
+    regions = (heat >= level * top) & (top > 0)
+    if grow > 0:
+        regions = F.max_pool2d(regions[:, None].float(), 2 * grow + 1, 1, grow)[:, 0].bool()
+    return regions
 
 
 def elsewhere(regions: Tensor, seed: int = 0, tries: int = 16) -> Tensor:
@@ -114,37 +119,35 @@ def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
             "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
 
 
-def coverage(regions: Tensor, cells: int = 16) -> Tensor:
-    """Regions (N, H, W) bool as the share of each of `cells` x `cells` cells they cover:
-    (N, cells, cells) float32, small enough to keep for every image."""
-    return F.adaptive_avg_pool2d(regions[:, None].float(), cells)[:, 0]
-
-
-def same_place(regions: Tensor, groups: Sequence) -> Tensor:
-    """How much more than by chance the regions of a group's other images lie where this
-    image's region lies, up to mirror images: the mean share of their area inside this region
-    or one of its three mirror images, over the share of the image those cover (what a region
-    at a random place would have inside). About 1 for regions that follow an object placed
-    anywhere (more for objects that keep to the middle); large for a region fixed in place (a
-    corner, a caption bar).
+def same_place(peaks: Tensor, groups: Sequence, size: tuple[int, int], radius: float
+               ) -> Tensor:
+    """How much more often than by chance the maps of a group's other images peak where this
+    image's map peaks, up to mirror images: the share of them whose peak, folded into the
+    top-left quarter of the image (a corner is every corner, a side both sides), lies within
+    `radius` pixels of this one's on each axis, over the share of that quarter the square
+    around it covers (what peaks anywhere would give). About 1 for maps that follow an object
+    placed anywhere; large for evidence fixed in place (a corner, a caption bar).
 
     Args:
-        regions: (N, h, w) `coverage` of the regions; `groups` (N,) each image's group.
+        peaks: (N, 2) each map's peak, row and column (`metrics.peak_points`), in pixels.
+        groups: (N,) each image's group (its class); `size` the image's (H, W).
+        radius: half the side of the square, in pixels (half a cell of the layer).
 
     Returns:
-        (N,) float32; NaN for an image alone in its group or with an empty region.
+        (N,) float32; NaN for an image alone in its group.
     """
-    r = regions
-    cover = ((r + r.flip(1) + r.flip(2) + r.flip(1, 2)) > 0).float().flatten(1)  # (N, D)
-    area = regions.flatten(1)
-    chance = cover.mean(1)  # (N,)
+    (H, W), peaks = size, peaks.float()
+    half = torch.tensor([(H + 1) // 2, (W + 1) // 2], dtype=torch.float32)
+    f = torch.minimum(peaks, torch.tensor([H - 1.0, W - 1.0]) - peaks)  # (N, 2) folded
+    side = (torch.minimum(f + radius, half - 1) - (f - radius).clamp(min=0) + 1)  # (N, 2)
+    chance = side.prod(1) / half.prod()
     groups = np.asarray(groups)
-    out = torch.full((len(regions),), float("nan"))
+    out = torch.full((len(peaks),), float("nan"))
     for g in np.unique(groups):
         idx = torch.from_numpy(np.flatnonzero(groups == g))
         if len(idx) < 2:
             continue
-        inside = (cover[idx] @ area[idx].T) / area[idx].sum(1).clamp(min=1e-6)  # (n, n)
-        others = (inside.sum(1) - inside.diagonal()) / (len(idx) - 1)
-        out[idx] = torch.where(chance[idx] > 0, others / chance[idx], float("nan"))
+        near = ((f[idx, None] - f[None, idx]).abs() <= radius).all(-1)  # (n, n)
+        share = (near.sum(1) - 1) / (len(idx) - 1)
+        out[idx] = share / chance[idx]
     return out

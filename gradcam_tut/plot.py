@@ -254,3 +254,21 @@ def plot_clusters(clusters, notes: Sequence[str] | None = None, ncols: int = 6,
         ax.axis("off")  # the empty panels of the last row
     fig.tight_layout()
     return saved(fig, save)
+
+
+def plot_interventions(examples: dict[int, list[tuple[np.ndarray, str]]], titles: dict[int, str],
+                       save: str | Path | None = None) -> Figure:
+    """One row per cluster: the four images of `Audit.examples` (the image with its region
+    outlined, the region taken away, an image of another class, the region moved into it),
+    each captioned with the network's prediction; `titles` name each row's cluster."""
+    rows = [k for k in titles if k in examples]
+    fig = new_figure(figsize=(8.4, 2.3 * max(1, len(rows))))
+    axs = fig.subplots(max(1, len(rows)), 4, squeeze=False)
+    for ax_row, k in zip(axs, rows):
+        for ax, (image, caption) in zip(ax_row, examples[k]):
+            ax.imshow(image)
+            ax.set_title(caption.replace(": ", ":\n"), fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+        ax_row[0].set_ylabel(titles[k], fontsize=8)
+    fig.tight_layout()
+    return saved(fig, save)

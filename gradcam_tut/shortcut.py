@@ -118,14 +118,14 @@ def where_maps_lie(learn: Learner, files: Sequence[str | Path], maps: np.ndarray
     `mark energy`, the share of the map's mass on the mark, `on mark`, 1 when its peak is on
     it, and `mark area`, the mark's share of the image (what a flat map would put on it). The
     maps are placed at their cells' receptive fields, as `map_shares` places them. `near mark`
-    is 1 when the peak is within `tolerance` pixels of the mark (default: half a cell of
-    `layer`, as a coarse map peaks on a mark's edge as often as inside it)."""
+    is 1 when the peak is within `tolerance` pixels of the mark (default: one cell of `layer`,
+    the map's own resolution: a coarse map peaks beside a thin mark as often as on it)."""
     masks = torch.cat([mb.as_subclass(Tensor).cpu()
                        for _, _, mb in mask_dl(learn, list(files), mark_mask, bs=64)])
     size = tuple(masks.shape[-2:])
     centres = cell_centres(learn.model, [layer], size)[layer]
     heat = place(torch.from_numpy(np.asarray(maps, np.float32)), size, centres)  # (N, H, W)
-    tolerance = centres.stride[0] / 2 if tolerance is None else tolerance
+    tolerance = centres.stride[0] if tolerance is None else tolerance
     return pd.DataFrame({"mark energy": energy_in_mask(heat, masks).numpy(),
                          "on mark": pointing_game(heat, masks).float().numpy(),
                          "near mark": pointing_game(heat, masks, tolerance).float().numpy(),

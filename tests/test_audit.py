@@ -87,20 +87,22 @@ def test_mass_numbers():
 
 
 def test_the_flag_needs_the_network_and_a_sign_that_it_is_not_the_object():
-    """Flagged: the region moves other classes' images to the class beyond its control, and
-    sits at a fixed place or works from anywhere in the picture. An object's region that
-    moves them too (a fish is its class) is not flagged without that second sign."""
+    """Flagged: the regions move other classes' images to the class beyond their controls and
+    the maps peak at one place, or even regions taken anywhere move them (the class is all
+    over the picture). An object's region that moves them too (a fish is its class) is not
+    flagged without that second sign."""
     m, p, e = RULE["moved"], RULE["place"], RULE["everywhere"]
     fixed = {"moved": 0.9, "moved_control": 0.0, "same_place": p + 1, "size": 20}
     why, look = flag_reason(fixed, "Trout")
     assert why.startswith("Moved into images of other classes, its regions made 90% of them "
                           "Trout (the same shapes moved elsewhere: 0%)") and "same place" in why
     assert "Look at that place" in look
-    anywhere = fixed | {"moved_control": e + 0.05, "moved": e + m + 0.1, "same_place": 1.0}
+    anywhere = {"moved": e + 0.1, "moved_control": e + 0.05, "same_place": 1.0, "size": 20}
     assert "written all over the picture" in flag_reason(anywhere, "Trout")[0]
-    for numbers in (fixed | {"same_place": 1.2},  # moves them, but follows the object
+    for numbers in (fixed | {"same_place": p - 0.1},  # moves them, but follows the object
                     fixed | {"moved": m - 0.01},  # the region decides nothing
-                    fixed | {"moved": 0.9, "moved_control": 0.9 - m + 0.01},  # no more than
+                    fixed | {"moved_control": min(e, 0.9) - 0.01, "moved": min(e, 0.9) - 0.01
+                             + m - 0.01},  # no more than its control, which is no sign
                     fixed | {"moved": np.nan}):  # an empty map: no region to test
         assert flag_reason(numbers, "Trout") == ("", ""), numbers
 

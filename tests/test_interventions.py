@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from gradcam_tut.interventions import (
-    coverage,
     elsewhere,
     fill,
     intervene,
@@ -85,15 +84,24 @@ def test_moving_the_region_a_network_reads_turns_other_images_into_its_class():
 
 def test_same_place_is_large_for_a_fixed_place_and_about_one_anywhere():
     g = torch.Generator().manual_seed(0)
-    fixed = square(40, 0, 28, side=4)  # every region in the top-right corner
-    anywhere = torch.stack([square(1, *torch.randint(0, 25, (2,), generator=g).tolist())[0]
-                            for _ in range(40)])
-    for regions, low, high in ((fixed, 15, 1e9), (anywhere, 0.5, 2)):  # its 4 mirrors: 1/16
-        ratio = same_place(coverage(regions), [0] * 40)
-        assert low < ratio.median() < high, ratio.median()
-    mirrored = torch.cat([square(20, 0, 0, 4), square(20, 28, 28, 4)])  # opposite corners
-    assert same_place(coverage(mirrored), [0] * 40).median() > 15  # one place
-    assert same_place(coverage(fixed[:1]), ["a"]).isnan().all()
+    size, radius = (32, 32), 2
+    fixed = torch.tensor([[1, 30]] * 40)  # every peak in the top-right corner
+    anywhere = torch.randint(0, 32, (400, 2), generator=g)
+    assert same_place(fixed, [0] * 40, size, radius).min() == 16  # 1 / the share a 4x4 corner square has
+    ratio = same_place(anywhere, [0] * 400, size, radius)
+    assert 0.7 < ratio.median() < 1.3, ratio.median()
+    mirrored = torch.tensor([[1, 1]] * 20 + [[30, 30]] * 20)  # opposite corners: one place
+    assert same_place(mirrored, [0] * 40, size, radius).min() == 16
+    two = same_place(torch.cat([fixed[:20], anywhere[:20]]), ["a"] * 20 + ["b"] * 20, size,
+                     radius)
+    assert two[:20].min() == 16 and two[20:].median() < 3  # each group on its own
+    assert same_place(fixed[:1], ["a"], size, radius).isnan().all()
+
+
+def test_a_region_grows_by_half_a_cell():
+    heat = torch.zeros(1, 16, 16)
+    heat[0, 8, 8] = 1
+    assert map_regions(heat, grow=2)[0].sum() == 25
 
 
 @pytest.mark.parametrize("steps", [1, 2])
