@@ -138,18 +138,24 @@ def choose_rule(rows) -> dict:
     return best[1]
 
 
-def calibrated_rule(clean, q: float = 0.95, moved: float = 0.1) -> dict:
-    """Thresholds from networks without any shortcut alone: the `q` quantile of their clusters'
-    `same_place` and `moved_control`, so that a sign is one that clean networks seldom show;
-    `moved`, a region that moves other images at least this much more than its control."""
-    c = clean.drop_duplicates(["model", "kind", "class", "cluster"])
-    return {"moved": moved, "place": round(float(c["c_same_place"].quantile(q)), 2),
-            "everywhere": round(float(c["c_moved_control"].quantile(q)), 2)}
+def calibrated_rule(clean, budget: float = 0.10, moved: float = 0.1) -> dict:
+    """Thresholds from networks without any shortcut alone: for each sign on its own, the
+    lowest threshold at which it flags at most half the `budget` of their images (the issue's
+    false-alarm budget, split between the two signs); `moved`: a region that moves other
+    images at least this much more often than its control."""
+    rule = {"moved": moved, "place": np.inf, "everywhere": np.inf}
+    for sign, column in (("place", "c_same_place"), ("everywhere", "c_moved_control")):
+        alone = {"moved": moved, "place": np.inf, "everywhere": np.inf}
+        for value in np.unique(np.round(clean[column].dropna(), 2)):
+            if scores(clean, alone | {sign: float(value)})["flagged clean"] <= budget / 2:
+                rule[sign] = float(value)
+                break
+    return rule
 
 
 def calibrated_table(rows, seeds: tuple[int, ...] = (42, 43)):
-    """(b): the rule from the clean networks of `seeds` alone, scored on every kind (none of
-    which chose it) and on the other clean networks."""
+    """(b): the rule from the clean networks of `seeds` alone (`calibrated_rule`), scored on
+    every kind (none of which chose it) and on the other clean networks."""
     import pandas as pd
 
     rows = with_cluster_numbers(rows)
@@ -228,8 +234,9 @@ def report_rules(rows) -> None:
     print(table.round(3).to_string(index=False))
     table = calibrated_table(rows)
     table.to_csv(RESULTS / "audit_calibrated.csv", index=False)
-    print("\n== (b) thresholds from the clean networks of seeds 42 and 43 alone (no shortcut "
-          "kind), scored on every kind; flagged clean: the clean network of seed 44")
+    print("\n== (b) thresholds from the clean networks of seeds 42 and 43 alone (each sign "
+          "flagging at most 5% of their images; no shortcut kind), scored on every kind; "
+          "flagged clean: the clean network of seed 44")
     print(table.round(3).to_string(index=False))
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,12 +48,25 @@ from torch import Tensor
 
 from .audit_report import example_thumbnails, intervention_examples, report_html
 from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
-from .explain import csv_safe, explain_maps, gathered, image_paths, on_this_process
+from .explain import (
+    csv_safe,
+    explain_maps,
+    gathered,
+    image_paths,
+    on_this_process,
+    process_group,
+)
 from .interventions import elsewhere, intervene, map_regions, same_place
 from .layout import class_name
 from .metrics import peak_points
 from .receptive_field import CellCentres, cell_centres, place
-from .results import check_destination, check_inputs_outside, formula_safe, written_whole
+from .results import (
+    check_destination,
+    check_inputs_outside,
+    formula_safe,
+    holding,
+    written_whole,
+)
 from .spray import GRID, MAX_CLUSTERS, cluster_maps, mass_numbers, regions
 
 RESULTS = ("clusters.csv", "report.html")
@@ -62,7 +76,9 @@ EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
             "same_place")  # evidence's columns
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
-RULE = {"moved": 0.25, "place": 4.0, "everywhere": 0.3}  # the flag (module); set by LOKO
+# The flag's thresholds (module), from networks trained without any shortcut alone: each sign
+# flags at most 5% of their images (`benchmarks/bench_audit.py`, `calibrated_rule`)
+RULE = {"moved": 0.1, "place": 3.3, "everywhere": 0.29}
 
 
 @dataclass
@@ -192,7 +208,18 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     items = [items] if isinstance(items, (str, Path)) else items
     if out is not None:
         check_inputs_outside(items, out)
-        check_destination(out, RESULTS, force)
+    rank, _ = process_group()  # the first process holds `out` from start to end
+    with holding(out, RESULTS) if out is not None and rank == 0 else nullcontext():
+        if out is not None:
+            check_destination(out, RESULTS, force)
+        return _audit(learn, items, out, layer, method, bs, grid, max_clusters, examples,
+                      force, seed)
+
+
+def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
+           layer: Layer | None, method: str, bs: int, grid: int, max_clusters: int,
+           examples: int, force: bool, seed: int) -> Audit:
+    """`audit`'s work, its arguments checked and `out` held."""
     files = image_paths(items)
     if out is not None:
         csv_safe(files)

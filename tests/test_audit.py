@@ -337,4 +337,4 @@ def test_two_processes_write_what_one_does(audited, tiny_model_file, mini_root, 
     one, two = (pd.read_csv(f / "clusters.csv")[numbers[:5]] for f in (audited[1], out))
     assert np.allclose(one, two, atol=2e-4, equal_nan=True)
     one, two = (pd.read_csv(f / "clusters.csv")["moved"] for f in (audited[1], out))
-    assert (one == two).mean() > 0.9
+    assert ((one == two) | (one.isna() & two.isna())).mean() > 0.9  # NaN: an all-zero map
