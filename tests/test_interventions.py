@@ -87,7 +87,7 @@ def test_same_place_is_large_for_a_fixed_place_and_about_one_anywhere():
     size, radius = (32, 32), 2
     fixed = torch.tensor([[1, 30]] * 40)  # every peak in the top-right corner
     anywhere = torch.randint(0, 32, (400, 2), generator=g)
-    assert same_place(fixed, [0] * 40, size, radius).min() == 16  # 1 / the share a 4x4 corner square has
+    assert same_place(fixed, [0] * 40, size, radius).min() == 16  # 1 / a 4x4 corner square
     ratio = same_place(anywhere, [0] * 400, size, radius)
     assert 0.7 < ratio.median() < 1.3, ratio.median()
     mirrored = torch.tensor([[1, 1]] * 20 + [[30, 30]] * 20)  # opposite corners: one place
