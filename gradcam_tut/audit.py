@@ -33,6 +33,7 @@ A flag asks a person to look; it is no verdict. The report says what to look for
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -161,7 +162,7 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
           out: str | Path | None = None, layer: Layer | None = None,
           method: str = "gradcam", bs: int = 16, grid: int = GRID,
           max_clusters: int = MAX_CLUSTERS, examples: int = EXAMPLES,
-          force: bool = False, seed: int = 0) -> Audit:
+          force: bool = False, seed: int = 0, absolute_paths: bool = False) -> Audit:
     """Cluster every class's Grad-CAM maps, test what each map's region does by intervention,
     and flag what decides a class without being its object (see the module), with no mask.
 
@@ -183,6 +184,9 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
         examples: images shown per cluster in the report, the nearest to its mean map (0
             to N).
         seed: draws the images regions are moved into, and where the controls go.
+        absolute_paths: write the files' absolute paths in `out` (default: relative to the
+            folder that holds `items`, so that the report can be shared without the
+            machine's paths; `Audit.images` keeps the paths as found).
 
     Returns:
         An `Audit`; its `images` has one row per image: file, class, cluster, flagged (its
@@ -213,12 +217,24 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
         if out is not None:
             check_destination(out, RESULTS, force)
         return _audit(learn, items, out, layer, method, bs, grid, max_clusters, examples,
-                      force, seed)
+                      force, seed, absolute_paths)
+
+
+def shown_paths(files: Sequence[str], items: Sequence[str | Path],
+                absolute: bool = False) -> list[str]:
+    """The files as a report to share shows them: relative to the folder that holds all of
+    `items` (the folders and files the user named), or absolute."""
+    paths = [Path(os.path.abspath(f)) for f in files]
+    if absolute:
+        return [str(p) for p in paths]
+    roots = [Path(os.path.abspath(Path(i).expanduser())) for i in items]
+    base = Path(os.path.commonpath([r if r.is_dir() else r.parent for r in roots]))
+    return [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in paths]
 
 
 def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
            layer: Layer | None, method: str, bs: int, grid: int, max_clusters: int,
-           examples: int, force: bool, seed: int) -> Audit:
+           examples: int, force: bool, seed: int, absolute_paths: bool) -> Audit:
     """`audit`'s work, its arguments checked and `out` held."""
     files = image_paths(items)
     if out is not None:
@@ -256,8 +272,9 @@ def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
         thumbs = example_thumbnails(learn, images, clusters, features, maps, centres, size,
                                     examples, bs)
         with written_whole(out, RESULTS, force, by="gradcam-tut audit") as tmp:
-            formula_safe(images).to_csv(tmp / "clusters.csv", index=False)
-            page = report_html(images, clusters, name, thumbs, result.examples, method, RULE)
+            shared = images.assign(file=shown_paths(images["file"], items, absolute_paths))
+            formula_safe(shared).to_csv(tmp / "clusters.csv", index=False)
+            page = report_html(shared, clusters, name, thumbs, result.examples, method, RULE)
             (tmp / "report.html").write_text(page, encoding="utf-8")
         seconds["report"] = time.perf_counter() - start
     return result

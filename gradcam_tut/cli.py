@@ -149,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--force", action="store_true",
                     help="replace an earlier result in --out, as a whole")
     au.add_argument("--trust-learner", action="store_true", help=TRUST_HELP)
+    au.add_argument("--absolute-paths", action="store_true", help="write the images' "
+                    "absolute paths in clusters.csv and report.html (default: relative to the "
+                    "folder that holds the paths given, to share without this machine's)")
     return p
 
 
@@ -212,7 +215,8 @@ def audit(args: argparse.Namespace) -> None:
         check_destination(args.out, RESULTS, args.force)  # before loading the learner
         learn = load_fish_learner(args.learner, trust=args.trust_learner)
         result = audit_images(learn, args.paths, out=args.out, layer=args.layer,
-                              method=args.method, bs=args.bs, force=args.force)
+                              method=args.method, bs=args.bs, force=args.force,
+                              absolute_paths=args.absolute_paths)
     clusters = result.clusters
     if rank != 0:  # under accelerate launch: the first process says it
         return

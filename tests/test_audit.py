@@ -172,6 +172,8 @@ def test_audit_writes_one_row_per_image(audited, tiny_learner):
     table = pd.read_csv(out / "clusters.csv", keep_default_na=False)
     assert list(table.columns) == COLUMNS and len(table) == 54  # 6 mini fish x 9 classes
     assert set(table["class"]) == set(tiny_learner.dls.vocab)
+    assert table["file"].str.match(r"^[A-Z][\w -]+/[\w -]+/\d{5}\.png$").all()  # relative
+    assert str(out.parent) not in (out / "report.html").read_text()  # no machine paths
     assert (table["class"] == table["label"]).all()  # <class>/<image> folders: labelled
     assert set(table["flagged"]) <= {0, 1} and set(table["correct"]) <= {0, 1}
     sizes = table.groupby(["class", "cluster"])["file"].transform("size")
