@@ -223,13 +223,21 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
 def shown_paths(files: Sequence[str], items: Sequence[str | Path],
                 absolute: bool = False) -> list[str]:
     """The files as a report to share shows them: relative to the folder that holds all of
-    `items` (the folders and files the user named), or absolute."""
-    paths = [Path(os.path.abspath(f)) for f in files]
-    if absolute:
-        return [str(p) for p in paths]
+    `items` (the folders and files the user named), or absolute. A file that is a link to a
+    file outside that folder says so (`... (a link to a file outside the inputs)`): it pulled
+    an image from elsewhere into the report."""
     roots = [Path(os.path.abspath(Path(i).expanduser())) for i in items]
     base = Path(os.path.commonpath([r if r.is_dir() else r.parent for r in roots]))
-    return [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in paths]
+    real_base = Path(os.path.realpath(base))
+    shown = []
+    for f in files:
+        path = Path(os.path.abspath(f))
+        text = str(path) if absolute or not path.is_relative_to(base) \
+            else str(path.relative_to(base))
+        if not Path(os.path.realpath(path)).is_relative_to(real_base):
+            text += " (a link to a file outside the inputs)"
+        shown.append(text)
+    return shown
 
 
 def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,

@@ -340,3 +340,18 @@ def test_two_processes_write_what_one_does(audited, tiny_model_file, mini_root, 
     assert np.allclose(one, two, atol=2e-4, equal_nan=True)
     one, two = (pd.read_csv(f / "clusters.csv")["moved"] for f in (audited[1], out))
     assert ((one == two) | (one.isna() & two.isna())).mean() > 0.9  # NaN: an all-zero map
+
+
+def test_shared_paths_are_relative_and_say_when_a_link_leads_outside(tmp_path):
+    from gradcam_tut.audit import shown_paths
+
+    (tmp_path / "in" / "Trout").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    own, private = tmp_path / "in" / "Trout" / "a.png", tmp_path / "elsewhere" / "b.png"
+    own.write_bytes(b"x")
+    private.write_bytes(b"y")
+    link = tmp_path / "in" / "Trout" / "b.png"
+    link.symlink_to(private)
+    shown = shown_paths([str(own), str(link)], [tmp_path / "in"])
+    assert shown == ["Trout/a.png", "Trout/b.png (a link to a file outside the inputs)"]
+    assert shown_paths([str(own)], [tmp_path / "in"], absolute=True) == [str(own)]
