@@ -144,7 +144,7 @@ def default_layer(learn: Learner, x: Tensor) -> str:
     maps = grad_cam(learn.model, x[:1], list(body.values()))
     sides = {name: min(m.shape[-2:]) for name, m in zip(body, maps)}
     fine = [name for name, side in sides.items() if side >= MIN_CELLS]
-    return fine[-1] if fine else max(sides, key=sides.get)
+    return fine[-1] if fine else max(sides, key=lambda name: sides[name])
 
 
 def on_grid(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None,
@@ -254,9 +254,9 @@ def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
     layer = default_layer(learn, x) if layer is None else layer
     named = resolve_layers(learn.model, layer)
     name, module = next(iter(named.items()))
-    table, maps = _explain_all(learn, files[rank::world], named, method, bs)
-    table, maps = gathered(table, {name: maps}, world)
-    maps = maps[name]
+    table, ours = _explain_all(learn, files[rank::world], named, method, bs)
+    table, gathered_maps = gathered(table, {name: ours}, world)
+    maps = gathered_maps[name]
     seconds = {"explain": time.perf_counter() - start}
 
     start = time.perf_counter()
@@ -303,12 +303,12 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     each other class. Forward passes only: three images per image.
     """
     vocab = list(learn.dls.vocab)
-    classes = np.asarray(classes)
+    label = np.asarray(classes)
     N = len(files)
     rng = np.random.default_rng(seed)
-    pool = np.concatenate([rng.permutation(np.flatnonzero(classes == c))[:POOL]
-                           for c in np.unique(classes)]).astype(int)
-    others = [pool[classes[pool] != c] for c in classes]
+    pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
+                           for c in np.unique(label)]).astype(int)
+    others = [pool[label[pool] != c] for c in label]
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
         return pd.DataFrame(np.nan, index=range(N), columns=list(EVIDENCE))
     chosen = torch.tensor([rng.choice(o) for o in others])  # (N,) indices of files
@@ -395,7 +395,7 @@ def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int
                            "correct": pd.array(np.where(labelled,
                                                         table["label"] == table["predicted"],
                                                         pd.NA), dtype="Int64")})
-    members = {}
+    members: dict[tuple[str, int], np.ndarray] = {}
     for cls in sorted(images["class"].unique()):
         pos = np.flatnonzero(images["class"] == cls)
         labels, _ = cluster_maps(features[pos], max_clusters)

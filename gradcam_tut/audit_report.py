@@ -47,7 +47,8 @@ def _thumb(arr: np.ndarray) -> str:
     img = Image.fromarray(_rgb(arr))
     w, h = img.size
     scale = THUMB * 3 / 4 / max(w, h)
-    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                     Image.Resampling.BILINEAR)
     return data_uri(img, "JPEG")
 
 

@@ -141,10 +141,10 @@ def same_place(peaks: Tensor, groups: Sequence, size: tuple[int, int], radius: f
     f = torch.minimum(peaks, torch.tensor([H - 1.0, W - 1.0]) - peaks)  # (N, 2) folded
     side = (torch.minimum(f + radius, half - 1) - (f - radius).clamp(min=0) + 1)  # (N, 2)
     chance = side.prod(1) / half.prod()
-    groups = np.asarray(groups)
+    group = np.asarray(groups)
     out = torch.full((len(peaks),), float("nan"))
-    for g in np.unique(groups):
-        idx = torch.from_numpy(np.flatnonzero(groups == g))
+    for g in np.unique(group):
+        idx = torch.from_numpy(np.flatnonzero(group == g))
         if len(idx) < 2:
             continue
         near = ((f[idx, None] - f[None, idx]).abs() <= radius).all(-1)  # (n, n)
