@@ -74,7 +74,8 @@ DENIED = (  # in those packages: files read or written, downloads, processes, co
     "gradcam_tut.pickle_check", "gradcam_tut.plot", "gradcam_tut.shortcut",
     "functools.singledispatch",
 )
-MODULES_BY_NAME = {"os", "sys", "math", "re", "warnings", "PIL.Image"}  # cloudpickle subimport
+# modules a function pickled by value reaches by name (cloudpickle's subimport)
+MODULES_BY_NAME = {"io", "os", "sys", "math", "re", "warnings", "PIL.Image"}
 FUNCTION_STATE = {"__name__", "__qualname__", "__annotations__", "__kwdefaults__",
                   "__defaults__", "__module__", "__doc__", "__closure__", "__globals__",
                   "_cloudpickle_submodules", "__type_params__"}
