@@ -61,6 +61,8 @@ def example_thumbnails(learn: Learner, images, clusters, features: np.ndarray,
     for row in clusters.itertuples():
         dist = ((features[row.members] - row.mean_map) ** 2).sum(axis=(1, 2))
         chosen += list(row.members[np.argsort(dist, kind="stable")[:examples]])
+    if not chosen:  # examples=0: the report shows no example images
+        return {}
     dl = learn.dls.test_dl([Path(images["file"][i]) for i in chosen], bs=bs)
     cmap, thumbs, done = heat_cmap(), {}, 0
     for (xb,) in dl:

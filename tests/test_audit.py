@@ -146,6 +146,9 @@ def test_a_planted_shortcut_is_flagged_because_of_what_the_network_does(tiny_lea
     dls = tiny_learner.dls
     assert not any(isinstance(t, Normalize) for t in dls.after_batch.fs)  # pixels in 0..1
     learn = Learner(dls, StripReader(dls.vocab))
+    with pytest.raises(ValueError, match="examples=-1"):
+        audit(learn, root, layer="body", examples=-1)
+    audit(learn, root, layer="body", examples=0, out=tmp_path / "none shown")  # no IndexError
     result = audit(learn, root, layer="body", examples=1, out=tmp_path / "audited")
     images, clusters = result.images, result.clusters
     assert (images["correct"] == 1).all()  # the strip is the class, to this network
