@@ -76,6 +76,7 @@ EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
             "same_place")  # evidence's columns
+TESTED = 16  # the interventions run on up to this many images of each cluster
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 # The flag's thresholds (module), from networks trained without any shortcut alone: each sign
 # flags at most 5% of their images (`benchmarks/bench_audit.py`, `calibrated_rule`)
@@ -269,7 +270,8 @@ def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
 
     start = time.perf_counter()
     tested = evidence(learn, [Path(f) for f in images["file"]], images["class"],
-                      images["predicted"], maps, centres, size, seed=seed)
+                      images["predicted"], maps, centres, size, groups=images["cluster"],
+                      seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
                                   grow=round(_cell(centres, size, maps) / 2))
@@ -290,64 +292,79 @@ def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
 
 def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
-             size: tuple[int, int], bs: int = 64, seed: int = 0) -> pd.DataFrame:
-    """What the network does when the region each map points at (`interventions.map_regions`,
-    the map placed at its cells' receptive fields) is taken away, or moved into an image of
-    another class (`interventions.intervene`), one row per image in the order of `files`; the
-    same for the region's shape moved elsewhere in the image, in every second image of each
-    class (`*_control`, the control; NaN in the others); and how much more often than by
-    chance its class's maps peak where its map peaks (`same_place`). A region is where the map
-    reaches half its maximum, grown by half a cell.
+             size: tuple[int, int], groups: Sequence | None = None, bs: int = 64,
+             seed: int = 0) -> pd.DataFrame:
+    """What the network does when the region a map points at (`interventions.map_regions`,
+    the map placed at its cells' receptive fields: where it reaches half its maximum, grown by
+    half a cell) is taken away, or moved into an image of another class
+    (`interventions.intervene`), one row per image in the order of `files`; the same for the
+    region's shape moved elsewhere in the image (`*_control`, the control); and, for every
+    image, how much more often than by chance its class's maps peak where its map peaks
+    (`same_place`).
 
-    The image each region is moved into is drawn for each image from up to `POOL` images of
-    each other class. Forward passes only: three images per image.
+    The interventions run on up to `TESTED` images of each group (`groups`, e.g. the
+    clusters; default the classes), drawn with `seed`, and the control on every second of
+    them: NaN in the other rows. The image each region is moved into is drawn from up to
+    `POOL` images of each other class. Forward passes only: three per tested image, so that
+    the audit with interventions costs at most about twice the audit without.
     """
     vocab = list(learn.dls.vocab)
     label = np.asarray(classes)
     N = len(files)
+    cell = _cell(centres, size, maps)
+    peaks = torch.cat([torch.stack(peak_points(place(torch.from_numpy(np.asarray(m, np.float32)),
+                                                     size, centres)), dim=1)
+                       for m in np.array_split(maps, max(1, -(-N // 256)))])
+    table = pd.DataFrame(np.nan, index=range(N), columns=list(EVIDENCE))
+    table["same_place"] = same_place(peaks, classes, size, cell / 2).numpy()
     rng = np.random.default_rng(seed)
     pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
                            for c in np.unique(label)]).astype(int)
     others = [pool[label[pool] != c] for c in label]
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
-        return pd.DataFrame(np.nan, index=range(N), columns=list(EVIDENCE))
+        return table
+    group = pd.Series(label if groups is None else list(zip(label, groups)))
+    tested = np.sort(np.concatenate([rng.permutation(np.asarray(ix))[:TESTED]
+                                     for ix in group.groupby(group).indices.values()]))
+    with_control = np.zeros(N, bool)
+    with_control[tested] = group[tested].groupby(group[tested]).cumcount().to_numpy() % 2 == 0
     chosen = torch.tensor([rng.choice(o) for o in others])  # (N,) indices of files
     where = torch.full((N,), -1, dtype=torch.long)
     where[torch.from_numpy(pool)] = torch.arange(len(pool))
     pool_x = torch.cat([xb.as_subclass(Tensor)
                         for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
     target = torch.tensor([vocab.index(c) for c in classes])
-    with_control = torch.from_numpy(pd.Series(classes).groupby(classes).cumcount().to_numpy()
-                                    % 2 == 0)
-    cell = _cell(centres, size, maps)
-    rows, peaks, done = [], [], 0
+    before = np.array([vocab.index(p) for p in predicted])
+    rows, done = [], 0
     model, training = learn.model, learn.model.training
     try:
         model.eval()
-        for (xb,) in learn.dls.test_dl(list(files), bs=bs):
-            xb, b = xb.as_subclass(Tensor), slice(done, done + len(xb))
-            heat = place(torch.from_numpy(np.asarray(maps[b], np.float32)), size, centres)
+        for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
+            xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
+            heat = place(torch.from_numpy(np.asarray(maps[ix], np.float32)), size, centres)
             regions = map_regions(heat, grow=round(cell / 2))
-            peaks.append(torch.stack(peak_points(heat), dim=1))
-            controls = elsewhere(regions, seed=seed + done)
-            cls, rec = target[b].to(xb.device), pool_x[where[chosen[b]]]
-            out = intervene(model, xb, cls, regions.to(xb.device), rec, bs=bs)
-            part = pd.DataFrame({k: v.numpy() for k, v in out.items()})
-            c = with_control[b]  # the control, on every second image of each class
-            ctl = intervene(model, xb[c], cls[c], controls[c].to(xb.device), rec[c], bs=bs)
-            for k, v in ctl.items():
-                part.loc[c.numpy(), _control(k)] = v.numpy()
+            cls, rec = target[ix].to(xb.device), pool_x[where[chosen[ix]]]
+            part = pd.DataFrame({k: v.numpy() for k, v in intervene(
+                model, xb, cls, regions.to(xb.device), rec, bs=bs).items()}, index=ix)
+            c = torch.from_numpy(with_control[ix])  # the control
+            if c.any():
+                controls = elsewhere(regions[c], seed=seed + done)
+                ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs)
+                for k, v in ctl.items():
+                    part.loc[ix[c.numpy()], _control(k)] = v.numpy()
             rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
             done += len(xb)
     finally:
         model.train(training)
-    table = pd.concat(rows, ignore_index=True)
-    before = np.array([vocab.index(p) for p in predicted])
+    found = pd.concat(rows)
     for tag in ("", "_control"):  # 1 where taking the region away changed the prediction
-        table[f"removed{tag}_changed"] = (table.pop(f"removed{tag}_pred") != before).astype(float)
-    table["same_place"] = same_place(torch.cat(peaks), classes, size, cell / 2).numpy()
-    table = table[list(EVIDENCE)]
-    table.loc[table["region_area"] == 0] = np.nan  # an all-zero map points nowhere
+        pred = found.pop(f"removed{tag}_pred")
+        found[f"removed{tag}_changed"] = np.where(pred.isna(), np.nan,
+                                                  pred != before[found.index])
+    columns = [c for c in EVIDENCE if c != "same_place"]
+    table.loc[found.index, columns] = found[columns]
+    empty = table["region_area"] == 0  # an all-zero map points nowhere
+    table.loc[empty, columns] = np.nan
     return table
 
 
