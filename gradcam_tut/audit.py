@@ -80,7 +80,7 @@ TESTED = 16  # the interventions run on up to this many images of each cluster
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 # The flag's thresholds (module), from networks trained without any shortcut alone: each sign
 # flags at most 5% of their images (`benchmarks/bench_audit.py`, `calibrated_rule`)
-RULE = {"moved": 0.1, "place": 3.3, "everywhere": 0.29}
+RULE = {"moved": 0.1, "place": 3.85, "everywhere": 0.33}
 
 
 @dataclass
