@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 import torchvision
@@ -72,3 +74,13 @@ def tiny_learner(tiny_model_file):
     from gradcam_tut.train import load_fish_learner
 
     return load_fish_learner(tiny_model_file)
+
+
+@pytest.fixture
+def images(mini_root, tmp_path):
+    """A folder of 3 fish images to explain."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in sorted((mini_root / "Trout" / "Trout").iterdir())[:3]:
+        shutil.copy(f, folder / f.name)
+    return folder

@@ -3,7 +3,6 @@ of a `--force` replace, SIGTERM, two runs at once, and several processes (torchr
 checks that no complete result is lost and nothing is left beside `--out`."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,16 +16,6 @@ from gradcam_tut.cli import main
 from gradcam_tut.results import MARKER, ResultInUse, holding, sigterm_as_interrupt, written_whole
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def images(mini_root, tmp_path):
-    """A folder of 3 fish images to explain."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for f in sorted((mini_root / "Trout" / "Trout").iterdir())[:3]:
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 @pytest.fixture

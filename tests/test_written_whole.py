@@ -41,16 +41,6 @@ def nothing_outside_tmp_changes(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def images(mini_root, tmp_path):
-    """A folder of 3 fish images to explain."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for f in sorted((mini_root / "Trout" / "Trout").iterdir())[:3]:
-        shutil.copy(f, folder / f.name)
-    return folder
-
-
-@pytest.fixture
 def explain_cmd(tiny_model_file, images):
     def cmd(out, *extra, paths=None):
         return ["explain", *map(str, paths or [images]), "--learner", str(tiny_model_file),
