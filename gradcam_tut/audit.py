@@ -217,8 +217,9 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     with holding(out, RESULTS) if out is not None and rank == 0 else nullcontext():
         if out is not None:
             check_destination(out, RESULTS, force)
-        return _audit(learn, items, out, layer, method, bs, grid, max_clusters, examples,
-                      force, seed, absolute_paths)
+        return _audit(learn, items, out=out, layer=layer, method=method, bs=bs, grid=grid,
+                      max_clusters=max_clusters, examples=examples, force=force, seed=seed,
+                      absolute_paths=absolute_paths)
 
 
 def shown_paths(files: Sequence[str], items: Sequence[str | Path],
@@ -241,7 +242,7 @@ def shown_paths(files: Sequence[str], items: Sequence[str | Path],
     return shown
 
 
-def _audit(learn: Learner, items: Sequence[str | Path], out: str | Path | None,
+def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | None,
            layer: Layer | None, method: str, bs: int, grid: int, max_clusters: int,
            examples: int, force: bool, seed: int, absolute_paths: bool) -> Audit:
     """`audit`'s work, its arguments checked and `out` held."""
