@@ -57,7 +57,15 @@ from .explain import (
     on_this_process,
     process_group,
 )
-from .interventions import elsewhere, intervene, map_regions, same_place
+from .interventions import (
+    elsewhere,
+    fixed_content,
+    intervene,
+    map_regions,
+    paste,
+    probabilities,
+    same_place,
+)
 from .layout import class_name
 from .metrics import peak_points
 from .receptive_field import CellCentres, cell_centres, place
@@ -75,12 +83,16 @@ MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many
 EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
-            "same_place")  # evidence's columns
-TESTED = 16  # the interventions run on up to this many images of each cluster
+            "same_place", "fixed_area", "fixed_moved", "fixed_control")  # evidence's columns
+TESTED = 8  # the region's interventions run on up to this many images of each cluster
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
+SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
+FIXED_LEVEL = 0.5  # a fixed part: its class's images at least twice as close there as others'
+MIN_FIXED = 0.005  # a fixed part smaller than this share of the image is not tested
+RECEIVERS = 3  # a fixed part is moved into this many images of other classes
 # The flag's thresholds (module), from networks trained without any shortcut alone: each sign
 # flags at most 5% of their images (`benchmarks/bench_audit.py`, `calibrated_rule`)
-RULE = {"moved": 0.1, "place": 3.85, "everywhere": 0.33}
+RULE = {"fixed": 0.67, "moved": 0.1, "place": 3.85, "everywhere": 0.33}
 
 
 @dataclass
@@ -295,28 +307,35 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
              size: tuple[int, int], groups: Sequence | None = None, bs: int = 64,
              seed: int = 0) -> pd.DataFrame:
-    """What the network does when the region a map points at (`interventions.map_regions`,
-    the map placed at its cells' receptive fields: where it reaches half its maximum, grown by
-    half a cell) is taken away, or moved into an image of another class
-    (`interventions.intervene`), one row per image in the order of `files`; the same for the
-    region's shape moved elsewhere in the image (`*_control`, the control); and, for every
-    image, how much more often than by chance its class's maps peak where its map peaks
-    (`same_place`).
+    """What the network does when what a map points at is taken away, or moved into images
+    of other classes, one row per image in the order of `files` (columns `EVIDENCE`).
 
-    The interventions run on up to `TESTED` images of each group (`groups`, e.g. the
-    clusters; default the classes), drawn with `seed`, and the control on every second of
-    them: NaN in the other rows. The image each region is moved into is drawn from up to
-    `POOL` images of each other class. Forward passes only: three per tested image, so that
-    the audit with interventions costs at most about twice the audit without.
+    - The map's region (`interventions.map_regions`: the map placed at its cells' receptive
+      fields, where it reaches half its maximum, grown by half a cell), on up to `TESTED`
+      images of each group (`groups`, e.g. the clusters; default the classes), drawn with
+      `seed`: taken away (`removed_*`) and moved into an image of another class (`moved*`);
+      the same for the region's shape moved elsewhere in the image (`*_control`) on every
+      second of them.
+    - The region's fixed part (`fixed_area`), on every image: its pixels whose content is
+      its class's at that place (`interventions.fixed_content` >= `FIXED_LEVEL`, compared on
+      copies with a `SMALL` px side), what no object placed anywhere gives. Where it covers
+      at least `MIN_FIXED` of the image, it alone is moved into `RECEIVERS` images of other
+      classes (`fixed_moved`: the share turned into the class) and, on every second such
+      image, its shape elsewhere into the first of them (`fixed_control`).
+    - `same_place`: how much more often than by chance its class's maps peak where its map
+      peaks (`interventions.same_place`), maps alone.
+
+    NaN where a test did not run. The images regions are moved into are drawn from up to
+    `POOL` images of each other class. Forward passes only.
     """
     vocab = list(learn.dls.vocab)
     label = np.asarray(classes)
     N = len(files)
     cell = _cell(centres, size, maps)
-    peaks = torch.cat([torch.stack(peak_points(place(torch.from_numpy(np.asarray(m, np.float32)),
-                                                     size, centres)), dim=1)
-                       for m in np.array_split(maps, max(1, -(-N // 256)))])
+    grow = round(cell / 2)
     table = pd.DataFrame(np.nan, index=range(N), columns=list(EVIDENCE))
+    peaks = torch.cat([torch.stack(peak_points(_placed(m, size, centres)), dim=1)
+                       for m in np.array_split(maps, max(1, -(-N // 256)))])
     table["same_place"] = same_place(peaks, classes, size, cell / 2).numpy()
     rng = np.random.default_rng(seed)
     pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
@@ -324,49 +343,119 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     others = [pool[label[pool] != c] for c in label]
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
         return table
+    pool_x = torch.cat([xb.as_subclass(Tensor)
+                        for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
+    where = torch.full((N,), -1, dtype=torch.long)
+    where[torch.from_numpy(pool)] = torch.arange(len(pool))
+    receivers = where[torch.tensor(np.array([rng.choice(o, RECEIVERS) for o in others]))]
+    target = torch.tensor([vocab.index(c) for c in classes])
+    before = np.array([vocab.index(p) for p in predicted])
     group = pd.Series(label if groups is None else list(zip(label, groups)))
     tested = np.sort(np.concatenate([rng.permutation(np.asarray(ix))[:TESTED]
                                      for ix in group.groupby(group).indices.values()]))
     with_control = np.zeros(N, bool)
     with_control[tested] = group[tested].groupby(group[tested]).cumcount().to_numpy() % 2 == 0
-    chosen = torch.tensor([rng.choice(o) for o in others])  # (N,) indices of files
-    where = torch.full((N,), -1, dtype=torch.long)
-    where[torch.from_numpy(pool)] = torch.arange(len(pool))
-    pool_x = torch.cat([xb.as_subclass(Tensor)
-                        for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
-    target = torch.tensor([vocab.index(c) for c in classes])
-    before = np.array([vocab.index(p) for p in predicted])
-    rows, done = [], 0
     model, training = learn.model, learn.model.training
     try:
         model.eval()
-        for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
-            xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
-            heat = place(torch.from_numpy(np.asarray(maps[ix], np.float32)), size, centres)
-            regions = map_regions(heat, grow=round(cell / 2))
-            cls, rec = target[ix].to(xb.device), pool_x[where[chosen[ix]]]
-            part = pd.DataFrame({k: v.numpy() for k, v in intervene(
-                model, xb, cls, regions.to(xb.device), rec, bs=bs).items()}, index=ix)
-            c = torch.from_numpy(with_control[ix])  # the control
-            if c.any():
-                controls = elsewhere(regions[c], seed=seed + done)
-                ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs)
-                for k, v in ctl.items():
-                    part.loc[ix[c.numpy()], _control(k)] = v.numpy()
-            rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
-            done += len(xb)
+        fixed = _fixed_parts(learn, files, label, maps, centres, size, grow, bs, seed)
+        table["fixed_area"] = fixed.flatten(1).float().mean(1).numpy()
+        found = _region_tests(learn, files, tested, with_control, target, before, maps,
+                              centres, size, grow, pool_x, receivers[:, 0], bs, seed)
+        columns = [c for c in found.columns if c in EVIDENCE]
+        table.loc[found.index, columns] = found[columns]
+        candidates = np.flatnonzero(table["fixed_area"].to_numpy() >= MIN_FIXED)
+        moved = _fixed_tests(learn, files, candidates, target, fixed, size, pool_x,
+                             receivers, bs, seed)
+        table.loc[moved.index, moved.columns] = moved
     finally:
         model.train(training)
-    found = pd.concat(rows)
-    for tag in ("", "_control"):  # 1 where taking the region away changed the prediction
-        pred = found.pop(f"removed{tag}_pred")
-        found[f"removed{tag}_changed"] = np.where(pred.isna(), np.nan,
-                                                  pred != before[found.index])
-    columns = [c for c in EVIDENCE if c != "same_place"]
-    table.loc[found.index, columns] = found[columns]
     empty = table["region_area"] == 0  # an all-zero map points nowhere
     table.loc[empty, columns] = np.nan
     return table
+
+
+def _placed(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None) -> Tensor:
+    """Maps (n, h, w) placed on the image (`receptive_field.place`), (n, H, W) float32."""
+    return place(torch.from_numpy(np.asarray(maps, np.float32)), size, centres)
+
+
+def _small(size: tuple[int, int]) -> tuple[int, int]:
+    """The size of the small copies `fixed_content` compares: `SMALL` px on the shorter side."""
+    scale = SMALL / min(size)
+    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+
+
+def _fixed_parts(learn: Learner, files: Sequence[Path], label: np.ndarray, maps: np.ndarray,
+                 centres: CellCentres | None, size: tuple[int, int], grow: int, bs: int,
+                 seed: int) -> Tensor:
+    """Each image's fixed part (see `evidence`) on copies with a `SMALL` px side, (N, h, w)
+    bool, in the order of `files`."""
+    small_size, small, regions, done = _small(size), [], [], 0
+    for (xb,) in learn.dls.test_dl(list(files), bs=bs):
+        heat = _placed(maps[done:done + len(xb)], size, centres)
+        region = map_regions(heat, grow=grow)[:, None].float()
+        small.append(F.adaptive_avg_pool2d(xb.as_subclass(Tensor).float().cpu(), small_size))
+        regions.append(F.adaptive_max_pool2d(region, small_size)[:, 0].bool())
+        done += len(xb)
+    small_x, region = torch.cat(small), torch.cat(regions)
+    score = fixed_content(small_x, region, label, seed=seed)
+    return region & (score >= FIXED_LEVEL)
+
+
+def _region_tests(learn, files, tested, with_control, target, before, maps, centres, size,
+                  grow, pool_x, receiver, bs, seed) -> pd.DataFrame:
+    """The map's region taken away and moved into `receiver`'s image, on the `tested` images,
+    and its control on those `with_control` (see `evidence`)."""
+    rows, done, model = [], 0, learn.model
+    for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
+        xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
+        regions = map_regions(_placed(maps[ix], size, centres), grow=grow)
+        cls, rec = target[ix].to(xb.device), pool_x[receiver[ix]]
+        part = pd.DataFrame({k: v.numpy() for k, v in intervene(
+            model, xb, cls, regions.to(xb.device), rec, bs=bs).items()}, index=ix)
+        c = torch.from_numpy(with_control[ix])  # the control
+        if c.any():
+            controls = elsewhere(regions[c], seed=seed + done)
+            ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs)
+            for k, v in ctl.items():
+                part.loc[ix[c.numpy()], _control(k)] = v.numpy()
+        rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
+        done += len(xb)
+    found = pd.concat(rows) if rows else pd.DataFrame(columns=["removed_pred"])
+    for tag in ("", "_control"):  # 1 where taking the region away changed the prediction
+        pred = found.pop(f"removed{tag}_pred") if f"removed{tag}_pred" in found else None
+        if pred is not None:
+            found[f"removed{tag}_changed"] = np.where(pred.isna(), np.nan,
+                                                      pred != before[found.index])
+    return found
+
+
+def _fixed_tests(learn, files, candidates, target, fixed, size, pool_x, receivers, bs,
+                 seed) -> pd.DataFrame:
+    """Each candidate's fixed part (`fixed`: (N, h, w) bool, small) moved alone into its
+    `receivers`' images, and its shape elsewhere into the first of them on every second
+    candidate: `fixed_moved` and `fixed_control` (see `evidence`)."""
+    rows, done, model = [], 0, learn.model
+    for (xb,) in learn.dls.test_dl([files[i] for i in candidates], bs=bs):
+        xb, ix = xb.as_subclass(Tensor), candidates[done:done + len(xb)]
+        part = F.interpolate(fixed[ix][:, None].float(), size=size, mode="nearest")[:, 0]
+        part = part.bool().to(xb.device)
+        c = np.arange(done, done + len(xb)) % 2 == 0  # the control
+        shifted = elsewhere(part[c].cpu(), seed=seed + done).to(xb.device)
+        rec = pool_x[receivers[ix]]  # (b, RECEIVERS, C, H, W)
+        batch = [paste(rec[:, r], xb, part) for r in range(rec.shape[1])]
+        batch.append(paste(rec[c, 0], xb[c], shifted))
+        preds = probabilities(model, torch.cat(batch), bs).argmax(1)
+        want = torch.cat([target[ix].repeat(rec.shape[1]), target[ix][torch.from_numpy(c)]])
+        hit = (preds.cpu() == want).float()
+        moved = hit[:len(xb) * rec.shape[1]].view(rec.shape[1], len(xb)).mean(0)
+        control = torch.full((len(xb),), float("nan"))
+        control[torch.from_numpy(c)] = hit[len(xb) * rec.shape[1]:]
+        rows.append(pd.DataFrame({"fixed_moved": moved.numpy(),
+                                  "fixed_control": control.numpy()}, index=ix))
+        done += len(xb)
+    return pd.concat(rows) if rows else pd.DataFrame(columns=["fixed_moved", "fixed_control"])
 
 
 def _cell(centres: CellCentres | None, size: tuple[int, int], maps: np.ndarray) -> float:
@@ -435,28 +524,61 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
                          removed=("removed_changed", "mean"),
                          removed_control=("removed_control_changed", "mean"),
                          same_place=("same_place", "median"),
+                         fixed_moved=("fixed_moved", "mean"),
+                         fixed_control=("fixed_control", "mean"),
                          accuracy=("correct", lambda c: c.astype(float).mean()),
                          labelled=("correct", "count"))
     return numbers.reset_index()
 
 
+def fixed_reason(row, rule: dict = RULE) -> str:
+    """Why an image is flagged by its fixed part (see `evidence`), or "" when it is not."""
+    moved = row["fixed_moved"]
+    if np.isnan(moved) or moved < rule["fixed"]:
+        return ""
+    return (f"Part of its map's region ({row['fixed_area']:.1%} of the image) holds what "
+            f"{row['class']} images hold at that place and other classes' do not; moved alone "
+            f"into {RECEIVERS} images of other classes, it made {moved:.0%} of them "
+            f"{row['class']}.")
+
+
 def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule` (see
-    `flag_reason`): a cluster flagged for the place its regions sit at flags the images whose
-    own region is there (`same_place` at least `rule["place"]`); one flagged because its
-    class is all over the picture flags all its images."""
+    """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule`: an
+    image whose fixed part alone turns images of other classes into its class (`fixed_moved`
+    >= `rule["fixed"]`, `fixed_reason`); the images of a cluster flagged for the place its
+    regions sit at whose own region is there (`same_place` >= `rule["place"]`); all the
+    images of one flagged because its class is all over the picture (`flag_reason`). A
+    cluster is flagged when its numbers are, or any of its images is."""
     images, clusters = images.copy(), clusters.copy()
+    images["why"] = [fixed_reason(row, rule) for _, row in images.iterrows()]
+    images["flagged"] = (images["why"] != "").astype(int)
     said = [flag_reason(row, row["class"], rule) for _, row in clusters.iterrows()]
     clusters["why"], clusters["look_for"] = [w for w, _ in said], [lf for _, lf in said]
-    clusters["flagged"] = (clusters["why"] != "").astype(int)
-    images["flagged"], images["why"] = 0, ""
-    for _, row in clusters[clusters["flagged"] == 1].iterrows():
+    for k, row in clusters.iterrows():
         own = (images["class"] == row["class"]) & (images["cluster"] == row["cluster"])
-        if "same place" in row["why"]:  # the images whose own map peaks there
-            own &= images["same_place"] >= rule["place"]
-        images.loc[own, ["flagged", "why"]] = 1, row["why"]
+        if row["why"]:
+            hit = own & (images["flagged"] == 0)
+            if "same place" in row["why"]:  # the images whose own map peaks there
+                hit &= images["same_place"] >= rule["place"]
+            images.loc[hit, ["flagged", "why"]] = 1, row["why"]
+        elif (own & (images["flagged"] == 1)).any():
+            n = int((own & (images["flagged"] == 1)).sum())
+            clusters.loc[k, "why"] = (
+                f"In {n} of its {row['size']} images, part of the map's region holds what "
+                f"{row['class']} images hold at that place and other classes' do not, and "
+                f"moved alone it turns images of other classes into {row['class']} (its "
+                f"shapes moved elsewhere: {_percent(row['fixed_control'])}).")
+            clusters.loc[k, "look_for"] = (
+                f"Look at that place in its flagged images: is it the {row['class']} itself, "
+                f"or something every {row['class']} photo has there (a mark, a caption, a "
+                "border, a watermark, a tint)?")
+    clusters["flagged"] = (clusters["why"] != "").astype(int)
     return images, clusters
+
+
+def _percent(value: float) -> str:
+    return "not measured" if np.isnan(value) else f"{value:.0%}"
 
 
 def _flagged(images: pd.DataFrame, features: np.ndarray,

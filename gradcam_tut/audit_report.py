@@ -159,6 +159,8 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.removed_control)),
                             ("moved: others now this class", _number(row.moved),
                              _number(row.moved_control)),
+                            ("fixed part moved: others now this class",
+                             _number(row.fixed_moved), _number(row.fixed_control)),
                             ("same place (x chance)", _number(row.same_place, "{:.1f}"),
                              "1: chance")],
                 "interventions": figures.get(k, []), "examples": shown})
@@ -170,4 +172,5 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
         sections=sections, flagged=flagged, layer=layer, method=method, thumb=THUMB,
         level=f"{REGION_LEVEL:.0%}", moved_flag=_number(rule.get("moved", np.nan)),
         place_flag=_number(rule.get("place", np.nan), "{:.1f}"),
+        fixed_flag=_number(rule.get("fixed", np.nan)),
         everywhere_flag=_number(rule.get("everywhere", np.nan)))

@@ -151,3 +151,47 @@ def same_place(peaks: Tensor, groups: Sequence, size: tuple[int, int], radius: f
         share = (near.sum(1) - 1) / (len(idx) - 1)
         out[idx] = share / chance[idx]
     return out
+
+
+def mirrors(x: Tensor) -> Tensor:
+    """(N, ...) images -> (4, N, ...): as they are, flipped left-right, upside down, both."""
+    return torch.stack([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
+
+
+def fixed_content(x: Tensor, regions: Tensor, groups: Sequence, k: int = 24, seed: int = 0
+                  ) -> Tensor:
+    """How much a pixel's content is its group's at that place: per image and pixel,
+    1 - (the median distance to `k` images of its own group) / (the median distance to `k`
+    images of other groups), each other image mirrored the way that matches the region best
+    (a mark in any corner is the same mark). About 0 where objects lie anywhere, so that what
+    is at a place is as often another group's as its own; 1 where every image of the group
+    holds the same thing at that place (a corner mark, a caption bar, a watermark); in
+    between for a tint or a faint overlay.
+
+    Args:
+        x: (N, C, h, w) the images, small (a 32 px side is plenty).
+        regions: (N, h, w) bool, the pixels that decide which mirror of another image is
+            compared (the map's region); the score is given for every pixel.
+        groups: (N,) each image's group (its class).
+
+    Returns:
+        (N, h, w) float32, smoothed over 3x3 pixels; NaN for an image whose group or the rest
+        has no other image.
+    """
+    group = np.asarray(groups)
+    flipped = mirrors(x)  # (4, N, C, h, w)
+    rng = np.random.default_rng(seed)
+    out = torch.full(regions.shape, float("nan"))
+    weight = regions.float()
+    for i in range(len(x)):
+        same = np.flatnonzero(group == group[i])
+        same, other = same[same != i], np.flatnonzero(group != group[i])
+        if len(same) == 0 or len(other) == 0:
+            continue
+        median = []
+        for ix in (rng.permutation(same)[:k], rng.permutation(other)[:k]):
+            d = (x[i] - flipped[:, ix]).abs().amax(dim=2)  # (4, k, h, w)
+            best = (d * weight[i]).flatten(2).sum(-1).argmin(0)  # each image's best mirror
+            median.append(d[best, torch.arange(len(ix))].median(dim=0).values)
+        out[i] = 1 - median[0] / median[1].clamp(min=1e-3)
+    return F.avg_pool2d(out[:, None], 3, 1, 1, count_include_pad=False)[:, 0]

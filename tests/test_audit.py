@@ -13,7 +13,16 @@ from fastai.learner import Learner
 from torch import nn
 
 from gradcam_tut import audit as audit_module
-from gradcam_tut.audit import EVIDENCE, RULE, _clusters, _flagged, audit, flag_reason
+from gradcam_tut.audit import (
+    EVIDENCE,
+    RULE,
+    _clusters,
+    _flagged,
+    apply_rule,
+    audit,
+    cluster_numbers,
+    flag_reason,
+)
 from gradcam_tut.audit_report import report_html
 from gradcam_tut.cli import main
 from gradcam_tut.mini_fish import MARKS, MiniFishSpec, make_mini_fish, mark_mask
@@ -105,6 +114,28 @@ def test_the_flag_needs_the_network_and_a_sign_that_it_is_not_the_object():
                              + m - 0.01},  # no more than its control, which is no sign
                     fixed | {"moved": np.nan}):  # an empty map: no region to test
         assert flag_reason(numbers, "Trout") == ("", ""), numbers
+
+
+def test_an_image_is_flagged_when_its_fixed_part_alone_moves_other_images():
+    """The fixed part of a region (content its class holds at that place and others do not)
+    that, moved alone, turns most images of other classes into its class flags its image,
+    whatever its cluster's numbers; the cluster says how many and what to look for."""
+    rows = {"class": ["Trout"] * 4, "cluster": [0] * 4, "file": list("abcd"),
+            "fixed_area": [0.04, 0.04, 0.0, 0.02], "fixed_moved": [1.0, 0.0, np.nan, 0.67],
+            "fixed_control": [0.0, np.nan, np.nan, 0.0], "same_place": [1.0] * 4,
+            "moved": [0.5] * 4, "moved_control": [0.0] * 4, "removed_changed": [1.0] * 4,
+            "removed_control_changed": [0.0] * 4, "correct": [1] * 4}
+    images = pd.DataFrame(rows)
+    flagged, clusters = apply_rule(images, cluster_numbers(images),
+                                   RULE | {"fixed": 0.67, "place": np.inf})
+    assert flagged["flagged"].tolist() == [1, 0, 0, 1]
+    assert flagged["why"][0].startswith("Part of its map's region (4.0% of the image) holds "
+                                        "what Trout images hold at that place")
+    assert clusters["flagged"].tolist() == [1]
+    assert clusters["why"][0].startswith("In 2 of its 4 images, part of the map's region")
+    assert "is it the Trout itself" in clusters["look_for"][0]
+    assert not apply_rule(images, cluster_numbers(images),
+                          RULE | {"fixed": np.inf, "place": np.inf})[0]["flagged"].any()
 
 
 class MarkColours(nn.Module):

@@ -8,6 +8,7 @@ from torch import nn
 from gradcam_tut.interventions import (
     elsewhere,
     fill,
+    fixed_content,
     intervene,
     map_regions,
     paste,
@@ -109,3 +110,42 @@ def test_fill_is_exact_on_a_constant_image(steps):
     x = torch.full((1, 3, 16, 16), 0.3)
     regions = square(1, 2, 2, side=4 * steps, size=16)
     assert torch.allclose(fill(x, regions), x)
+
+
+def scenes(n: int, colour: float, mark: bool, seed: int) -> torch.Tensor:
+    """n noisy 32x32 images, each with an object (an 8x8 square of `colour`) anywhere and, with
+    `mark`, the same `colour` in a 6x6 corner, a random corner each: a mark up to mirrors."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 32, 32, generator=g)
+    for i in range(n):
+        y0, x0 = torch.randint(0, 24, (2,), generator=g).tolist()
+        x[i, :, y0:y0 + 8, x0:x0 + 8] = colour
+        if mark:
+            flip = torch.randint(0, 4, (1,), generator=g).item()
+            x[i, :, :6, :6] = colour
+            x[i] = x[i].flip(-1) if flip & 1 else x[i]
+            x[i] = x[i].flip(-2) if flip & 2 else x[i]
+    return x
+
+
+def test_fixed_content_is_high_on_a_mark_at_one_place_and_low_on_objects_anywhere():
+    """A class's mark, the same in each of its images at one place up to mirrors, is fixed
+    content; its object, as alike but anywhere, is not; nor is a mark every class shares."""
+    x = torch.cat([scenes(24, 0.1, True, 0), scenes(24, 0.9, True, 1)])
+    groups = [0] * 24 + [1] * 24
+    everywhere = torch.ones(48, 32, 32, dtype=torch.bool)
+    score = fixed_content(x, everywhere, groups)
+    mark = torch.zeros(48, 32, 32, dtype=torch.bool)
+    for i in range(48):  # the corner that holds the mark, whichever it is
+        for r, c in ((slice(0, 6), slice(0, 6)), (slice(0, 6), slice(26, 32)),
+                     (slice(26, 32), slice(0, 6)), (slice(26, 32), slice(26, 32))):
+            if (x[i, :, r, c] == x[i, 0, r, c][0, 0]).all():
+                mark[i, r, c] = True
+    assert mark.flatten(1).any(1).all()
+    inner = torch.nn.functional.max_pool2d(mark[:, None].float(), 3, 1, 1)[:, 0] == 0
+    assert score[mark].median() > 0.9  # the mark: the class's own images hold it there
+    assert score[inner].median().abs() < 0.2  # objects and noise: anything is anywhere
+    shared = fixed_content(torch.cat([scenes(24, 0.5, True, 2), scenes(24, 0.5, True, 3)]),
+                           everywhere, groups)
+    assert shared.median().abs() < 0.2  # the same mark in every class tells none apart
+    assert fixed_content(x[:2], everywhere[:2], [0, 1]).isnan().all()  # no other image
