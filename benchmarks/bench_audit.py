@@ -81,7 +81,7 @@ def audit_one(job: tuple[str, str]):
 
 
 CLEAN_SEEDS = (42, 43, 44)
-GRID = {"fixed": [0.33, 0.67, 1.0, np.inf],
+GRID = {"fixed": [0.1, 0.2, 0.3, 0.4, 0.5, np.inf],
         "moved": np.round(np.arange(0.05, 0.65, 0.05), 2),
         "place": [1.5, 2, 3, 4, 5, 6, 8, 10, 15],
         "everywhere": [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, np.inf]}
@@ -94,18 +94,25 @@ def with_cluster_numbers(rows):
     key = ["model", "kind", "class", "cluster"]
     numbers = rows.groupby(["model", "kind"], sort=False, group_keys=False).apply(
         lambda part: cluster_numbers(part).assign(model=part.name[0], kind=part.name[1]))
-    numbers = numbers[key + ["moved", "moved_control", "same_place"]].add_prefix("c_")
-    return rows.merge(numbers.rename(columns={f"c_{k}": k for k in key}), on=key, how="left")
+    numbers = numbers[key + ["moved", "moved_control", "same_place", "class_control"]]
+    numbers = numbers.add_prefix("c_")
+    rows = rows.merge(numbers.rename(columns={f"c_{k}": k for k in key}), on=key, how="left")
+    by_class = rows.groupby(["model", "kind", "class"])  # `audit.fixed_sign`'s lift
+    rows["c_fixed"] = (by_class["fixed_moved"].transform("mean")
+                       - by_class["fixed_control"].transform("mean").fillna(0))
+    return rows
 
 
 def flags(rows, rule: dict) -> np.ndarray:
     """`audit.apply_rule` on every image at once (rows from `with_cluster_numbers`); checked
-    equal to it in `kind_rows`."""
+    equal to it in `loko_table`."""
+    from gradcam_tut.audit import MIN_FIXED
+
     moved = (rows["c_moved"] - rows["c_moved_control"] >= rule["moved"]).to_numpy()
     place = (rows["c_same_place"] >= rule["place"]).to_numpy()
     own = (rows["same_place"] >= rule["place"]).to_numpy()
-    everywhere = (rows["c_moved_control"] >= rule["everywhere"]).to_numpy()
-    fixed = (rows["fixed_moved"] >= rule["fixed"]).to_numpy()
+    everywhere = (rows["c_class_control"] >= rule["everywhere"]).to_numpy()
+    fixed = ((rows["c_fixed"] >= rule["fixed"]) & (rows["fixed_area"] >= MIN_FIXED)).to_numpy()
     return fixed | (moved & place & own) | (~(moved & place) & everywhere)
 
 
@@ -140,7 +147,7 @@ def choose_rule(rows) -> dict:
     return best[1]
 
 
-SIGNS = {"fixed": "fixed_moved", "place": "c_same_place", "everywhere": "c_moved_control"}
+SIGNS = {"fixed": "c_fixed", "place": "c_same_place", "everywhere": "c_class_control"}
 
 
 def calibrated_rule(clean, budget: float = 0.10, moved: float = 0.1) -> dict:
@@ -151,7 +158,8 @@ def calibrated_rule(clean, budget: float = 0.10, moved: float = 0.1) -> dict:
     off = {"moved": moved} | {sign: np.inf for sign in SIGNS}
     rule = dict(off)
     for sign, column in SIGNS.items():
-        for value in np.unique(np.round(clean[column].dropna(), 2)):
+        values = np.unique(np.round(clean[column].dropna(), 2))
+        for value in [*values, values.max() + 0.01]:  # the last: above every clean value
             if scores(clean, off | {sign: float(value)})["flagged clean"] <= budget / len(SIGNS):
                 rule[sign] = float(value)
                 break
@@ -240,8 +248,8 @@ def report_rules(rows) -> None:
     table = calibrated_table(rows)
     table.to_csv(RESULTS / "audit_calibrated.csv", index=False)
     print("\n== (b) thresholds from the clean networks of seeds 42 and 43 alone (each sign "
-          "flagging at most 5% of their images; no shortcut kind), scored on every kind; "
-          "flagged clean: the clean network of seed 44")
+          "flagging at most a third of 10% of their images; no shortcut kind), scored on every "
+          "kind; flagged clean: the clean network of seed 44")
     print(table.round(3).to_string(index=False))
 
 

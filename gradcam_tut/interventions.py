@@ -158,15 +158,15 @@ def mirrors(x: Tensor) -> Tensor:
     return torch.stack([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)])
 
 
-def fixed_content(x: Tensor, regions: Tensor, groups: Sequence, k: int = 24, seed: int = 0
-                  ) -> Tensor:
+def fixed_content(x: Tensor, regions: Tensor, groups: Sequence | np.ndarray, k: int = 24,
+                  share: float = 0.75, seed: int = 0) -> Tensor:
     """How much a pixel's content is its group's at that place: per image and pixel,
-    1 - (the median distance to `k` images of its own group) / (the median distance to `k`
-    images of other groups), each other image mirrored the way that matches the region best
-    (a mark in any corner is the same mark). About 0 where objects lie anywhere, so that what
-    is at a place is as often another group's as its own; 1 where every image of the group
-    holds the same thing at that place (a corner mark, a caption bar, a watermark); in
-    between for a tint or a faint overlay.
+    1 - d_own / d_other, where d_own is the distance within which `share` of `k` images of its
+    own group are there and d_other the median distance to `k` images of other groups, each
+    other image mirrored the way that matches the region best (a mark in any corner is the same
+    mark). Near 0 or below where objects lie anywhere, so that what is at a place is as often
+    another group's as its own; 1 where (`share` of) the group's images hold the same thing at
+    that place (a corner mark, a caption bar); in between for a tint or a faint overlay.
 
     Args:
         x: (N, C, h, w) the images, small (a 32 px side is plenty).
@@ -188,10 +188,11 @@ def fixed_content(x: Tensor, regions: Tensor, groups: Sequence, k: int = 24, see
         same, other = same[same != i], np.flatnonzero(group != group[i])
         if len(same) == 0 or len(other) == 0:
             continue
-        median = []
+        d = []
         for ix in (rng.permutation(same)[:k], rng.permutation(other)[:k]):
-            d = (x[i] - flipped[:, ix]).abs().amax(dim=2)  # (4, k, h, w)
-            best = (d * weight[i]).flatten(2).sum(-1).argmin(0)  # each image's best mirror
-            median.append(d[best, torch.arange(len(ix))].median(dim=0).values)
-        out[i] = 1 - median[0] / median[1].clamp(min=1e-3)
+            dist = (x[i] - flipped[:, ix]).abs().amax(dim=2)  # (4, k, h, w)
+            best = (dist * weight[i]).flatten(2).sum(-1).argmin(0)  # each image's best mirror
+            d.append(dist[best, torch.arange(len(ix))])
+        own, others = d[0].quantile(share, dim=0), d[1].median(dim=0).values
+        out[i] = 1 - own / others.clamp(min=1e-3)
     return F.avg_pool2d(out[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
