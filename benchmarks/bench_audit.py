@@ -48,8 +48,8 @@ def train_one(job: tuple[str, int]) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from gradcam_tut.shortcut import shortcut_recipe, training_sets
-    from gradcam_tut.train import train_fish
+    from gradcam_tut.tool.shortcut import shortcut_recipe, training_sets
+    from gradcam_tut.tool.train import train_fish
 
     kind, seed = job
     model = DATA / f"{kind}-{seed}.pkl"
@@ -66,9 +66,9 @@ def audit_one(job: tuple[str, str]):
     import torch
 
     torch.set_num_threads(1)
-    from gradcam_tut.audit import audit
-    from gradcam_tut.shortcut import counterfactual_sets, where_maps_lie
-    from gradcam_tut.train import load_fish_learner
+    from gradcam_tut.tool.auditing import audit
+    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
+    from gradcam_tut.tool.train import load_fish_learner
 
     model, kind = job
     learn = load_fish_learner(DATA / f"{model}.pkl")
@@ -89,7 +89,7 @@ GRID = {"fixed": [0.1, 0.2, 0.3, 0.4, 0.5, np.inf],
 
 def with_cluster_numbers(rows):
     """Each image's row with its cluster's numbers (`audit.cluster_numbers`), prefixed c_."""
-    from gradcam_tut.audit import cluster_numbers
+    from gradcam_tut.tool.auditing import cluster_numbers
 
     key = ["model", "kind", "class", "cluster"]
     numbers = rows.groupby(["model", "kind"], sort=False, group_keys=False).apply(
@@ -189,7 +189,7 @@ def loko_table(rows):
     """Leave one kind out: for each kind, the rule chosen on the others, scored on it."""
     import pandas as pd
 
-    from gradcam_tut.audit import apply_rule, cluster_numbers
+    from gradcam_tut.tool.auditing import apply_rule, cluster_numbers
 
     rows = with_cluster_numbers(rows)
     table = []
@@ -210,10 +210,10 @@ def kind_rows(data: Path) -> None:
     """(1): every network audited, then the leave-one-kind-out table."""
     import pandas as pd
 
-    from gradcam_tut.audit import EVIDENCE
-    from gradcam_tut.mini_fish import SHORTCUT_KINDS
-    from gradcam_tut.shortcut import counterfactual_sets, shortcut_scores
-    from gradcam_tut.train import load_fish_learner
+    from gradcam_tut.tool.auditing import EVIDENCE
+    from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
+    from gradcam_tut.tool.shortcut import counterfactual_sets, shortcut_scores
+    from gradcam_tut.tool.train import load_fish_learner
 
     jobs = [(k, SEED) for k in SHORTCUT_KINDS] + [("clean", s) for s in CLEAN_SEEDS]
     audits = [(f"{k}-{SEED}", k) for k in SHORTCUT_KINDS] + \
@@ -265,10 +265,10 @@ def corelay_one(kind: str) -> list[dict]:
     from sklearn.metrics import adjusted_rand_score
 
     torch.set_num_threads(1)
-    from gradcam_tut.audit import audit
-    from gradcam_tut.shortcut import counterfactual_sets, where_maps_lie
-    from gradcam_tut.spray import cluster_maps, mirrored
-    from gradcam_tut.train import load_fish_learner
+    from gradcam_tut.tool.auditing import audit
+    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
+    from gradcam_tut.tool.spray import cluster_maps, mirrored
+    from gradcam_tut.tool.train import load_fish_learner
 
     learn = load_fish_learner(DATA / f"{kind}-{SEED}.pkl")
     result = audit(learn, counterfactual_sets(SETS / "test", kind=kind)["marked"])
@@ -307,7 +307,7 @@ def corelay_rows() -> None:
     """(5): the two clusterings side by side, per kind (mean over classes)."""
     import pandas as pd
 
-    from gradcam_tut.mini_fish import SHORTCUT_KINDS
+    from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
 
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = pd.DataFrame([r for part in pool.map(corelay_one, SHORTCUT_KINDS) for r in part])
@@ -324,10 +324,10 @@ def time_rows(data: Path, per_class: int = 112) -> None:
     import torch
     from torchvision.models import resnet34
 
-    from gradcam_tut.audit import audit
-    from gradcam_tut.data import fish_dataloaders
-    from gradcam_tut.mini_fish import MiniFishSpec, make_mini_fish
-    from gradcam_tut.train import fish_learner
+    from gradcam_tut.tool.auditing import audit
+    from gradcam_tut.tool.data import fish_dataloaders
+    from gradcam_tut.tool.mini_fish import MiniFishSpec, make_mini_fish
+    from gradcam_tut.tool.train import fish_learner
 
     torch.manual_seed(0)
     root = make_mini_fish(data / f"time-{per_class}", MiniFishSpec(per_class=per_class, seed=3),
@@ -352,9 +352,9 @@ def process_rows(data: Path, per_class: int = 112) -> None:
     import torch
     from torchvision.models import resnet34
 
-    from gradcam_tut.data import fish_dataloaders
-    from gradcam_tut.mini_fish import MiniFishSpec, make_mini_fish
-    from gradcam_tut.train import fish_learner
+    from gradcam_tut.tool.data import fish_dataloaders
+    from gradcam_tut.tool.mini_fish import MiniFishSpec, make_mini_fish
+    from gradcam_tut.tool.train import fish_learner
 
     root = make_mini_fish(data / f"time-{per_class}", MiniFishSpec(per_class=per_class, seed=3),
                           progress=False)
@@ -365,13 +365,13 @@ def process_rows(data: Path, per_class: int = 112) -> None:
         fish_learner(dls, resnet34, pretrained=False)[0].export(model)
     runs = {"1 process, 2 threads": ([], "2"), "1 process, 1 thread": ([], "1"),
             "2 processes, 1 thread each": ([sys.executable, "-m", "torch.distributed.run",
-                                            "--nproc_per_node", "2", "-m", "gradcam_tut.cli"],
+                                            "--nproc_per_node", "2", "-m", "gradcam_tut.tool.cli"],
                                            "1")}
     for command, layer in (("explain", ["--layers", "layer3"]), ("audit", ["--layer", "layer3"])):
         outs = {}
         for name, (launch, threads) in runs.items():
             out = data / f"{command}-{len(launch) > 0}-{threads}"
-            cmd = (launch or [sys.executable, "-m", "gradcam_tut.cli"]) + [
+            cmd = (launch or [sys.executable, "-m", "gradcam_tut.tool.cli"]) + [
                 command, str(root), "--learner", str(model), "--out", str(out), "--force",
                 *layer]
             start = time.perf_counter()
@@ -415,7 +415,7 @@ def scale_one(n: int, dense: bool) -> dict:
     """One clustering of n synthetic maps (run in a fresh process: its peak memory)."""
     from sklearn.metrics import adjusted_rand_score, homogeneity_score
 
-    from gradcam_tut.spray import cluster_maps
+    from gradcam_tut.tool.spray import cluster_maps
 
     maps, family = synthetic_maps(n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

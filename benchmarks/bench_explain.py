@@ -23,10 +23,10 @@ from torchvision.models import resnet34
 
 import gradcam_tut.learner  # noqa: F401  adds Learner.gradcam
 from gradcam_tut import body_layers, grad_cam
-from gradcam_tut.data import DATA_DIR, fish_dataloaders
-from gradcam_tut.explain import explain
-from gradcam_tut.layout import image_files
-from gradcam_tut.mini_fish import make_mini_fish
+from gradcam_tut.tool.data import DATA_DIR, fish_dataloaders
+from gradcam_tut.tool.explaining import explain
+from gradcam_tut.tool.layout import image_files
+from gradcam_tut.tool.mini_fish import make_mini_fish
 
 
 def rate(fn, n):

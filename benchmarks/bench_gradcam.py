@@ -77,9 +77,9 @@ def guidance_epochs():
     from fastai.torch_core import set_seed
     from fastai.vision.learner import vision_learner
 
-    from gradcam_tut.data import DATA_DIR, fish_dataloaders
     from gradcam_tut.guidance import MaskGuidance
-    from gradcam_tut.mini_fish import make_mini_fish
+    from gradcam_tut.tool.data import DATA_DIR, fish_dataloaders
+    from gradcam_tut.tool.mini_fish import make_mini_fish
 
     root = make_mini_fish(DATA_DIR / "mini_fish", progress=False)
     secs = {0: [], 1: []}

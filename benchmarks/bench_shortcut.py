@@ -62,14 +62,14 @@ def train_row(row: str, seed: int, per_class: int, data: Path) -> dict:
 
     torch.set_num_threads(1)
     from gradcam_tut.guidance import BackgroundSwap, MaskGuidance
-    from gradcam_tut.shortcut import (
+    from gradcam_tut.tool.shortcut import (
         counterfactual_sets,
         map_shares,
         shortcut_recipe,
         shortcut_scores,
         training_sets,
     )
-    from gradcam_tut.train import train_fish
+    from gradcam_tut.tool.train import train_fish
 
     train = training_sets(data, per_class, seed)
     tests = counterfactual_sets(data / "test")

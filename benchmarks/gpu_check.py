@@ -24,8 +24,8 @@ from fastai.vision.learner import vision_learner
 from torchvision.models import resnet34
 
 from gradcam_tut import body_layers, grad_cam
-from gradcam_tut.data import fish_dataloaders
-from gradcam_tut.mini_fish import MiniFishSpec, make_mini_fish
+from gradcam_tut.tool.data import fish_dataloaders
+from gradcam_tut.tool.mini_fish import MiniFishSpec, make_mini_fish
 
 
 class EpochTimer(Callback):

@@ -1,7 +1,7 @@
 """The Kaggle Fish Dataset's facts: its classes, where an image's GT mask lives, where to get
-it, and the error a folder out of its layout raises. The folder checks (`layout`), the finding
-and loading (`data`) and the synthetic stand-in (`mini_fish`) all follow them. Standard library
-only."""
+it, and the error a folder out of its layout raises. The lesson's `images` and `learner` find
+masks by them; the tool's folder checks (`tool.layout`), finding and loading (`tool.data`) and
+synthetic stand-in (`tool.mini_fish`) follow them too. Standard library only."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def batch():
 @pytest.fixture(scope="session")
 def mini_dest(tmp_path_factory):
     """A small mini fish set (6 per class, 64x48), made once per test session."""
-    from gradcam_tut.mini_fish import MiniFishSpec, make_mini_fish
+    from gradcam_tut.tool.mini_fish import MiniFishSpec, make_mini_fish
 
     dest = tmp_path_factory.mktemp("mini") / "mini_fish"
     make_mini_fish(dest, MiniFishSpec(per_class=6, width=64, height=48), progress=False)
@@ -61,7 +61,7 @@ def tiny_model_file(mini_root, tmp_path_factory):
     """A resnet18 trained one epoch on the mini set at 32 px, exported."""
     from torchvision.models import resnet18
 
-    from gradcam_tut.train import train_fish
+    from gradcam_tut.tool.train import train_fish
 
     model_file = tmp_path_factory.mktemp("model") / "fish.pkl"
     train_fish(mini_root, arch=resnet18, epochs=1, size=32, bs=8, pretrained=False,
@@ -71,7 +71,7 @@ def tiny_model_file(mini_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_learner(tiny_model_file):
-    from gradcam_tut.train import load_fish_learner
+    from gradcam_tut.tool.train import load_fish_learner
 
     return load_fish_learner(tiny_model_file)
 

@@ -12,8 +12,9 @@ from fastai.data.transforms import Normalize
 from fastai.learner import Learner
 from torch import nn
 
-from gradcam_tut import audit as audit_module
-from gradcam_tut.audit import (
+from gradcam_tut.tool import auditing
+from gradcam_tut.tool.audit_report import report_html
+from gradcam_tut.tool.auditing import (
     EVIDENCE,
     RULE,
     _clusters,
@@ -23,11 +24,10 @@ from gradcam_tut.audit import (
     cluster_numbers,
     flag_reason,
 )
-from gradcam_tut.audit_report import report_html
-from gradcam_tut.cli import main
-from gradcam_tut.mini_fish import MARKS, MiniFishSpec, make_mini_fish, mark_mask
-from gradcam_tut.results import MARKER
-from gradcam_tut.spray import cluster_maps, mass_numbers, regions
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.mini_fish import MARKS, MiniFishSpec, make_mini_fish, mark_mask
+from gradcam_tut.tool.results import MARKER
+from gradcam_tut.tool.spray import cluster_maps, mass_numbers, regions
 
 COLUMNS = ["file", "class", "cluster", "flagged", "why", "label", "predicted", "confidence",
            "correct", "cluster_size", "centre", "edges", "corners", "compactness", "peak_row",
@@ -259,7 +259,7 @@ def test_cli_audit_and_its_one_line_errors(tiny_model_file, mini_root, tmp_path,
     def computed(*args, **kwargs):
         raise AssertionError("the model ran before the check")
 
-    monkeypatch.setattr(audit_module, "_explain_all", computed)
+    monkeypatch.setattr(auditing, "_explain_all", computed)
     cases = [(cmd, "holds an earlier result: pick another --out, or add --force"),
              (cmd[:-1] + [str(tmp_path / "x")] + ["--layer", "nope"], "no layer named 'nope'"),
              (["audit", str(tmp_path / "none"), *cmd[2:4], "--out", str(tmp_path / "y")],
@@ -363,7 +363,7 @@ def test_two_processes_write_what_one_does(audited, tiny_model_file, mini_root, 
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "-m", "gradcam_tut.cli", "audit", str(mini_root), "--learner",
+                           "2", "-m", "gradcam_tut.tool.cli", "audit", str(mini_root), "--learner",
                            str(tiny_model_file), "--out", str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -381,7 +381,7 @@ def test_two_processes_write_what_one_does(audited, tiny_model_file, mini_root, 
 
 
 def test_shared_paths_are_relative_and_say_when_a_link_leads_outside(tmp_path):
-    from gradcam_tut.audit import shown_paths
+    from gradcam_tut.tool.auditing import shown_paths
 
     (tmp_path / "in" / "Trout").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()

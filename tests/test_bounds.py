@@ -8,10 +8,10 @@ from collections import namedtuple
 import pytest
 from PIL import Image
 
-from gradcam_tut import runner
-from gradcam_tut.cli import main
 from gradcam_tut.fish_layout import mask_file
-from gradcam_tut.mini_fish import MiniFishSpec
+from gradcam_tut.tool import runner
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.mini_fish import MiniFishSpec
 
 
 def test_mini_fish_counts_and_sizes_that_cannot_fit_are_refused(tmp_path, capsys):

@@ -248,7 +248,7 @@ def test_fastai_batch_in_plain_tensors_out(tiny_learner, mini_root):
     """Straight from `dls.one_batch()`: TensorImage in, TensorCategory targets, plain maps out."""
     from fastai.torch_core import TensorBase
 
-    from gradcam_tut.data import fish_dataloaders
+    from gradcam_tut.tool.data import fish_dataloaders
 
     dls = fish_dataloaders(mini_root, size=32, bs=4, num_workers=0)
     xb, yb = dls.one_batch()

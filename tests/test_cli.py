@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from gradcam_tut import runner
-from gradcam_tut.cli import main
-from gradcam_tut.runner import new_run_dir, point_latest
-from gradcam_tut.settings import RunSettings
+from gradcam_tut.tool import runner
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.runner import new_run_dir, point_latest
+from gradcam_tut.tool.settings import RunSettings
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_run_without_notebooks_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, gradcam_tut.cli; print('torch' in sys.modules)"
+    code = "import sys, gradcam_tut.tool.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -154,7 +154,7 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path, m
     import numpy as np
     from PIL import Image
 
-    from gradcam_tut.runner import REPO, publish_notebooks
+    from gradcam_tut.tool.runner import REPO, publish_notebooks
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()

@@ -6,11 +6,11 @@ import torch
 from fastai.data.transforms import get_image_files, parent_label
 from PIL import Image
 
-from gradcam_tut import data
-from gradcam_tut.data import find_fish_dataset, fish_dataloaders
 from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError, mask_file
-from gradcam_tut.layout import dataset_root, image_files, validate_layout
-from gradcam_tut.mini_fish import is_mini_fish
+from gradcam_tut.tool import data
+from gradcam_tut.tool.data import find_fish_dataset, fish_dataloaders
+from gradcam_tut.tool.layout import dataset_root, image_files, validate_layout
+from gradcam_tut.tool.mini_fish import is_mini_fish
 
 
 def test_masks_excluded_and_nine_classes(mini_root):
@@ -128,10 +128,13 @@ def test_hidden_folders_are_not_classes(broken):
 
 def test_learners_exported_before_the_split_still_load():
     """Exported learners pickle their item type by module: those exported when RGBImage and
-    load_rgb lived in data.py name them there, and must still load."""
-    import pickle
+    load_rgb lived in data.py name them there, and must still load: `load_fish_learner`'s
+    unpicklers (trusted or checked) find them where they live now."""
+    import io
 
     from gradcam_tut import images
+    from gradcam_tut.tool.pickle_check import CheckedUnpickler, trusted_pickle
 
-    assert pickle.loads(b"cgradcam_tut.data\nRGBImage\n.") is images.RGBImage
-    assert pickle.loads(b"cgradcam_tut.data\nload_rgb\n.") is images.load_rgb
+    for unpickler in (trusted_pickle.Unpickler, CheckedUnpickler):
+        assert unpickler(io.BytesIO(b"cgradcam_tut.data\nRGBImage\n.")).load() is images.RGBImage
+        assert unpickler(io.BytesIO(b"cgradcam_tut.data\nload_rgb\n.")).load() is images.load_rgb

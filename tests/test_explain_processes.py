@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradcam_tut.results import MARKER
+from gradcam_tut.tool.results import MARKER
 
 
 def explain(launch: list[str], mini_root, model, out, cwd) -> subprocess.CompletedProcess:
-    cmd = launch + ["-m", "gradcam_tut.cli", "explain", str(mini_root), "--learner", str(model),
-                    "--out", str(out), "--grids", "--bs", "4", "--layers", "layer2", "layer3"]
+    cmd = launch + ["-m", "gradcam_tut.tool.cli", "explain", str(mini_root), "--learner",
+                    str(model), "--out", str(out), "--grids", "--bs", "4",
+                    "--layers", "layer2", "layer3"]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=cwd,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

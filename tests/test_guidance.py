@@ -11,10 +11,10 @@ from notebook_code import definitions, notebook_definitions
 from torchvision.models import resnet18
 
 from gradcam_tut import grad_cam, upsample
-from gradcam_tut.data import fish_dataloaders
 from gradcam_tut.guidance import MaskGuidance, outside_share
 from gradcam_tut.hooks import HookForwardMany, hooks_left
 from gradcam_tut.metrics import energy_in_mask
+from gradcam_tut.tool.data import fish_dataloaders
 
 
 def test_outside_share_is_one_minus_energy_in_mask(resnet18, batch):
@@ -124,7 +124,7 @@ def test_background_swap_leaves_validation_and_p0_alone():
 def test_train_fish_with_background_swap(mini_root, tmp_path):
     """A training with the callback: batches carry masks, the exported learner does not."""
     from gradcam_tut.guidance import BackgroundSwap
-    from gradcam_tut.train import load_fish_learner, train_fish
+    from gradcam_tut.tool.train import load_fish_learner, train_fish
 
     learn = train_fish(mini_root, arch=resnet18, epochs=1, size=32, bs=8, pretrained=False,
                        cbs=[BackgroundSwap()], with_masks=True, export_to=tmp_path / "m.pkl")

@@ -16,13 +16,19 @@ import pytest
 from fastai.data.transforms import get_image_files, parent_label
 from PIL import Image, ImageOps
 
-from gradcam_tut.cli import main
-from gradcam_tut.data import fish_dataloaders
-from gradcam_tut.explain import image_paths
 from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError, mask_file
-from gradcam_tut.images import damaged_images, fish_mask, load_rgb
-from gradcam_tut.layout import checked_image_files, image_files, listed_images, validate_layout
-from gradcam_tut.mini_fish import MARKER, MiniFishSpec, make_mini_fish, mark_mask
+from gradcam_tut.images import fish_mask, load_rgb
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.data import fish_dataloaders
+from gradcam_tut.tool.decode_check import damaged_images
+from gradcam_tut.tool.explaining import image_paths
+from gradcam_tut.tool.layout import (
+    checked_image_files,
+    image_files,
+    listed_images,
+    validate_layout,
+)
+from gradcam_tut.tool.mini_fish import MARKER, MiniFishSpec, make_mini_fish, mark_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = MiniFishSpec(per_class=2, width=48, height=36)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradcam_tut.interventions import (
+from gradcam_tut.tool.interventions import (
     elsewhere,
     fill,
     fixed_content,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gradcam_tut import data, layout
 from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError
-from gradcam_tut.layout import Layout, image_files, scan_layout, validate_layout
-from gradcam_tut.mini_fish import expected_classes, is_mini_fish
+from gradcam_tut.tool import data, layout
+from gradcam_tut.tool.layout import Layout, image_files, scan_layout, validate_layout
+from gradcam_tut.tool.mini_fish import expected_classes, is_mini_fish
 
 
 def _own(dest, mini_root, splits=("",), per_class=3):
@@ -89,20 +89,25 @@ def test_one_fish_dataloaders_call_scans_once(mini_dest, mini_root, tmp_path, mo
 
 PACKAGE = Path(__file__).parents[1] / "gradcam_tut"
 # the data's modules, bottom up: each imports only modules below it, and data none of
-# mini_fish's marker (mini_fish answers for its own sets: is_mini_fish, expected_classes)
+# mini_fish's marker (mini_fish answers for its own sets: is_mini_fish, expected_classes).
+# fish_layout and images are the lesson's (gradcam_tut/), the others the tool's (tool/)
 ARROWS = {"fish_layout": set(), "results": set(), "images": {"fish_layout"},
+          "decode_check": {"images"},
           "mini_fish": {"fish_layout", "results"},
-          "layout": {"fish_layout", "images", "mini_fish"},
+          "layout": {"fish_layout", "images", "decode_check", "mini_fish"},
           "data": {"fish_layout", "images", "layout", "mini_fish"},
           "train": {"data", "layout", "pickle_check"},
           "settings": {"data", "fish_layout", "layout", "mini_fish", "results", "train"}}
+LESSON = {"fish_layout", "images"}
 
 
 def _imports(module: str) -> dict[str, set[str]]:
-    """The package's modules `module` imports anywhere in it, and the names it takes of each."""
+    """The package's modules `module` imports anywhere in it (by file name, either package),
+    and the names it takes of each."""
+    file = PACKAGE / ("" if module in LESSON else "tool") / f"{module}.py"
     found = {}
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level in (1, 2) and node.module:
             found.setdefault(node.module, set()).update(a.name for a in node.names)
     return found
 

@@ -83,7 +83,7 @@ def test_gradcam_grid_on_a_learner(tiny_learner, mini_root, tmp_path):
 
 @pytest.mark.slow
 def test_top_losses_gradcam(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_dataloaders
+    from gradcam_tut.tool.data import fish_dataloaders
 
     tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
     interp = ClassificationInterpretation.from_learner(tiny_learner)
@@ -98,7 +98,7 @@ def test_top_losses_gradcam(tiny_learner, mini_root):
 
 
 def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
-    from gradcam_tut.data import fish_dataloaders
+    from gradcam_tut.tool.data import fish_dataloaders
 
     tiny_learner.dls = fish_dataloaders(mini_root, size=32, bs=8, num_workers=0)
     dl = mask_dl(tiny_learner)
@@ -135,7 +135,7 @@ def test_localization_report_on_a_trained_model(tiny_learner, mini_root):
 
 
 def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
-    from gradcam_tut.layout import image_files
+    from gradcam_tut.tool.layout import image_files
 
     files = list(image_files(mini_root))[:6]
     full = localization_report(tiny_learner, mask_dl(tiny_learner, files), layers=["layer4"])
@@ -153,7 +153,7 @@ def test_empty_masks_are_skipped_not_missed(tiny_learner, mini_root):
 
 
 def test_pointing_gallery_hits_and_misses(tiny_learner, mini_root):
-    from gradcam_tut.layout import image_files
+    from gradcam_tut.tool.layout import image_files
 
     dl = mask_dl(tiny_learner, list(image_files(mini_root))[::3], bs=6)
     fig = plot_pointing_gallery(tiny_learner, layer="layer3", n=2, dl=dl)

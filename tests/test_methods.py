@@ -149,9 +149,9 @@ def test_reshape_defaults_and_errors(vit, swin, resnet18):
 
 def test_methods_in_the_report_the_grid_and_the_cli(tiny_learner, tiny_model_file, mini_root,
                                                     tmp_path):
-    from gradcam_tut.cli import METHOD_NAMES, main
-    from gradcam_tut.layout import image_files
     from gradcam_tut.learner import gradcam_grid, localization_report, mask_dl
+    from gradcam_tut.tool.cli import METHOD_NAMES, main
+    from gradcam_tut.tool.layout import image_files
 
     assert METHOD_NAMES == tuple(METHODS)  # the CLI lists them without importing torch
     dl = mask_dl(tiny_learner, image_files(mini_root)[::4], bs=8)

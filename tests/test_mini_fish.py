@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_tut.cli import main as cli_main
 from gradcam_tut.fish_layout import CLASSES, mask_file
-from gradcam_tut.layout import image_files
-from gradcam_tut.mini_fish import MARKER, MARKS, MiniFishSpec, main, make_mini_fish, render
+from gradcam_tut.tool.cli import main as cli_main
+from gradcam_tut.tool.layout import image_files
+from gradcam_tut.tool.mini_fish import MARKER, MARKS, MiniFishSpec, main, make_mini_fish, render
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = MiniFishSpec(per_class=2, width=48, height=36)
@@ -168,7 +168,7 @@ def test_a_planted_shortcut():
 
 
 def test_mark_mask_is_where_the_mark_is(tmp_path):
-    from gradcam_tut.mini_fish import mark_mask
+    from gradcam_tut.tool.mini_fish import mark_mask
 
     spec = MiniFishSpec(per_class=2, width=48, height=36, mark=0.5)
     root = make_mini_fish(tmp_path / "marked", spec, progress=False)
@@ -198,9 +198,10 @@ def test_the_module_answers_a_user_error_in_one_line(tmp_path, capsys):
     assert cli_main(["mini-fish", str(tmp_path / "mine")]) == 2
     line = capsys.readouterr().err
     assert main([str(tmp_path / "mine")]) == 2
-    same = line.replace("gradcam-tut:", "python -m gradcam_tut.mini_fish:")  # the same line
+    same = line.replace("gradcam-tut:", "python -m gradcam_tut.tool.mini_fish:")  # the same line
     assert line.startswith("gradcam-tut: error: ") and capsys.readouterr().err == same
-    done = subprocess.run([sys.executable, "-m", "gradcam_tut.mini_fish", str(tmp_path / "mine")],
+    done = subprocess.run([sys.executable, "-m", "gradcam_tut.tool.mini_fish",
+                           str(tmp_path / "mine")],
                           capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (done.returncode, done.stdout, done.stderr) == (2, "", same)

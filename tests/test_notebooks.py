@@ -5,7 +5,7 @@ import re
 import papermill as pm
 import pytest
 
-from gradcam_tut.runner import NOTEBOOKS
+from gradcam_tut.tool.runner import NOTEBOOKS
 
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 FIGURES = {
@@ -60,8 +60,8 @@ def assert_trains_like_train_fish(model_file, data, out):
     train the same weights: the recipe is written once, and the notebook shows it."""
     from fastai.learner import load_learner
 
-    from gradcam_tut.settings import run_settings
-    from gradcam_tut.train import train_fish
+    from gradcam_tut.tool.settings import run_settings
+    from gradcam_tut.tool.train import train_fish
 
     s = run_settings(True, data, out, epochs=1)
     package = train_fish(s.data, epochs=s.epochs, size=s.size, bs=s.bs, pretrained=s.pretrained,

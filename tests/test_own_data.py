@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from gradcam_tut import grad_cam
-from gradcam_tut.cli import main
-from gradcam_tut.data import fish_dataloaders
 from gradcam_tut.fish_layout import DatasetLayoutError
-from gradcam_tut.layout import scan_layout, validate_layout
-from gradcam_tut.settings import run_settings
-from gradcam_tut.train import train_fish
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.data import fish_dataloaders
+from gradcam_tut.tool.layout import scan_layout, validate_layout
+from gradcam_tut.tool.settings import run_settings
+from gradcam_tut.tool.train import train_fish
 
 # borrowed pictures, 12 per class: enough for a batch of 16 in the notebooks' smoke mode
 PETS = {"bird": ("Red Mullet", "Red Sea Bream"), "cat": ("Trout", "Sea Bass"),

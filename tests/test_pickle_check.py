@@ -9,9 +9,14 @@ import cloudpickle
 import pytest
 import torch
 
-from gradcam_tut.cli import main
-from gradcam_tut.pickle_check import UntrustedFile, allowed, check_learner_file, pickle_imports
-from gradcam_tut.train import load_fish_learner
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.pickle_check import (
+    UntrustedFile,
+    allowed,
+    check_learner_file,
+    pickle_imports,
+)
+from gradcam_tut.tool.train import load_fish_learner
 
 
 class Call:

@@ -18,12 +18,13 @@ import torch
 from fastai.vision.core import PILImage
 from PIL import Image
 
-from gradcam_tut import images
-from gradcam_tut.data import fish_dataloaders, project_dir
 from gradcam_tut.fish_layout import DatasetLayoutError, mask_file
-from gradcam_tut.images import RGBImage, damaged_images, load_rgb
-from gradcam_tut.layout import checked_image_files
-from gradcam_tut.settings import run_settings
+from gradcam_tut.images import RGBImage, load_rgb
+from gradcam_tut.tool import decode_check
+from gradcam_tut.tool.data import fish_dataloaders, project_dir
+from gradcam_tut.tool.decode_check import damaged_images
+from gradcam_tut.tool.layout import checked_image_files
+from gradcam_tut.tool.settings import run_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def test_decompression_bomb_is_a_damaged_file(fish, monkeypatch):
 def test_the_check_is_cached_and_sees_changes(fish, monkeypatch):
     files = _images(fish, "Trout")
     assert damaged_images(files) == {}
-    monkeypatch.setattr(images, "_decode", lambda f: pytest.fail("decoded again"))
+    monkeypatch.setattr(decode_check, "_decode", lambda f: pytest.fail("decoded again"))
     assert damaged_images(files) == {}  # the same files, unchanged: read from the cache
     files[0].write_bytes(b"")
     monkeypatch.undo()
@@ -114,7 +115,7 @@ def test_the_cache_folder_is_read_from_the_environment_at_each_call(fish, tmp_pa
         assert damaged_images(files) == {}
         assert len(list((tmp_path / home / "gradcam_tut" / "checked").glob("*.json"))) == 1
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert images.cache_dir() == Path.home() / ".cache" / "gradcam_tut"
+    assert decode_check.cache_dir() == Path.home() / ".cache" / "gradcam_tut"
 
 def test_empty_class_and_wrong_folder(fish, tmp_path):
     for f in _images(fish, "Shrimp"):
@@ -170,11 +171,11 @@ def test_data_and_runs_never_go_into_site_packages(tmp_path, monkeypatch):
 IMPORTS_QUIETLY = """
 import warnings
 before = list(warnings.filters)
-import gradcam_tut, gradcam_tut.cli
+import gradcam_tut, gradcam_tut.tool.cli
 with warnings.catch_warnings():  # what the command silences while it runs: fastai's import
-    for message, category, module in gradcam_tut.cli.FASTAI_IMPORT_WARNINGS:
+    for message, category, module in gradcam_tut.tool.cli.FASTAI_IMPORT_WARNINGS:
         warnings.filterwarnings("ignore", message, category, module)
-    import gradcam_tut.learner, gradcam_tut.plot, gradcam_tut.train, gradcam_tut.settings
+    import gradcam_tut.learner, gradcam_tut.plot, gradcam_tut.tool.train, gradcam_tut.tool.settings
 assert warnings.filters == before, "importing the package changed the warning filters"
 """
 

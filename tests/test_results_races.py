@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from gradcam_tut import explain as explain_module
-from gradcam_tut.cli import main
-from gradcam_tut.results import MARKER, ResultInUse, holding, sigterm_as_interrupt, written_whole
+from gradcam_tut.tool import explaining
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.results import (
+    MARKER,
+    ResultInUse,
+    holding,
+    sigterm_as_interrupt,
+    written_whole,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +40,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 KILLED_BETWEEN_RENAMES = """
 import os, sys
-from gradcam_tut.results import written_whole
+from gradcam_tut.tool.results import written_whole
 real, renames = os.rename, []
 def rename(src, dst):
     renames.append(dst)
@@ -105,14 +111,14 @@ def test_sigterm_is_cleaned_like_ctrl_c(explain_cmd, tmp_path, monkeypatch, caps
     out = tmp_path / "ex"
     assert main(explain_cmd(out, "--grids")) == 0
     before = tree(tmp_path)
-    real = explain_module.explain_maps
+    real = explaining.explain_maps
 
     def terminated(*args, **kwargs):
         real(*args, **kwargs)  # the grids drawn into the temporary folder, then: kill PID
         os.kill(os.getpid(), signal.SIGTERM)
         threading.Event().wait(5)  # the signal lands here
         raise AssertionError("SIGTERM did not stop the run")
-    monkeypatch.setattr(explain_module, "explain_maps", terminated)
+    monkeypatch.setattr(explaining, "explain_maps", terminated)
     capsys.readouterr()
     assert main(explain_cmd(out, "--grids", "--force")) == 143
     assert capsys.readouterr().err == "gradcam-tut: stopped (SIGTERM)\n"
@@ -125,14 +131,14 @@ def test_the_lock_is_held_from_the_start(explain_cmd, tmp_path, monkeypatch, cap
     refused in one line at its start; the first then writes its result, the only one."""
     out = tmp_path / "ex"
     assert main(explain_cmd(out)) == 0
-    real, second = explain_module.explain_maps, []
+    real, second = explaining.explain_maps, []
 
     def with_a_second_run(*args, **kwargs):
-        second.append(subprocess.run([sys.executable, "-m", "gradcam_tut.cli",
+        second.append(subprocess.run([sys.executable, "-m", "gradcam_tut.tool.cli",
                                       *explain_cmd(out, "--force")], cwd=tmp_path,
                                      capture_output=True, text=True, timeout=300))
         return real(*args, **kwargs)
-    monkeypatch.setattr(explain_module, "explain_maps", with_a_second_run)
+    monkeypatch.setattr(explaining, "explain_maps", with_a_second_run)
     assert main(explain_cmd(out, "--force")) == 0
     (done,) = second
     assert done.returncode == 2 and done.stdout == ""
@@ -175,19 +181,20 @@ def test_a_hand_made_launch_is_one_line(explain_cmd, tmp_path, monkeypatch, caps
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("gradcam-tut: error: WORLD_SIZE=2 is set but not MASTER_ADDR, "
                           "MASTER_PORT, LOCAL_RANK: the processes were not started together")
-    assert "torchrun --nproc_per_node 2 -m gradcam_tut.cli" in err and "unset WORLD_SIZE" in err
+    assert "torchrun --nproc_per_node 2 -m gradcam_tut.tool.cli" in err
+    assert "unset WORLD_SIZE" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 RANK_1_FAILS = """
 import os, sys
-from gradcam_tut import cli, explain
-real = explain.explain_maps
+from gradcam_tut.tool import cli, explaining
+real = explaining.explain_maps
 def failing(*args, **kwargs):
     if os.environ["RANK"] == "1":
         raise MemoryError("rank 1 ran out of memory")
     return real(*args, **kwargs)
-explain.explain_maps = failing
+explaining.explain_maps = failing
 sys.exit(cli.main())
 """
 
@@ -218,7 +225,7 @@ def test_the_first_error_on_any_process_ends_them_all(explain_cmd, images, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "rank_1_fails.py"]
 
     (images / "zz_broken.png").write_bytes(b"\x89PNG not really")
-    done = torchrun(["-m", "gradcam_tut.cli", *explain_cmd(out)], tmp_path)
+    done = torchrun(["-m", "gradcam_tut.tool.cli", *explain_cmd(out)], tmp_path)
     assert done.returncode != 0
     assert our_lines(done.stderr) == ["gradcam-tut: error: 1 damaged file"], done.stderr[-3000:]
     assert f"  {images / 'zz_broken.png'}: " in done.stderr and "gradcam_tut/" not in done.stderr
@@ -242,8 +249,8 @@ def test_a_failing_notebook_ends_the_run_promptly(mini_dest, tmp_path, monkeypat
     where its output is."""
     import time
 
-    from gradcam_tut import runner
-    from gradcam_tut.settings import RunSettings
+    from gradcam_tut.tool import runner
+    from gradcam_tut.tool.settings import RunSettings
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()

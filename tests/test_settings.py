@@ -8,17 +8,18 @@ import pytest
 import torch
 from torchvision.models import ResNet34_Weights, resnet34
 
-from gradcam_tut import data, fish_layout, settings
-from gradcam_tut.data import find_fish_dataset
-from gradcam_tut.layout import scan_layout
-from gradcam_tut.settings import (
+from gradcam_tut import fish_layout
+from gradcam_tut.tool import data, settings
+from gradcam_tut.tool.data import find_fish_dataset
+from gradcam_tut.tool.layout import scan_layout
+from gradcam_tut.tool.settings import (
     SMOKE_ENV,
     RunSettings,
     decide_settings,
     pretrained_weights_available,
     run_settings,
 )
-from gradcam_tut.train import fish_learner
+from gradcam_tut.tool.train import fish_learner
 
 
 def _offline(url, timeout):
@@ -100,7 +101,7 @@ def full_size_replica(tmp_path_factory):
     """The real dataset's layout at its size (590x445), 4 per class, without the mini marker."""
     from dataclasses import replace
 
-    from gradcam_tut.mini_fish import FULL, make_mini_fish
+    from gradcam_tut.tool.mini_fish import FULL, make_mini_fish
 
     made = make_mini_fish(tmp_path_factory.mktemp("made") / "m", replace(FULL, per_class=4),
                           progress=False)

@@ -8,8 +8,8 @@ import torch
 from fastai.data.transforms import parent_label
 from PIL import Image
 
-from gradcam_tut.mini_fish import MARKS, MiniFishSpec, mark_class, mark_mask
-from gradcam_tut.shortcut import counterfactual_sets, shortcut_scores
+from gradcam_tut.tool.mini_fish import MARKS, MiniFishSpec, mark_class, mark_mask
+from gradcam_tut.tool.shortcut import counterfactual_sets, shortcut_scores
 
 SPEC = MiniFishSpec(per_class=3, width=48, height=36, seed=7)
 
@@ -69,7 +69,7 @@ def test_where_maps_lie_finds_maps_on_the_mark_and_off_it(sets, tiny_learner):
     import torch.nn.functional as F
 
     from gradcam_tut.learner import mask_dl
-    from gradcam_tut.shortcut import where_maps_lie
+    from gradcam_tut.tool.shortcut import where_maps_lie
 
     files = list(sets["marked"])
     masks = torch.cat([mb.as_subclass(torch.Tensor).float()

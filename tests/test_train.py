@@ -6,9 +6,9 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from gradcam_tut.data import fish_dataloaders
 from gradcam_tut.fish_layout import CLASSES
-from gradcam_tut.train import fish_learner, fp16_wanted, load_fish_learner
+from gradcam_tut.tool.data import fish_dataloaders
+from gradcam_tut.tool.train import fish_learner, fp16_wanted, load_fish_learner
 
 
 def test_trained_learner_exports_and_loads(tiny_learner, mini_root):
@@ -53,7 +53,7 @@ def test_load_missing_model_says_what_to_run(tmp_path):
 @pytest.mark.slow
 def test_training_is_reproducible(mini_root, tmp_path):
     """Seeded: the same data, seed and settings train the same weights (so the same maps)."""
-    from gradcam_tut.train import train_fish
+    from gradcam_tut.tool.train import train_fish
 
     def weights(seed):
         learn = train_fish(mini_root, arch=resnet18, epochs=1, size=32, bs=8, pretrained=False,

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from gradcam_tut.explain import explain, image_paths
-from gradcam_tut.images import ImageTooLarge, damaged_images, load_rgb
-from gradcam_tut.layout import class_name
-from gradcam_tut.results import FORMULA_STARTS, formula_safe, spreadsheet_text
+from gradcam_tut.images import ImageTooLarge, load_rgb
+from gradcam_tut.tool.decode_check import damaged_images
+from gradcam_tut.tool.explaining import explain, image_paths
+from gradcam_tut.tool.layout import class_name
+from gradcam_tut.tool.results import FORMULA_STARTS, formula_safe, spreadsheet_text
 
 
 def test_spreadsheet_text_neutralises_formulas_the_owasp_way():
@@ -79,7 +80,7 @@ def test_an_image_over_the_pixel_budget_is_refused_before_it_is_decoded(tmp_path
 
 def test_a_grid_name_fits_a_file_name_however_long_the_image_name(tiny_learner, mini_root,
                                                                   tmp_path):
-    from gradcam_tut.explain import grid_name
+    from gradcam_tut.tool.explaining import grid_name
 
     long = "é" * 120 + "x" * 11  # 251 bytes: with the number and .png, over 255
     assert len(grid_name(7, Path(long + ".png")).encode()) <= 255

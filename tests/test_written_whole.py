@@ -14,10 +14,9 @@ import pandas as pd
 import pytest
 from filelock import FileLock
 
-from gradcam_tut import explain as explain_module
-from gradcam_tut import runner
-from gradcam_tut.cli import main
-from gradcam_tut.results import MARKER
+from gradcam_tut.tool import explaining, runner
+from gradcam_tut.tool.cli import main
+from gradcam_tut.tool.results import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +52,7 @@ def no_compute(monkeypatch):
     """The model pass fails the test if it runs: what is checked must be checked before it."""
     def computed(*args, **kwargs):
         raise AssertionError("the model ran before the check")
-    monkeypatch.setattr(explain_module, "grad_cam", computed)
+    monkeypatch.setattr(explaining, "grad_cam", computed)
 
 
 def error_line(capsys) -> str:
@@ -236,9 +235,9 @@ def test_what_can_be_checked_is_checked_before_the_model_pass(
         assert exit.value.code == 2
         assert "is not a whole number of at least 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pass a batch size of at least 1"):
-        explain_module.explain(tiny_learner, [images], bs=0)
+        explaining.explain(tiny_learner, [images], bs=0)
     with pytest.raises(ValueError, match="grids=True needs an out folder"):
-        explain_module.explain(tiny_learner, [images], grids=True)
+        explaining.explain(tiny_learner, [images], grids=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "result.txt"]
 
 
@@ -320,7 +319,7 @@ def test_2d_targets_say_one_true_thing():
 
 def test_ctrl_c_between_the_renames_puts_the_old_result_back(tmp_path, monkeypatch):
     """`--force`'s swap: old renamed away, new renamed in; stopped between, the old comes back."""
-    from gradcam_tut.results import written_whole
+    from gradcam_tut.tool.results import written_whole
 
     dest = tmp_path / "ex"
     with written_whole(dest, ["a.txt"]) as tmp:

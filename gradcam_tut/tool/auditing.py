@@ -53,9 +53,11 @@ import torch.nn.functional as F
 from fastai.learner import Learner
 from torch import Tensor
 
+from ..cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
+from ..metrics import peak_points
+from ..receptive_field import CellCentres, cell_centres, place
 from .audit_report import example_thumbnails, intervention_examples, report_html
-from .cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
-from .explain import (
+from .explaining import (
     csv_safe,
     explain_maps,
     gathered,
@@ -73,8 +75,6 @@ from .interventions import (
     same_place,
 )
 from .layout import class_name
-from .metrics import peak_points
-from .receptive_field import CellCentres, cell_centres, place
 from .results import (
     check_destination,
     check_inputs_outside,
@@ -195,7 +195,7 @@ def audit(learn: Learner, items: Sequence[str | Path] | str | Path,
     `learn.dls.vocab`, else for its predicted class; images are grouped the same way.
     Under `accelerate launch --num_processes N` (or `torchrun`) each process explains every
     N-th image, the maps are gathered, and the first process runs the interventions and
-    writes `out` (`explain.process_group`).
+    writes `out` (`explaining.process_group`).
 
     Args:
         items: image files and folders (searched recursively, as `explain` does).

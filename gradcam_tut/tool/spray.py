@@ -26,7 +26,7 @@ from scipy.sparse.linalg import lobpcg
 from sklearn.cluster import SpectralClustering
 from sklearn.neighbors import NearestNeighbors
 
-from .metrics import peak_points
+from ..metrics import peak_points
 
 GRID = 8  # maps are compared on GRID x GRID cells of the image
 MAX_CLUSTERS = 6  # at most this many clusters per class

@@ -22,10 +22,10 @@ from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from torch.nn import Module
 
-from .cam import Layer, class_index, grad_cam, resolve_layers
-from .images import damaged_images, damaged_listing
+from ..cam import Layer, class_index, grad_cam, resolve_layers
+from ..plot import plot_layer_grid
+from .decode_check import damaged_images, damaged_listing
 from .layout import listed_images
-from .plot import plot_layer_grid
 from .results import (
     ProcessFailed,
     check_destination,
@@ -86,9 +86,9 @@ def process_group() -> tuple[int, int]:
     if world < 2:
         return 0, 1
     if not dist.is_initialized():
-        how = (f"run `torchrun --nproc_per_node {world} -m gradcam_tut.cli ...` or `accelerate "
-               f"launch --num_processes {world} -m gradcam_tut.cli ...`, or unset WORLD_SIZE "
-               "and RANK to run one process")
+        how = (f"run `torchrun --nproc_per_node {world} -m gradcam_tut.tool.cli ...` or "
+               f"`accelerate launch --num_processes {world} -m gradcam_tut.tool.cli ...`, or "
+               "unset WORLD_SIZE and RANK to run one process")
         unset = [name for name in LAUNCHED_BY if not os.environ.get(name)]
         if unset:
             raise ValueError(f"WORLD_SIZE={world} is set but not {', '.join(unset)}: the "

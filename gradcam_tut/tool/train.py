@@ -19,7 +19,7 @@ from torchvision.models import resnet34
 
 from .data import fish_dataloaders
 from .layout import Layout
-from .pickle_check import UntrustedFile, check_learner_file, checked_pickle
+from .pickle_check import UntrustedFile, check_learner_file, checked_pickle, trusted_pickle
 
 
 def fp16_wanted(fp16: bool | str = "auto") -> bool:
@@ -133,7 +133,7 @@ def load_fish_learner(model_file: str | Path, dls=None, trust: bool = False) -> 
             warnings.filterwarnings("ignore", message=".*insecure pickle.*")
         try:
             learn = load_learner(model_file, cpu=not torch.cuda.is_available(),
-                                 **({} if trust else {"pickle_module": checked_pickle}))
+                                 pickle_module=trusted_pickle if trust else checked_pickle)
         except UntrustedFile as exc:
             raise UntrustedFile(f"{model_file}: {exc}") from exc
         except Exception as exc:  # a pickled dict, a state_dict, a damaged file, ...

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # gradcam_tut/tool/runner.py
 NOTEBOOKS = REPO / "notebooks"
 SETTINGS_FILE = "settings.json"  # in each run folder: the settings every notebook reads
 # skipped for your own data, which has no masks: why, to print

@@ -6,7 +6,7 @@ A user error (a wrong path, a file that would be overwritten, a bad value, a ful
 read-only folder) prints one line, `gradcam-tut: error: ...`, and exits with 2; `--debug` shows
 the traceback instead. Results are written whole or not at all (`results.py`), under Ctrl-C
 (exit 130) and SIGTERM (143) too. On several processes (`torchrun`, `accelerate launch`) the
-first process speaks for all: the others' errors reach it (`explain.agreed`).
+first process speaks for all: the others' errors reach it (`explaining.agreed`).
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def grid(args: argparse.Namespace) -> None:
-    from .images import damaged_images
-    from .learner import gradcam_grid
+    from ..learner import gradcam_grid
+    from .decode_check import damaged_images
     from .train import load_fish_learner
 
     if not args.image.is_file():
@@ -182,14 +182,14 @@ def grid(args: argparse.Namespace) -> None:
 def _first_process() -> int:
     """This process's rank, the group started first under a launcher (`process_group`): a
     user error is then the same on every process, and only the first says it."""
-    from .explain import process_group
+    from .explaining import process_group
 
     return process_group()[0]
 
 
 def explain(args: argparse.Namespace) -> None:
-    from .explain import RESULTS
-    from .explain import explain as explain_images
+    from .explaining import RESULTS
+    from .explaining import explain as explain_images
     from .train import load_fish_learner
 
     rank = _first_process()
@@ -206,8 +206,8 @@ def explain(args: argparse.Namespace) -> None:
 
 
 def audit(args: argparse.Namespace) -> None:
-    from .audit import RESULTS
-    from .audit import audit as audit_images
+    from .auditing import RESULTS
+    from .auditing import audit as audit_images
     from .train import load_fish_learner
 
     rank = _first_process()

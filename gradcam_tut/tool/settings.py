@@ -25,8 +25,8 @@ from urllib.request import urlopen
 import torch
 from torchvision.models import ResNet34_Weights
 
+from ..fish_layout import ENV_VAR
 from .data import DATA_DIR, PROJECT_DIR, find_fish_dataset, fish_dataloaders
-from .fish_layout import ENV_VAR
 from .layout import Layout, scan_layout
 from .mini_fish import FULL, is_mini_fish, make_mini_fish
 from .results import written_file

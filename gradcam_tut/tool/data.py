@@ -19,12 +19,8 @@ from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.data import ImageBlock, MaskBlock
 from fastcore.basics import noop
 
-from .fish_layout import ENV_VAR, HOW_TO_GET, KAGGLE_HANDLE
-
-# A learner exported before images.py existed pickled its item type as gradcam_tut.data.RGBImage
-# and its loader as gradcam_tut.data.load_rgb: both stay importable here, so load_learner still
-# finds them in a model you exported then (tests/test_data.py).
-from .images import RGBImage, fish_mask, load_rgb  # noqa: F401  load_rgb: for those learners
+from ..fish_layout import ENV_VAR, HOW_TO_GET, KAGGLE_HANDLE
+from ..images import RGBImage, fish_mask
 from .layout import Layout, checked_image_files, scan_layout, validate_layout
 from .mini_fish import make_mini_fish
 
@@ -34,7 +30,7 @@ KAGGLE_INPUT = Path("/kaggle/input/a-large-scale-fish-dataset")  # in a Kaggle n
 def project_dir(package: Path | None = None) -> Path:
     """Where `data/` and `runs/` go: the clone the package runs from (editable install), else
     the current folder, never inside site-packages. `package`: this package's folder."""
-    repo = (package or Path(__file__).resolve().parent).parent
+    repo = (package or Path(__file__).resolve().parents[1]).parent  # gradcam_tut/tool/data.py
     return repo if (repo / "pyproject.toml").is_file() else Path.cwd()
 
 

@@ -23,12 +23,12 @@ from fastcore.foundation import L
 from torch import Tensor
 from torchvision.models import resnet18, resnet34
 
-from .cam import Layer
+from ..cam import Layer
+from ..learner import localization_report, mask_dl
+from ..metrics import energy_in_mask, pointing_game
+from ..receptive_field import cell_centres, place
 from .layout import image_files
-from .learner import localization_report, mask_dl
-from .metrics import energy_in_mask, pointing_game
 from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask
-from .receptive_field import cell_centres, place
 
 TEST_SPEC = MiniFishSpec(per_class=24, seed=7)  # new fish: the training sets use other seeds
 

@@ -5,8 +5,8 @@ The classes differ only in the fish: body shape, colour and pattern. Clutter, po
 rotation and flip are drawn the same way for every class, so they carry no class information
 and a model that learns the task must look at the fish. The GT mask is the fish's silhouette.
 
-    python -m gradcam_tut.mini_fish data/mini_fish            # small, for a CPU
-    python -m gradcam_tut.mini_fish data/mini_fish_full --full  # 1000 per class at 590x445
+    python -m gradcam_tut.tool.mini_fish data/mini_fish            # small, for a CPU
+    python -m gradcam_tut.tool.mini_fish data/mini_fish_full --full  # 1000 per class at 590x445
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ try:
 except ImportError:  # Windows: filelock's lock, whose file stays
     fcntl = None
 
-from .fish_layout import CLASSES, DatasetLayoutError, mask_file
+from ..fish_layout import CLASSES, DatasetLayoutError, mask_file
 from .results import error_message
 
 SHORTCUT_KINDS = ("corner", "strip", "tag", "background", "watermark")  # `mark_kind`
@@ -557,7 +557,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `gradcam-tut mini-fish`, and of `python -m gradcam_tut.mini_fish`."""
+    """The options of `gradcam-tut mini-fish`, and of `python -m gradcam_tut.tool.mini_fish`."""
     p.add_argument("dest", type=Path)
     p.add_argument("--full", action="store_true", help="1000 per class at 590x445")
     p.add_argument("--per-class", type=int)
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     """`gradcam-tut mini-fish` as a module: 0 when written; a user error (a folder that is not
     empty, a file, a bad value, a read-only folder) prints one line, as `gradcam-tut` does, and
     returns 2."""
-    p = argparse.ArgumentParser(prog="python -m gradcam_tut.mini_fish",
+    p = argparse.ArgumentParser(prog="python -m gradcam_tut.tool.mini_fish",
                                 description="Write the synthetic mini fish set.")
     add_mini_fish_arguments(p)
     args = p.parse_args(argv)

@@ -69,11 +69,16 @@ DENIED = (  # in those packages: files read or written, downloads, processes, co
     "fastai.launch", "fastai.callback.tensorboard", "fastai.callback.wandb",
     "fastai.callback.neptune", "fastai.callback.azureml", "fastai.callback.comet",
     "fastai.callback.captum", "fastai.vision.gan", "fastai.collab",
-    "gradcam_tut.results", "gradcam_tut.runner", "gradcam_tut.cli", "gradcam_tut.mini_fish",
-    "gradcam_tut.explain", "gradcam_tut.audit", "gradcam_tut.settings", "gradcam_tut.train",
-    "gradcam_tut.pickle_check", "gradcam_tut.plot", "gradcam_tut.shortcut",
+    "gradcam_tut.tool.results", "gradcam_tut.tool.runner", "gradcam_tut.tool.cli",
+    "gradcam_tut.tool.mini_fish", "gradcam_tut.tool.explaining", "gradcam_tut.tool.auditing",
+    "gradcam_tut.tool.settings", "gradcam_tut.tool.train", "gradcam_tut.tool.pickle_check",
+    "gradcam_tut.plot", "gradcam_tut.tool.shortcut",
     "functools.singledispatch",
 )
+MOVED = {  # names pickled by learners exported before they moved, and where they live now
+    "gradcam_tut.data.RGBImage": "gradcam_tut.images.RGBImage",
+    "gradcam_tut.data.load_rgb": "gradcam_tut.images.load_rgb",
+}
 # modules a function pickled by value reaches by name (cloudpickle's subimport)
 MODULES_BY_NAME = {"io", "os", "sys", "math", "re", "warnings", "PIL.Image"}
 FUNCTION_STATE = {"__name__", "__qualname__", "__annotations__", "__kwdefaults__",
@@ -89,9 +94,11 @@ class UntrustedFile(ValueError):
 
 
 def _normal(module: str, name: str) -> str:
-    """`module.name` as Python 3 reads it (`__builtin__.long` is `builtins.int`)."""
+    """`module.name` as Python 3 reads it (`__builtin__.long` is `builtins.int`), and where
+    it lives now when it moved (`MOVED`)."""
     module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+    qualified = f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+    return MOVED.get(qualified, qualified)
 
 
 def _under(qualified: str, prefixes) -> bool:
@@ -237,7 +244,16 @@ class _ModuleByName:
         self.name = name
 
 
-class CheckedUnpickler(pickle.Unpickler):
+class MovedNamesUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that finds a name where it lives now when it has moved (`MOVED`):
+    a learner exported before then still loads. It checks nothing: for files you trust."""
+
+    def find_class(self, module: str, name: str):
+        module, _, name = MOVED.get(f"{module}.{name}", f"{module}.{name}").rpartition(".")
+        return super().find_class(module, name)
+
+
+class CheckedUnpickler(MovedNamesUnpickler):
     """`pickle.Unpickler` that hands out only what a learner is made of (`allowed`), and
     checks `getattr`, cloudpickle's modules by name and its functions saved by value."""
 
@@ -287,7 +303,10 @@ class CheckedUnpickler(pickle.Unpickler):
         module = base_globals.get("__name__") if isinstance(base_globals, dict) else None
         installed = ()
         if isinstance(module, str) and allowed(f"{module}.{name}"):
-            installed = _installed_codes(importlib.import_module(module))
+            try:
+                installed = _installed_codes(importlib.import_module(module))
+            except ImportError:  # a module that moved (`MOVED`): no installed code to match
+                pass
         if not isinstance(code, types.CodeType) or \
                 not any(_same_code(code, c) for c in installed):
             shown = getattr(code, "co_qualname", name)
@@ -319,7 +338,12 @@ def load(file, **kwargs):
     return CheckedUnpickler(file, **kwargs).load()
 
 
-checked_pickle = types.SimpleNamespace(__name__="gradcam_tut.pickle_check", load=load,
+checked_pickle = types.SimpleNamespace(__name__=__name__, load=load,
                                        Unpickler=CheckedUnpickler, Pickler=pickle.Pickler,
                                        dump=pickle.dump)
 """What `torch.load(..., pickle_module=)` (and fastai's `load_learner`) unpickles with."""
+
+trusted_pickle = types.SimpleNamespace(
+    __name__=__name__, load=lambda file, **kwargs: MovedNamesUnpickler(file, **kwargs).load(),
+    Unpickler=MovedNamesUnpickler, Pickler=pickle.Pickler, dump=pickle.dump)
+"""The same for a file you trust: nothing checked, moved names found (`MOVED`)."""

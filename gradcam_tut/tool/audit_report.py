@@ -21,13 +21,13 @@ from jinja2 import Environment, PackageLoader
 from PIL import Image
 from torch import Tensor
 
-from .cam import normalize_maps
+from ..cam import normalize_maps
+from ..plot import heat_cmap, image_hwc, mean_map_image
+from ..receptive_field import CellCentres, place
 from .interventions import REGION_LEVEL, fill, map_regions, paste, probabilities
-from .plot import heat_cmap, image_hwc, mean_map_image
-from .receptive_field import CellCentres, place
 
 THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
-ENV = Environment(loader=PackageLoader("gradcam_tut", "templates"), autoescape=True,
+ENV = Environment(loader=PackageLoader("gradcam_tut.tool", "templates"), autoescape=True,
                   trim_blocks=True, lstrip_blocks=True)
 
 
@@ -132,7 +132,7 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
     Args:
         images, clusters: `Audit.images` and `Audit.clusters`.
         thumbs: from `example_thumbnails`; examples: from `intervention_examples`.
-        rule: the flag's thresholds as the page states them (`audit.RULE`).
+        rule: the flag's thresholds as the page states them (`auditing.RULE`).
     """
     rule = rule or {}
     figures = {k: [{"src": _thumb(pic), "caption": caption} for pic, caption in shown]

@@ -29,8 +29,9 @@ from pathlib import Path
 from fastai.data.transforms import image_extensions
 from fastcore.foundation import L
 
-from .fish_layout import HOW_TO_GET, DatasetLayoutError, mask_file
-from .images import damaged_listing, decoded, pair_message, shown_size
+from ..fish_layout import HOW_TO_GET, DatasetLayoutError, mask_file
+from ..images import pair_message, shown_size
+from .decode_check import damaged_listing, decoded
 from .mini_fish import expected_classes
 
 
