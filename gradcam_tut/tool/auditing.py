@@ -94,7 +94,7 @@ TESTED = 8  # the region's interventions run on up to this many images of each c
 TESTED_FIXED = 16  # fixed parts are moved from up to this many images of each class
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
-FIXED_LEVEL = 0.5  # a fixed part: its class's images at least twice as close there as others'
+FIXED_LEVEL = 0.5  # a fixed part: 3 in 4 of its class within half the distance to the others
 MIN_FIXED = 0.005  # a fixed part smaller than this share of the image counts as none
 RECEIVERS = 3  # a fixed part is moved into this many images of other classes
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
