@@ -258,13 +258,18 @@ def plot_clusters(clusters, notes: Sequence[str] | None = None, ncols: int = 6,
 
 def plot_interventions(examples: dict[int, list[tuple[np.ndarray, str]]], titles: dict[int, str],
                        save: str | Path | None = None) -> Figure:
-    """One row per cluster: the four images of `Audit.examples` (the image with its region
-    outlined, the region taken away, an image of another class, the region moved into it),
-    each captioned with the network's prediction; `titles` name each row's cluster."""
+    """One row per cluster: the images of `Audit.examples` (the image with its region
+    outlined, the region taken away, an image of another class, the region moved into it;
+    where the cluster has one, an image with its fixed part outlined and that part alone
+    moved into the same image of another class), each captioned with the network's
+    prediction; `titles` name each row's cluster."""
     rows = [k for k in titles if k in examples]
-    fig = new_figure(figsize=(8.4, 2.3 * max(1, len(rows))))
-    axs = fig.subplots(max(1, len(rows)), 4, squeeze=False)
+    columns = max([len(examples[k]) for k in rows], default=4)
+    fig = new_figure(figsize=(2.1 * columns, 2.3 * max(1, len(rows))))
+    axs = fig.subplots(max(1, len(rows)), columns, squeeze=False)
     for ax_row, k in zip(axs, rows):
+        for ax in ax_row[len(examples[k]):]:
+            ax.axis("off")
         for ax, (image, caption) in zip(ax_row, examples[k]):
             ax.imshow(image)
             ax.set_title(caption.replace(": ", ":\n"), fontsize=8)

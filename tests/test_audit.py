@@ -290,7 +290,8 @@ def synthetic_report(families):
     tested = pd.DataFrame({"moved": np.where(corner, 0.9, 0.1), "moved_control": 0.0,
                            "removed_changed": np.where(corner, 0.8, 0.1),
                            "removed_control_changed": 0.0,
-                           "same_place": np.where(corner, 9.0, 1.0)})
+                           "same_place": np.where(corner, 9.0, 1.0), "fixed_area": 0.0,
+                           "fixed_moved": np.nan, "fixed_control": np.nan})
     return _flagged(pd.concat([images, tested], axis=1), features, members)
 
 

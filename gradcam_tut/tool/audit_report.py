@@ -86,12 +86,15 @@ def _outlined(rgb: np.ndarray, region: Tensor) -> np.ndarray:
 
 
 def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
-                          centres: CellCentres | None, size: tuple[int, int], grow: int = 0
-                          ) -> dict[int, list[tuple[np.ndarray, str]]]:
-    """{cluster row: four (image (H, W, 3) in 0..1, caption)} for each cluster's example (its
+                          centres: CellCentres | None, size: tuple[int, int], grow: int = 0,
+                          fixed: Tensor | None = None) -> dict[int, list[tuple[np.ndarray, str]]]:
+    """{cluster row: (image (H, W, 3) in 0..1, caption) pairs} for each cluster's example (its
     image nearest the mean map): the image with its region outlined, the region taken away,
-    an image of another class, and that image with the region moved in; each captioned with
-    the network's prediction and its probability."""
+    an image of another class, and that image with the region moved in; then, where one of
+    the cluster's images has a fixed part (`fixed`, (N, h, w) bool: `auditing.evidence`), the
+    one whose part turned most images, with its part outlined, and the same image of another
+    class with that part alone moved in. Each captioned with the network's prediction and its
+    probability."""
     vocab, examples = list(learn.dls.vocab), {}
     model, training = learn.model, learn.model.training
     try:
@@ -102,22 +105,42 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
             if not len(others):
                 continue
             j = int(others[i % len(others)])
-            dl = learn.dls.test_dl([Path(images["file"][i]), Path(images["file"][j])])
+            f = _fixed_example(images, row.members, fixed)
+            files = [images["file"][n] for n in (i, j) + ((f,) if f is not None else ())]
+            dl = learn.dls.test_dl([Path(name) for name in files])
             x = dl.one_batch()[0].as_subclass(Tensor)
             heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
             region = map_regions(heat, grow=grow).to(x.device)
             if not region.any():
                 continue
-            batch = torch.cat([x[:1], fill(x[:1], region), x[1:], paste(x[1:], x[:1], region)])
+            parts = [x[:1], fill(x[:1], region), x[1:2], paste(x[1:2], x[:1], region)]
+            names = ["its region", "taken away", "another class", "region moved in"]
+            if f is not None and fixed is not None:
+                part = F.interpolate(fixed[f][None, None].float(), size=size)[0].bool()
+                parts += [x[2:], paste(x[1:2], x[2:], part.to(x.device))]
+                names += ["its fixed part", "fixed part moved in"]
+            batch = torch.cat(parts)
             probs = probabilities(model, batch)
             shown = [image_hwc(t) for t in dl.decode((batch,))[0]]
             shown[0] = _outlined(shown[0], region[0].cpu())
-            names = ["its region", "taken away", "another class", "region moved in"]
+            if f is not None:
+                shown[4] = _outlined(shown[4], part[0].cpu())
             examples[k] = [(pic, f"{name}: {vocab[int(q.argmax())]} {float(q.max()):.2f}")
                            for name, pic, q in zip(names, shown, probs)]
     finally:
         model.train(training)
     return examples
+
+
+def _fixed_example(images, members: np.ndarray, fixed: Tensor | None) -> int | None:
+    """Of a cluster's `members`, the image whose fixed part turned the most images of other
+    classes (the largest part among equals), or None when none has a tested part."""
+    if fixed is None or "fixed_moved" not in images:
+        return None
+    tested = [m for m in members if not np.isnan(images["fixed_moved"][m]) and fixed[m].any()]
+    if not tested:
+        return None
+    return int(max(tested, key=lambda m: (images["fixed_moved"][m], images["fixed_area"][m])))
 
 
 def _number(value: float, fmt: str = "{:.0%}") -> str:

@@ -91,7 +91,7 @@ EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
             "same_place", "fixed_area", "fixed_moved", "fixed_control")  # evidence's columns
 TESTED = 8  # the region's interventions run on up to this many images of each cluster
-TESTED_FIXED = 16  # fixed parts are moved from up to this many images of each class
+TESTED_FIXED = 12  # fixed parts are moved from up to this many images of each class
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
 FIXED_LEVEL = 0.5  # a fixed part: 3 in 4 of its class within half the distance to the others
@@ -118,9 +118,11 @@ class Audit:
         layer: the layer the maps are from.
         seconds: wall time of "explain" (the model pass), "cluster", "interventions" and
             "report".
-        examples: {row of `clusters`: four (image (H, W, 3), caption)}: its example image
+        examples: {row of `clusters`: (image (H, W, 3), caption) pairs}: its example image
             with its region outlined, the region taken away, an image of another class, and
-            that image with the region moved in (`audit_report.intervention_examples`).
+            that image with the region moved in; then, where the cluster has a fixed part, the
+            image with it outlined, and it alone moved into the same image of another class
+            (`audit_report.intervention_examples`).
     """
 
     images: pd.DataFrame
@@ -293,12 +295,12 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
         return Audit(images, pd.DataFrame(), features, maps, name, seconds)
 
     start = time.perf_counter()
-    tested = evidence(learn, [Path(f) for f in images["file"]], images["class"],
-                      images["predicted"], maps, centres, size, groups=images["cluster"],
-                      seed=seed)
+    tested, fixed = evidence(learn, [Path(f) for f in images["file"]], images["class"],
+                             images["predicted"], maps, centres, size, groups=images["cluster"],
+                             seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
-                                  grow=round(_cell(centres, size, maps) / 2))
+                                  grow=round(_cell(centres, size, maps) / 2), fixed=fixed)
     seconds["interventions"] = time.perf_counter() - start
     result = Audit(images, clusters, features, maps, name, seconds, shown)
     if out is not None:
@@ -317,9 +319,10 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
 def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
              size: tuple[int, int], groups: Sequence | None = None, bs: int = 64,
-             seed: int = 0) -> pd.DataFrame:
+             seed: int = 0) -> tuple[pd.DataFrame, Tensor]:
     """What the network does when what a map points at is taken away, or moved into images
-    of other classes, one row per image in the order of `files` (columns `EVIDENCE`).
+    of other classes, one row per image in the order of `files` (columns `EVIDENCE`), and
+    each image's fixed part, (N, h, w) bool on copies with a `SMALL` px side.
 
     - The map's region (`interventions.map_regions`: the map placed at its cells' receptive
       fields, where it reaches half its maximum, grown by half a cell), on up to `TESTED`
@@ -355,8 +358,9 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
                            for c in np.unique(label)]).astype(int)
     others = [pool[label[pool] != c] for c in label]
+    no_part = torch.zeros((N, *_small(size)), dtype=torch.bool)
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
-        return table
+        return table, no_part
     pool_x = torch.cat([xb.as_subclass(Tensor)
                         for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
     where = torch.full((N,), -1, dtype=torch.long)
@@ -389,7 +393,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         model.train(training)
     empty = table["region_area"] == 0  # an all-zero map points nowhere
     table.loc[empty, columns] = np.nan
-    return table
+    return table, fixed
 
 
 def _placed(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None) -> Tensor:

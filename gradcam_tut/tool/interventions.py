@@ -41,8 +41,9 @@ def map_regions(heat: Tensor, level: float = REGION_LEVEL, grow: int = 0) -> Ten
     """
     top = heat.flatten(1).amax(dim=1)[:, None, None]
     regions = (heat >= level * top) & (top > 0)
-    if grow > 0:
-        regions = F.max_pool2d(regions[:, None].float(), 2 * grow + 1, 1, grow)[:, 0].bool()
+    if grow > 0:  # a square of side 2 grow + 1: along the rows, then the columns
+        grown = F.max_pool2d(regions[:, None].float(), (1, 2 * grow + 1), 1, (0, grow))
+        regions = F.max_pool2d(grown, (2 * grow + 1, 1), 1, (grow, 0))[:, 0].bool()
     return regions
 
 
