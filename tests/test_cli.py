@@ -184,6 +184,26 @@ def test_publish_notebooks_leaves_no_machine_paths_and_small_figures(tmp_path, m
     assert "image/png" not in shown["data"] and im.format == "JPEG" and im.size == (960, 411)
 
 
+def test_drop_bar_leftovers_keeps_tables_and_drops_empty_bars_and_their_stylesheet():
+    """What fastprogress's bars leave in an executed notebook goes (an empty HTML display, the
+    first bar's `<style>` alone); the epochs' table and a DataFrame's HTML, whose scoped style
+    sits inside a `<div>`, stay."""
+    from gradcam_tut.tool.runner import drop_bar_leftovers
+
+    def html(text):
+        return {"output_type": "display_data", "metadata": {},
+                "data": {"text/html": text, "text/plain": "<IPython.core.display.HTML object>"}}
+
+    style = "\n<style>\n    progress { appearance: none; }\n</style>\n"
+    table = '<div><table class="fastprogress"><tr><td>0</td></tr></table></div>'
+    frame = {"output_type": "execute_result", "metadata": {}, "execution_count": 1,
+             "data": {"text/html": '<div>\n<style scoped>\n</style>\n<table></table></div>',
+                      "text/plain": "   a\n0  1"}}
+    nb = {"cells": [{"cell_type": "code", "outputs": [html(style), html(table), html(""), frame]},
+                    {"cell_type": "markdown", "source": "text"}]}
+    assert drop_bar_leftovers(nb)["cells"][0]["outputs"] == [html(table), frame]
+
+
 FAKE_PAPERMILL = """
 import json, os, time
 from pathlib import Path

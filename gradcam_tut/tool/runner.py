@@ -102,7 +102,8 @@ def run_notebooks(settings_file: Path) -> list[Path]:
     The first notebook that fails ends the run: the one running beside it is stopped, and
     the error says which failed, where, and where its output is. From a script of your own,
     call it under `if __name__ == "__main__":`, as for any spawned worker process. Figures
-    land in `<run>/figures/`. Returns the executed notebooks' paths, in order.
+    land in `<run>/figures/`; each executed notebook is saved without what the progress bars
+    left (`drop_bar_leftovers`). Returns the executed notebooks' paths, in order.
 
     Raises:
         FileNotFoundError: no notebooks (a package installed without its repository).
@@ -169,12 +170,16 @@ def _execute(nb: Path, out: Path, params: dict, env: dict[str, str]) -> Path:
     print(f"running {nb.name}\n", end="", flush=True)  # one write: two workers print at once
     target = out / "notebooks" / nb.name
     try:
-        pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
-                            progress_bar=False)
+        executed = pm.execute_notebook(nb, target, parameters=params, cwd=NOTEBOOKS,
+                                       progress_bar=False)
     except pm.PapermillExecutionError as exc:
         first = (exc.evalue.strip().splitlines() or [""])[0]
         raise NotebookFailed(f"{nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
                              f"{first} (the whole error: {target})") from exc
+    if executed is not None:  # written again without what the progress bars left
+        import nbformat
+
+        nbformat.write(drop_bar_leftovers(executed), target)
     return target
 
 
@@ -210,20 +215,34 @@ def run(root: Path | None = None, name: str | None = None, smoke: bool | None = 
     return folder
 
 
-def left_bar(output: dict) -> bool:
-    """Whether a notebook output is what a fastprogress bar with `leave=False` leaves once it
-    is done: an empty HTML display."""
+def bar_leftover(output: dict) -> bool:
+    """Whether a notebook output is only what fastprogress's bars leave behind: an empty HTML
+    display (a bar with `leave=False`, done) or the stylesheet a kernel's first bar displays
+    (a `<style>` alone). The table of a training's epochs is kept."""
     data = output.get("data", {})
-    return (set(data) == {"text/html", "text/plain"} and "".join(data["text/html"]) == ""
-            and "".join(data["text/plain"]) == "<IPython.core.display.HTML object>")
+    if (set(data) != {"text/html", "text/plain"}
+            or "".join(data["text/plain"]) != "<IPython.core.display.HTML object>"):
+        return False
+    html = "".join(data["text/html"]).strip()
+    return html == "" or (html.startswith("<style>") and html.endswith("</style>")
+                          and html.count("<style>") == 1)
+
+
+def drop_bar_leftovers(nb: dict) -> dict:
+    """`nb` (an executed notebook, as JSON or nbformat reads it) without the outputs the
+    progress bars left (`bar_leftover`): on GitHub an empty box or a page of CSS each."""
+    for cell in nb["cells"]:
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"] if not bar_leftover(o)]
+    return nb
 
 
 def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
                       width: int = 960, quality: int = 85) -> list[Path]:
     """Copies of executed notebooks to read without running them: machine paths replaced by
     `runs/latest`, `.` and `~`, papermill's timings dropped, each figure a JPEG at most
-    `width` pixels wide (a heat map compresses badly as PNG), the empty outputs fastprogress's bars
-    leave (`leave=False`) dropped. Returns the copies' paths."""
+    `width` pixels wide (a heat map compresses badly as PNG), what fastprogress's bars leave
+    dropped (`drop_bar_leftovers`). Returns the copies' paths."""
     import base64
     import io
     import json
@@ -253,10 +272,8 @@ def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
         for meta in [nb["metadata"], *(c["metadata"] for c in nb["cells"])]:
             meta.pop("papermill", None)
             meta.pop("execution", None)
-        for cell in nb["cells"]:
+        for cell in drop_bar_leftovers(nb)["cells"]:
             cell["source"] = unplaced(cell["source"])
-            if "outputs" in cell:  # a progress bar that left nothing: an empty box on GitHub
-                cell["outputs"] = [o for o in cell["outputs"] if not left_bar(o)]
             for out in cell.get("outputs", []):
                 for key in ("text", "evalue", "traceback"):
                     if key in out:
