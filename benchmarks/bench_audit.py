@@ -106,7 +106,7 @@ def with_cluster_numbers(rows):
 def flags(rows, rule: dict) -> np.ndarray:
     """`audit.apply_rule` on every image at once (rows from `with_cluster_numbers`); checked
     equal to it in `loko_table`."""
-    from gradcam_tut.audit import MIN_FIXED
+    from gradcam_tut.tool.auditing import MIN_FIXED
 
     moved = (rows["c_moved"] - rows["c_moved_control"] >= rule["moved"]).to_numpy()
     place = (rows["c_same_place"] >= rule["place"]).to_numpy()

@@ -100,7 +100,7 @@ RECEIVERS = 3  # a fixed part is moved into this many images of other classes
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
 # three signs flags at most a third of 10% of their images (`benchmarks/bench_audit.py`,
 # `calibrated_rule`)
-RULE = {"fixed": 0.19, "moved": 0.1, "place": 3.85, "everywhere": 0.51}
+RULE = {"fixed": 0.17, "moved": 0.1, "place": 3.85, "everywhere": 0.51}
 
 
 @dataclass
