@@ -18,7 +18,7 @@ FIGURES = {
     "05": ["05_localization_by_layer.png", "05_cell_centres.png", "05_pointing_gallery.png",
            "05_methods.png"],
     "06": ["06_counterfactual_sets.png", "06_shortcut_grid.png", "06_background_swap.png",
-           "06_five_models.png", "06_audit_shortcut.png", "06_audit_reference.png",
+           "06_side_by_side.png", "06_audit_shortcut.png", "06_audit_reference.png",
            "06_interventions_shortcut.png", "06_interventions_reference.png"],
 }
 
@@ -121,7 +121,7 @@ def test_notebook_runs(name, out, mini_dest):
                            for o in c.get("outputs", []))
         assert "naming the mark's class for" in markdown and "**Reading it.**" in markdown
         assert re.search(r"The mark touches the fish in \*\*\d+ of 216\*\*", markdown)
-        for model in ("reference", "shortcut", "data_fix", "mask_guidance", "mask_fix"):
+        for model in ("reference", "shortcut", "mask_guidance", "mask_fix"):
             assert (out / "models" / f"06_{model}.pkl").stat().st_size > 1000, model
         assert "marked test images, maps at layer" in printed
         assert "the flags hold" in markdown and "(their controls:" in markdown
