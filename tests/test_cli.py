@@ -247,6 +247,7 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     ran = runs()
     assert ran["06"][0] < ran["01"][1]  # 06 started while 01 trained
     assert all(ran[nb][0] >= ran["01"][1] for nb in ("02", "03", "04", "05"))  # after 01
+    assert ran["05"][0] < ran["02"][0] < ran["03"][0]  # the longest first, then in order
     assert {threads for _, _, threads, _ in ran.values()} == {str(max(1, os.cpu_count() // 2))}
     assert all(params == {"settings": str(settings_file)} for *_, params in ran.values())
     assert "OMP_NUM_THREADS" not in os.environ  # set for the kernels only
@@ -323,7 +324,7 @@ def test_run_decides_once_and_passes_the_settings_file(mini_dest, tmp_path, exec
     s = RunSettings.load(settings_file)
     assert (s.mode, s.epochs, s.data, s.out) == ("smoke", 2, mini_dest.resolve(),
                                                  (runs / "r").resolve())
-    assert [nb[:2] for nb, _ in executed] == ["01", "06", "02", "03", "04", "05"]
+    assert [nb[:2] for nb, _ in executed] == ["01", "06", "05", "02", "03", "04"]
     assert all(params == {"settings": str(settings_file.resolve())} for _, params in executed)
     assert (runs / "latest").resolve() == (runs / "r").resolve()
 

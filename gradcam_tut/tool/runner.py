@@ -25,6 +25,9 @@ FISH_ONLY = {"05_does_it_look_at_the_fish.ipynb": "it needs GT masks, and {data}
                                              "run it without --data"}
 # trains on data of its own, not on 01's model: runs beside 01
 INDEPENDENT = {"06_catching_a_shortcut.ipynb"}
+# of those that load 01's model, the longest (it scores every layer over the validation set five
+# times): started first, so that the short ones fill both cores once 06 is done
+LONGEST_FIRST = {"05_does_it_look_at_the_fish.ipynb"}
 DOCS = REPO / "docs" / "notebooks"  # executed copies, committed, for reading on GitHub
 # a FutureWarning torch prints when fastai is imported: the kernels need not show it
 QUIET = "ignore:`torch.jit.script` is deprecated:FutureWarning"
@@ -94,7 +97,8 @@ def run_notebooks(settings_file: Path) -> list[Path]:
 
     Two notebooks run at a time, the cores shared between their kernels (`OMP_NUM_THREADS`,
     unless you set it): 01, which trains and exports the model, beside 06, which needs no model
-    of 01; then 02-05, which load it. 01 alone (no 06) gets every core. On 2 cores two
+    of 01; then 02-05, which load it, 05 (the longest) first, so that the others fill both
+    cores once 06 is done. 01 alone (no 06) gets every core. On 2 cores two
     one-thread trainings get more done than one two-thread training, and one notebook's
     imports and plots fill the other's idle core. (A model trained with another number of
     threads differs slightly: float sums are taken in another order.)
@@ -122,7 +126,8 @@ def run_notebooks(settings_file: Path) -> list[Path]:
             notebooks.remove(nb)
     params = {"settings": str(settings_file)}
     first = [notebooks[0], *(nb for nb in notebooks[1:] if nb.name in INDEPENDENT)]
-    rest = [nb for nb in notebooks if nb not in first]
+    rest = sorted((nb for nb in notebooks if nb not in first),
+                  key=lambda nb: nb.name not in LONGEST_FIRST)  # stable: then in order
 
     def submit(nbs: list[Path]) -> dict:  # the cores shared among the notebooks running at once
         share = max(1, (os.cpu_count() or 2) // max(1, min(2, len(nbs))))
