@@ -9,8 +9,9 @@ what to run and passes tensors down to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,11 @@ def _one_image(learn: Learner, img) -> tuple[Tensor, Tensor, list[float], Tensor
     return xb, dl.decode((xb.cpu(),))[0][0], probs, mask
 
 
+def _hw(x: Tensor) -> tuple[int, int]:
+    """The (H, W) of a batch or of masks, its last two sizes."""
+    return x.shape[-2], x.shape[-1]
+
+
 def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = None,
                  target: int | str | None = None, contrast: int | str | None = None,
                  method: str = "gradcam", **kwargs) -> Figure:
@@ -83,14 +89,15 @@ def gradcam_grid(learn: Learner, img, layers: Layer | Sequence[Layer] | None = N
     cls = pred if target is None else class_index(vocab, target)
     named = resolve_layers(learn.model, layers)
     other = None if contrast is None else class_index(vocab, contrast)
-    maps = grad_cam(learn.model, xb, list(named.values()), cls, other, method=method)
+    maps = cast(list[Tensor], grad_cam(learn.model, xb, list(named.values()), cls, other,
+                                       method=method))
     what = f"{method} map for {vocab[cls]} ({probs[cls]:.2f})"
     if other is not None:
         what += f" rather than {vocab[other]} ({probs[other]:.2f})"
     kwargs.setdefault("suptitle", f"predicted {vocab[pred]} ({probs[pred]:.2f}) · {what}")
     kwargs.setdefault("mask", mask)
-    kwargs.setdefault("centres", list(cell_centres(learn.model, named.values(),
-                                                   xb.shape[-2:]).values()))
+    kwargs.setdefault("centres", list(cell_centres(learn.model, list(named.values()),
+                                                   _hw(xb)).values()))
     return plot_layer_grid(image, [m[0] for m in maps], titles=list(named), **kwargs)
 
 
@@ -108,8 +115,9 @@ def plot_methods(learn: Learner, img, methods: Sequence[str] | None = None,
     xb, image, probs, mask = _one_image(learn, img)
     named = resolve_layers(learn.model, layers or list(body_layers(learn))[-3:])
     cls = int(np.argmax(probs)) if target is None else class_index(learn.dls.vocab, target)
-    by_method = grad_cam(learn.model, xb, list(named.values()), cls, method=methods)
-    centres = list(cell_centres(learn.model, named.values(), xb.shape[-2:]).values())
+    by_method = cast(dict[str, list[Tensor]],
+                     grad_cam(learn.model, xb, list(named.values()), cls, method=methods))
+    centres = list(cell_centres(learn.model, list(named.values()), _hw(xb)).values())
     img = image_hwc(image)
     H, W = img.shape[:2]
     fig = new_figure(figsize=(2.2 * (len(named) + 1) + 0.6, 2.3 * len(methods) * H / W + 0.4),
@@ -159,10 +167,11 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
         xb, image, probs, mask = _one_image(learn, item)
         pred, second = np.argsort(-np.asarray(probs))[:2].tolist()
         other = true if pred != true else second
-        (maps,) = grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer, [pred, true])
-        (why,) = grad_cam(learn.model, xb, layer, pred, contrast=other)
-        (where,) = cell_centres(learn.model, layer, xb.shape[-2:]).values()
-        heat = normalize_maps(place(maps.cpu(), xb.shape[-2:], where), shared_scale=True)
+        (maps,) = cast(list[Tensor], grad_cam(learn.model, xb.expand(2, -1, -1, -1), layer,
+                                              [pred, true]))
+        (why,) = cast(list[Tensor], grad_cam(learn.model, xb, layer, pred, contrast=other))
+        (where,) = cell_centres(learn.model, layer, _hw(xb)).values()
+        heat = normalize_maps(place(maps.cpu(), _hw(xb), where), shared_scale=True)
         row[0].imshow(image_hwc(image))
         row[0].set_axis_off()
         row[0].set_title(f"true {vocab[true]}, loss {float(loss):.2f}", fontsize=9)
@@ -171,7 +180,7 @@ def plot_top_losses_gradcam(self: ClassificationInterpretation, k: int = 4,
             mark_peak(ax, h, mask)
             ax.set_title(f"{what} {vocab[c]} ({probs[c]:.2f}) · max {float(m.max()):.2g}",
                          fontsize=9)
-        why_heat = normalize_maps(place(why.cpu(), xb.shape[-2:], where))[0]
+        why_heat = normalize_maps(place(why.cpu(), _hw(xb), where))[0]
         overlay(row[3], image, why_heat, mask=mask)
         mark_peak(row[3], why_heat, mask)
         row[3].set_title(f"why not {vocab[other]} · max {float(why.max()):.2g}", fontsize=9)
@@ -249,9 +258,12 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
     L, T = len(named) * len(methods), len(tols)
     points, energy, zero = torch.zeros(T, L), torch.zeros(L), torch.zeros(L)
     centre, sizes, base_chance, n, skipped = torch.zeros(T), [""] * L, 0.0, 0, 0
+    by_name: Mapping[str, CellCentres | None] | None = (centres if isinstance(centres, dict)
+                                                        else None)  # None: to find, or none
     for xb, yb, mb in progress_bar(dl, leave=False):
-        by_method = grad_cam(model, xb, list(named.values()),
-                             yb if targets == "true" else None, method=methods)
+        by_method = cast(dict[str, list[Tensor]],
+                         grad_cam(model, xb, list(named.values()),
+                                  yb if targets == "true" else None, method=methods))
         maps = [m for ms in by_method.values() for m in ms]  # method by method, layer by layer
         masks = mb.as_subclass(Tensor).cpu().bool()  # (B, H, W)
         B, H, W = masks.shape
@@ -259,9 +271,9 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
         maps, masks = [m[scored.to(m.device)] for m in maps], masks[scored]
         skipped += B - len(masks)
         B = len(masks)
-        if centres == "receptive field":
-            centres = cell_centres(model, list(named.values()), (H, W))
-        where = None if centres == "interpolate" else [centres[k] for k in named] * len(methods)
+        if centres == "receptive field" and by_name is None:  # from the first batch's size
+            by_name = cell_centres(model, list(named.values()), (H, W))
+        where = None if by_name is None else [by_name[k] for k in named] * len(methods)
         heat = place([m.cpu() for m in maps], (H, W), where)  # (B, L, H, W)
         for i, m in enumerate(maps):
             sizes[i] = "x".join(map(str, m.shape[1:]))
@@ -276,7 +288,7 @@ def localization_report(learn: Learner, dl=None, layers: Sequence[Layer] | None 
     if n == 0:
         raise ValueError(f"nothing to measure: the DataLoader gave no batches, or only images "
                          f"with an empty mask ({skipped}), which the pointing game skips")
-    columns = {"map": sizes, "pointing": (points[0] / n).tolist()}
+    columns: dict[str, object] = {"map": sizes, "pointing": (points[0] / n).tolist()}
     if tolerance > 0:
         columns["pointing_tol"] = (points[1] / n).tolist()
     columns |= {"energy": (energy / n).tolist(), "zero_maps": (zero / n).tolist(),
@@ -300,12 +312,13 @@ def plot_pointing_gallery(learn: Learner, layer: Layer = "layer4", n: int = 4, d
     `mask_dl(learn)`, the validation set.
     """
     dl = mask_dl(learn) if dl is None else dl
-    vocab, found = learn.dls.vocab, {True: [], False: []}
+    vocab = learn.dls.vocab
+    found: dict[bool, list[tuple[Tensor, Tensor, Tensor, int]]] = {True: [], False: []}
     for xb, yb, mb in dl:
-        (maps,) = grad_cam(learn.model, xb, layer, yb)
+        (maps,) = cast(list[Tensor], grad_cam(learn.model, xb, layer, yb))
         masks = mb.as_subclass(Tensor).cpu().bool()
-        (where,) = cell_centres(learn.model, layer, masks.shape[-2:]).values()
-        heat = normalize_maps(place(maps.cpu(), masks.shape[-2:], where))
+        (where,) = cell_centres(learn.model, layer, _hw(masks)).values()
+        heat = normalize_maps(place(maps.cpu(), _hw(masks), where))
         hits = pointing_game(heat, masks)
         images = dl.decode((xb.cpu(),))[0]
         for i, hit in enumerate(hits.tolist()):

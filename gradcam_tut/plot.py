@@ -219,7 +219,7 @@ def mean_map_image(mean: np.ndarray, side: int = 96) -> Image.Image:
     top = mean.max()
     rgba = heat_cmap("magma", 1.0)(mean / top if top > 0 else mean)  # opaque
     img = Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8))
-    img = img.resize((side, side), Image.NEAREST)
+    img = img.resize((side, side), Image.Resampling.NEAREST)
     draw, q = ImageDraw.Draw(img), side // 4
     draw.rectangle([q, q, side - q - 1, side - q - 1], outline=(0, 220, 255))
     for x in (0, side - q):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +86,8 @@ class _Trace(HookBase):
         def hook(module: nn.Module, inputs, output) -> None:
             spatial = isinstance(output, Tensor) and output.ndim == 4
             if spatial and tuple(output.shape[-2:]) == self.size:
-                self.found[name] = CellCentres(tuple(self.stride), tuple(self.offset))
+                self.found[name] = CellCentres((self.stride[0], self.stride[1]),
+                                               (self.offset[0], self.offset[1]))
             else:  # tokens, channels last, a stride no conv or pool shows: not traced
                 self.found[name] = None
         return hook
@@ -148,11 +150,13 @@ def place(maps: Tensor | Sequence[Tensor], size: tuple[int, int],
         (B, H, W) for one map batch, (B, L, H, W) for a sequence.
     """
     if not isinstance(maps, Tensor):
-        centres = [None] * len(maps) if centres is None else centres
-        return torch.stack([place(m, size, c) for m, c in zip(maps, centres)], dim=1)
+        per_map = [None] * len(maps) if centres is None else centres
+        per_map = cast(Sequence[CellCentres | None], per_map)  # maps in a sequence: centres too
+        return torch.stack([place(m, size, c) for m, c in zip(maps, per_map)], dim=1)
     if centres is None:
         return upsample(maps, size)
     (H, W), (h, w) = size, maps.shape[-2:]
-    ry = interpolation_matrix(H, h, centres.stride[0], centres.offset[0]).to(maps)
-    rx = interpolation_matrix(W, w, centres.stride[1], centres.offset[1]).to(maps)
+    one = cast(CellCentres, centres)  # one map batch: one CellCentres
+    ry = interpolation_matrix(H, h, one.stride[0], one.offset[0]).to(maps)
+    rx = interpolation_matrix(W, w, one.stride[1], one.offset[1]).to(maps)
     return torch.einsum("Yh,bhw,Xw->bYX", ry, maps, rx)

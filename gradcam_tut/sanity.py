@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import cast
 
 import pandas as pd
 import torch
@@ -42,10 +43,9 @@ def randomized(model: nn.Module, what: str = "all", seed: int = 0) -> nn.Module:
 
 def _reinit(module: nn.Module) -> None:
     for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if hasattr(m, "reset_running_stats"):
-            m.reset_running_stats()
+        for reset in ("reset_parameters", "reset_running_stats"):
+            if hasattr(m, reset):
+                getattr(m, reset)()
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
@@ -64,12 +64,13 @@ def _cascade(model: nn.Module, x: Tensor, layers, targets: Targets, seed: int, m
     work = copy.deepcopy(model)  # the model, its weights and its mode stay as they were
     idx = class_indices(targets, work.eval()(x))
     names = list(resolve_layers(model, layers))  # a module of `model` by its name in `work`
-    centres = cell_centres(work, names, tuple(x.shape[-2:]))  # each cell at its receptive field
+    size = (x.shape[-2], x.shape[-1])
+    centres = cell_centres(work, names, size)  # each cell at its receptive field
     torch.manual_seed(seed)
 
     def maps() -> list[Tensor]:  # every layer from one grad_cam pass, placed on the image
-        cams = grad_cam(work, x, names, idx, method=method)
-        return [place(cam, tuple(x.shape[-2:]), centres[n]) for n, cam in zip(names, cams)]
+        cams = cast(list[Tensor], grad_cam(work, x, names, idx, method=method))
+        return [place(cam, size, centres[n]) for n, cam in zip(names, cams)]
 
     yield "trained", names, maps()
     for step, module in randomization_steps(work):

@@ -229,8 +229,9 @@ def speaks() -> bool:
     """Whether this process prints errors: alone, or the first of a group started by a
     launcher (the others' errors reach it); a group not started speaks for itself."""
     dist = sys.modules.get("torch.distributed")
-    started = dist is not None and dist.is_available() and dist.is_initialized()
-    return not started or dist.get_rank() == 0
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return True
+    return dist.get_rank() == 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,7 +116,8 @@ def fish_dataloaders(path: str | Path | Layout, size: int = 224, bs: int = 64, s
     layout = scan_layout(path)  # once: the checks and the split below read this value
     validate_layout(layout, check_images=False)
     files = checked_image_files(layout, max_per_class, damaged)
-    blocks, getters = (ImageBlock(RGBImage), CategoryBlock), None
+    blocks: tuple = (ImageBlock(RGBImage), CategoryBlock)
+    getters = None
     if with_masks:
         if not layout.masks:
             raise ValueError(f"with_masks=True needs the Fish Dataset layout (<Class>/<Class> GT/"

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
+from torch import Tensor
 from torch.nn import Module
 
 from ..cam import Layer, class_index, grad_cam, resolve_layers
@@ -123,7 +125,7 @@ def agreed(error: Exception | None, value=None, world: int = 1) -> list:
     if error is not None:
         said = (error_message(error) if isinstance(error, (OSError, ValueError, RuntimeError))
                 else f"{type(error).__name__}: {error}")
-    parts = [None] * world
+    parts: list[Any] = [None] * world  # each process's (message, value)
     try:
         dist.all_gather_object(parts, (said, None if error else value))
     except RuntimeError as exc:  # gloo: a peer closed its connection
@@ -211,12 +213,12 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
     if grids and out is None:
         raise ValueError("grids=True needs an out folder to write the grids into: pass out=")
     rank, world = process_group()  # first: on several processes, the first one holds `out`
-    writing = out is not None and rank == 0
-    with holding(out, RESULTS) if writing else nullcontext():  # from start to end
+    writes = out if rank == 0 else None  # the folder this process writes, or None
+    with holding(writes, RESULTS) if writes is not None else nullcontext():  # start to end
         if out is not None:
             check_inputs_outside(paths, out)  # --force would delete them
-        if writing:
-            check_destination(out, RESULTS, force)  # before listing and decoding every image
+        if writes is not None:
+            check_destination(writes, RESULTS, force)  # before listing, decoding every image
         named = resolve_layers(learn.model, layers)  # so are a wrong layer or class
         cls = None if target is None else class_index(learn.dls.vocab, target)
         files = image_paths(paths)
@@ -226,13 +228,14 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
         with ExitStack() as stack:
             tmp, error = None, None
             try:
-                if writing:
-                    tmp = stack.enter_context(written_whole(out, RESULTS, force,
+                if writes is not None:
+                    tmp = stack.enter_context(written_whole(writes, RESULTS, force,
                                                             by="gradcam-tut explain"))
             except Exception as exc:
                 error = exc
             tmp = agreed(error, tmp, world)[0]  # every process draws into the first's folder
-            part, error = (None, None), None
+            part: tuple[Any, Any] = (None, None)  # (table, maps); on an error `gathered` raises
+            error = None
             try:
                 part = explain_maps(learn, files[rank::world], named, cls, method, bs,
                                     tmp / "grids" if grids else None,
@@ -240,10 +243,10 @@ def explain(learn: Learner, paths: Sequence[str | Path], layers: Sequence[Layer]
             except Exception as exc:
                 error = exc
             table, maps = gathered(*part, world, error)  # after every grid is drawn
-            if writing:
+            if writes is not None:
                 formula_safe(table).to_csv(tmp / "explain.csv", index=False)  # no formulas
                 np.savez_compressed(tmp / "maps.npz", files=np.array(table["file"], dtype=str),
-                                    **maps)
+                                    **cast(dict[str, Any], maps))  # by layer name
     return table
 
 
@@ -274,11 +277,13 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
     vocab = learn.dls.vocab
     numbers = list(range(len(files)) if numbers is None else numbers)
     dl = learn.dls.test_dl(files, bs=bs)
-    rows, maps = [], {name: [] for name in named}
+    rows: list[dict[str, Any]] = []
+    maps: dict[str, list[np.ndarray]] = {name: [] for name in named}
     done = 0
     for (xb,) in progress_bar(dl, leave=False):
-        batch, logits = grad_cam(learn.model, xb, list(named.values()), target, method=method,
-                                 return_logits=True)  # the predictions of the same pass
+        batch, logits = cast(tuple[list[Tensor], Tensor], grad_cam(
+            learn.model, xb, list(named.values()), target, method=method,
+            return_logits=True))  # the predictions of the same pass
         probs = logits.float().softmax(dim=1).cpu()
         preds = probs.argmax(dim=1).tolist()
         for i, (p, pred) in enumerate(zip(probs, preds)):

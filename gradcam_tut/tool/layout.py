@@ -128,7 +128,7 @@ def listed_images(paths: str | Path | Sequence[str | Path]) -> L:
         FileNotFoundError: a path that does not exist.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
-    listed, seen = L(), set()
+    listed, seen = L(), set[str]()
     for p in (Path(p).expanduser() for p in paths):
         if p.is_dir():
             found = _walk(p)
@@ -136,7 +136,8 @@ def listed_images(paths: str | Path | Sequence[str | Path]) -> L:
             found = [(False, str(p), os.path.realpath(p))]
         else:
             raise FileNotFoundError(f"no file or folder at {p}")
-        mine = {}  # real path: (through a link?, the path split as Path sorts it, the path)
+        # real path: (through a link?, the path split as Path sorts it, the path)
+        mine: dict[str, tuple[bool, list[str], str]] = {}
         for through, f, real in found:
             key = (through, f.split(os.sep), f)
             if real not in seen and (real not in mine or key < mine[real]):  # own name first
@@ -276,7 +277,7 @@ def validate_folder(path: str | Path | Layout) -> dict[str, int]:
             f"train/ and valid/ in {layout.root} hold different classes: only in train "
             f"{sorted(set(classes[0]) - set(classes[1]))}, only in valid "
             f"{sorted(set(classes[1]) - set(classes[0]))}; give both the same class folders")
-    counts = {}
+    counts: dict[str, int] = {}
     for folder, files in layout.folders.items():
         _not_empty(folder, files)
         counts[folder.name] = counts.get(folder.name, 0) + len(files)

@@ -28,7 +28,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 try:
     import fcntl
 except ImportError:  # Windows: filelock's lock, whose file stays
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 from ..fish_layout import CLASSES, DatasetLayoutError, mask_file
 from .results import error_message
@@ -215,9 +215,11 @@ def _render(cls: str, index: int, spec: MiniFishSpec):
     length = int(rng.uniform(0.55, 0.85) * min(w, h * 1.3))
     fish, mask = _draw_fish(rng, LOOKS[cls], length)
     angle = rng.uniform(-35, 35)
-    fish, mask = fish.rotate(angle, Image.BILINEAR), mask.rotate(angle, Image.BILINEAR)
+    bilinear = Image.Resampling.BILINEAR
+    fish, mask = fish.rotate(angle, bilinear), mask.rotate(angle, bilinear)
     if rng.random() < 0.5:
-        fish, mask = fish.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+        flip = Image.Transpose.FLIP_LEFT_RIGHT
+        fish, mask = fish.transpose(flip), mask.transpose(flip)
     mask = mask.point(lambda v: 255 if v > 127 else 0)
     box = mask.getbbox()
     fish, mask = fish.crop(box), mask.crop(box)
@@ -231,7 +233,7 @@ def _render(cls: str, index: int, spec: MiniFishSpec):
     if mark_rng.random() < spec.mark:  # the images without marks stay as they were
         pool = spec.class_names  # a shuffled or swapped mark is one of the set's classes'
         if spec.swap_marks:
-            pool = [c for c in pool if c != cls]
+            pool = tuple(c for c in pool if c != cls)
         of = pool[mark_rng.integers(len(pool))] if spec.shuffle_marks or spec.swap_marks else cls
         where = SHORTCUTS[spec.mark_kind](img, full_mask, MARKS[of])
         mark = of, where

@@ -25,8 +25,9 @@ import pickle
 import pickletools
 import types
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO, Any, cast
 
 TRUST_HINT = ("load only files you trust; if you trust this one, pass --trust-learner "
               "(trust=True in Python)")
@@ -112,21 +113,24 @@ def allowed(qualified: str) -> bool:
     return _under(qualified, PACKAGES) and not _under(qualified, DENIED)
 
 
-def _imports(data: io.BufferedIOBase) -> Iterator[str]:
+def _imports(data: IO[bytes]) -> Iterator[str]:
     """The imports of the pickle at `data`'s position, read without running it.
 
     The stack is followed only far enough to know the strings a STACK_GLOBAL takes; an
     import whose name is not a constant is named "an import computed while loading".
     """
-    stack, memo = [], {}
+    stack: list[Any] = []  # a constant string, _MARK, or None for anything else
+    memo: dict[Any, Any] = {}
     for op, arg, _ in pickletools.genops(data):
         name = op.name
         if name in ("GLOBAL", "INST"):
-            yield _normal(*arg.split(" ", 1))
+            yield _normal(*cast(str, arg).split(" ", 1))
         elif name == "STACK_GLOBAL":
             module, attr = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
-            ok = isinstance(module, str) and isinstance(attr, str)
-            yield _normal(module, attr) if ok else "an import computed while loading"
+            if isinstance(module, str) and isinstance(attr, str):
+                yield _normal(module, attr)
+            else:
+                yield "an import computed while loading"
         elif name.startswith("EXT"):
             yield f"extension code {arg} (copyreg)"
         if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
@@ -157,7 +161,7 @@ def pickle_imports(path: str | Path) -> list[str]:
         UntrustedFile: the file cannot be read as a pickle (nor a torch zip of pickles).
     """
     path = Path(path)
-    found = []
+    found: list[str] = []
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -223,7 +227,7 @@ def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
 
 def _installed_codes(module: types.ModuleType) -> Iterator[types.CodeType]:
     """The code of every function of `module`, and of its classes' methods."""
-    def functions(namespace: dict):
+    def functions(namespace: Mapping[str, Any]) -> Iterator[types.CodeType]:
         for value in namespace.values():
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__

@@ -35,7 +35,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 MARKER = "complete.json"
-FIXES = {  # what to do about an OSError, by its errno
+FIXES: dict[int | None, str] = {  # what to do about an OSError, by its errno (or None)
     errno.ENOSPC: "free some space, or write to another disk",
     errno.EDQUOT: "free some space, or write to another disk",
     errno.EACCES: "pick a folder you can write to, or change its permissions",

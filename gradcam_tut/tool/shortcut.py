@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ from torchvision.models import resnet18, resnet34
 from ..cam import Layer
 from ..learner import localization_report, mask_dl
 from ..metrics import energy_in_mask, pointing_game
-from ..receptive_field import cell_centres, place
+from ..receptive_field import CellCentres, cell_centres, place
 from .layout import image_files
 from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask
 
@@ -101,7 +102,7 @@ def map_shares(learn: Learner, sets: dict[str, L], layer: Layer = "layer2") -> d
     """Where the true class's Grad-CAM maps at `layer` lie: on the fish (clean images, GT
     masks) and on the mark (marked images, `mark_mask`). Pointing: the map's peak is inside;
     energy: its share of the map's mass inside (`metrics.localization_report`)."""
-    shares = {}
+    shares: dict[str, float] = {}
     for what, files, get_mask in (("fish", sets["clean"], None),
                                   ("mark", sets["marked"], mark_mask)):
         dl = mask_dl(learn, files) if get_mask is None else mask_dl(learn, files, get_mask)
@@ -122,10 +123,11 @@ def where_maps_lie(learn: Learner, files: Sequence[str | Path], maps: np.ndarray
     the map's own resolution: a coarse map peaks beside a thin mark as often as on it)."""
     masks = torch.cat([mb.as_subclass(Tensor).cpu()
                        for _, _, mb in mask_dl(learn, list(files), mark_mask, bs=64)])
-    size = tuple(masks.shape[-2:])
+    size = (masks.shape[-2], masks.shape[-1])
     centres = cell_centres(learn.model, [layer], size)[layer]
     heat = place(torch.from_numpy(np.asarray(maps, np.float32)), size, centres)  # (N, H, W)
-    tolerance = centres.stride[0] if tolerance is None else tolerance
+    if tolerance is None:  # a resnet's layer: its cells' centres are traced
+        tolerance = cast(CellCentres, centres).stride[0]
     return pd.DataFrame({"mark energy": energy_in_mask(heat, masks).numpy(),
                          "on mark": pointing_game(heat, masks).float().numpy(),
                          "near mark": pointing_game(heat, masks, tolerance).float().numpy(),
