@@ -12,9 +12,11 @@
     learn.model.zero_grad()                    # backward() also filled the parameters' .grad
     cam = (grad[0].mean(dim=(1, 2), keepdim=True) * act[0]).sum(0).relu().detach().cpu()
 
-Both remove their hooks on exit, also when the block raises.
+Both remove their hooks on exit, also when the block raises; so does `HookEach`, which calls
+a function of yours on every forward of many modules.
 """
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -123,6 +125,27 @@ class HookForwardMany(HookBase):
             self.stored[idx] = output
             return output.clone()
         return hook_fn
+
+
+class HookEach(HookBase):
+    """Call `pre(module, inputs)` before and `forward(module, inputs, output)` after each
+    forward of each of `modules` (torch's forward-pre and forward hooks: what they return, if
+    not None, replaces the inputs or the output). Hooks on one module run in the order they were
+    registered, so two `HookEach` on it call the first one's function first.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module], forward: Callable | None = None,
+                 pre: Callable | None = None):
+        self.handles = []
+        try:
+            for m in modules:
+                if pre is not None:
+                    self.handles.append(m.register_forward_pre_hook(pre))
+                if forward is not None:
+                    self.handles.append(m.register_forward_hook(forward))
+        except BaseException:  # a module that takes no hooks: none of ours stays behind
+            self.remove()
+            raise
 
 
 def hooks_left(model: nn.Module) -> int:

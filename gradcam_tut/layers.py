@@ -12,6 +12,8 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
+from .hooks import HookEach
+
 Layer = str | nn.Module
 Reshape = Callable[[Tensor], Tensor]  # a layer's output -> (B, C, h, w)
 
@@ -137,18 +139,14 @@ def _what_runs(model: nn.Module, size: tuple[int, int]) -> dict[int, tuple]:
         seen[id(m)][1] = _map_side(out, reshape)
 
     modes = {m: m.training for m in model.modules()}
-    handles = []
     try:
-        for m in model.modules():
-            handles += [m.register_forward_pre_hook(started), m.register_forward_hook(finished)]
-        model.eval()(x)
+        with HookEach(model.modules(), forward=finished, pre=started):
+            model.eval()(x)
     except Exception as exc:  # any model's own error: say what was run and how to fix it
         raise ValueError(f"body_layers runs the model once on zeros of shape {tuple(x.shape)} "
                          f"to find its layers, and it failed ({type(exc).__name__}: {exc}): "
                          "pass size=(H, W) the model takes, or layers by name") from exc
     finally:
-        for h in handles:
-            h.remove()
         for m, training in modes.items():
             m.training = training
     found = {i: tuple(v) for i, v in seen.items()}  # by id: no reference to the model

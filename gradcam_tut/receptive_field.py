@@ -14,6 +14,7 @@ pools, a patchify stem) are centred at the block's middle, where interpolation p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import cast
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .cam import upsample
-from .hooks import HookBase
+from .hooks import HookEach
 from .layers import Layer, resolve_layers
 
 
@@ -58,19 +59,16 @@ def _shift(m: nn.Module, size_in: tuple[int, int]) -> tuple[tuple, tuple]:
     return s, tuple(di * (ki - 1) / 2 - pi for ki, di, pi in zip(k, d, p))
 
 
-class _Trace(HookBase):
+class _Trace:
     """Follow the chain of strided layers through one forward: each conv or pool whose input has
     the size the chain has reached moves the chain on (a parallel branch, such as a resnet's
     downsample, sees an input of another size and is skipped; for "same"-padded networks every
-    branch maps cells to the same centres)."""
+    branch maps cells to the same centres). `step` hooks the convs and pools, `snapshot(name)`
+    each layer, after them where a layer is itself one."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], size: tuple[int, int]):
+    def __init__(self, size: tuple[int, int]):
         self.stride, self.offset, self.size = [1.0, 1.0], [0.0, 0.0], tuple(size)
         self.found: dict[str, CellCentres | None] = {}
-        self.handles = [m.register_forward_hook(self.step) for m in model.modules()
-                        if isinstance(m, SPATIAL)]
-        self.handles += [m.register_forward_hook(self.snapshot(name))
-                         for name, m in layers.items()]
 
     def step(self, module: nn.Module, inputs, output: Tensor) -> None:
         size_in = tuple(inputs[0].shape[-2:])
@@ -112,8 +110,13 @@ def cell_centres(model: nn.Module, layers: Layer | Sequence[Layer] | None,
     x = torch.zeros(1, 3, *size, device=getattr(param, "device", None),
                     dtype=getattr(param, "dtype", None))
     modes = {m: m.training for m in model.modules()}
+    trace = _Trace(size)
     try:
-        with _Trace(model, named, size) as trace:
+        with ExitStack() as hooks:
+            hooks.enter_context(HookEach([m for m in model.modules() if isinstance(m, SPATIAL)],
+                                         forward=trace.step))
+            for name, m in named.items():
+                hooks.enter_context(HookEach([m], forward=trace.snapshot(name)))
             model.eval()(x)
     finally:
         for m, training in modes.items():

@@ -172,3 +172,31 @@ def test_the_hooks_pasted_into_a_fastai_notebook_hide_none_of_fastais(resnet18, 
         resnet18.eval()(batch)
     assert [tuple(s) for s in shapes.stored] == [(3, 256, 4, 4), (3, 512, 2, 2)]
     assert hook.stored.shape == (3, 512, 2, 2) and hooks_left(resnet18) == 0
+
+
+def test_hook_each_calls_around_every_forward_and_always_removes(resnet18, batch):
+    """`HookEach`, the hook the package's other code registers through: `pre` before and
+    `forward` after each module's forward, in registration order, nothing left after the block,
+    after a forward that raises, or after a registration that fails half-way."""
+    from gradcam_tut.hooks import HookEach
+
+    calls = []
+    layers = [resnet18.layer3, resnet18.layer4]
+    with HookEach(layers, forward=lambda m, i, o: calls.append(("after", o.shape[1])),
+                  pre=lambda m, i: calls.append(("before", i[0].shape[1]))), \
+            HookEach(layers[1:], forward=lambda m, i, o: calls.append(("second", None))):
+        resnet18.eval()(batch[:1])
+    assert calls == [("before", 128), ("after", 256), ("before", 256), ("after", 512),
+                     ("second", None)]
+    assert hooks_left(resnet18) == 0
+    with pytest.raises(RuntimeError), HookEach(layers, forward=lambda m, i, o: o):
+        resnet18(torch.zeros(1, 5, 32, 32))  # 5 channels: conv1 raises
+    assert hooks_left(resnet18) == 0
+
+    class NoHooks(nn.Module):
+        def register_forward_hook(self, hook):
+            raise RuntimeError("this module takes no hooks")
+
+    with pytest.raises(RuntimeError, match="takes no hooks"):
+        HookEach([resnet18.layer4, NoHooks()], forward=lambda m, i, o: o)
+    assert hooks_left(resnet18) == 0
