@@ -142,14 +142,14 @@ def run_notebooks(settings_file: Path) -> list[Path]:
         running = set(runs.values())
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
-            failed = next((f for f in done if f.exception() is not None), None)
-            if failed is not None:  # the first failure ends the run: the others are stopped
+            error = next((e for f in done if (e := f.exception()) is not None), None)
+            if error is not None:  # the first failure ends the run: the others are stopped
                 beside = [nb.name for nb, f in runs.items() if f in running]
                 _stop(pool)
                 if not beside:
-                    raise failed.exception()
-                raise NotebookFailed(f"{failed.exception()}; stopped {', '.join(beside)}, "
-                                     "which ran beside it") from failed.exception()
+                    raise error
+                raise NotebookFailed(f"{error}; stopped {', '.join(beside)}, "
+                                     "which ran beside it") from error
             if runs[notebooks[0]] in done and rest:  # the model the others load is there
                 more = submit(rest)
                 runs |= more
@@ -257,18 +257,21 @@ def publish_notebooks(notebooks: list[Path], run: Path, dest: Path = DOCS,
     def small(png: str) -> str:
         im = Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
         if im.width > width:
-            im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+            im = im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=quality, optimize=True)
         return base64.b64encode(buf.getvalue()).decode()
 
-    def unplaced(text: str | list[str]) -> str | list[str]:
-        """`text` (a string or nbformat's list of lines) with machine paths replaced."""
-        if isinstance(text, list):
-            return [unplaced(line) for line in text]
+    def unplaced_line(text: str) -> str:
         for path, shown in ((run.resolve(), "runs/latest"), (REPO, "."), (Path.home(), "~")):
             text = text.replace(str(path), shown)
         return text
+
+    def unplaced(text: str | list[str]) -> str | list[str]:
+        """`text` (a string or nbformat's list of lines) with machine paths replaced."""
+        if isinstance(text, list):
+            return [unplaced_line(line) for line in text]
+        return unplaced_line(text)
 
     dest.mkdir(parents=True, exist_ok=True)
     written = []

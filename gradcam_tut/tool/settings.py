@@ -214,14 +214,16 @@ def decide_settings(smoke: bool | None = None, data: str | Path | None = None,
     else:
         reasons.append(f"asked for {'smoke' if smoke else 'full'}")
     if smoke:
-        smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish", n_workers=os.cpu_count())
+        smoke_data = dataset or make_mini_fish(DATA_DIR / "mini_fish",
+                                               n_workers=os.cpu_count() or 1)
         s = RunSettings("smoke", ", ".join(reasons), smoke_data, size=SMOKE_SIZE, bs=16,
                         epochs=4, pretrained=False, lr=5e-3,
                         max_per_class=72 if real is not None else None)
     elif cpu:  # fine-tuning ImageNet weights needs few images and epochs: minutes on a CPU
+        assert real is not None  # cpu mode: the dataset found (no reason to smoke)
         s = RunSettings("cpu", f"no CUDA GPU, but the dataset and ImageNet weights are here: "
                         f"pretrained resnet34 on {CPU_PER_CLASS} images per class",
-                        dataset, size=CPU_SIZE, bs=32, epochs=1, pretrained=True,
+                        real, size=CPU_SIZE, bs=32, epochs=1, pretrained=True,
                         max_per_class=CPU_PER_CLASS)
     else:
         s = RunSettings("full", ", ".join(reasons) or "GPU, dataset and weights found",
