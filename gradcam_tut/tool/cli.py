@@ -15,8 +15,10 @@ import argparse
 import os
 import sys
 import warnings
-from contextlib import nullcontext
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import runner
 from .results import (
@@ -31,6 +33,9 @@ from .results import (
     written_file,
 )
 from .runner import NotebookFailed
+
+if TYPE_CHECKING:  # fastai is imported where a command needs it
+    from fastai.learner import Learner
 
 # torch and fastai are imported where a command needs them: `--help` answers at once
 METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # cam.METHODS
@@ -187,15 +192,25 @@ def _first_process() -> int:
     return process_group()[0]
 
 
+@contextmanager
+def _loaded(args: argparse.Namespace, results: Collection[str], *,
+            first: bool) -> Iterator[Learner]:
+    """The learner `args.learner` (`--trust-learner`), loaded for a command that writes
+    `results` into `args.out`, while the folder is held from start to end (by the first
+    process only: `first`); `args.out` is checked (`--force`) before the learner is loaded."""
+    from .train import load_fish_learner
+
+    with holding(args.out, results) if first else nullcontext():
+        check_destination(args.out, results, args.force)
+        yield load_fish_learner(args.learner, trust=args.trust_learner)
+
+
 def explain(args: argparse.Namespace) -> None:
     from .explaining import RESULTS
     from .explaining import explain as explain_images
-    from .train import load_fish_learner
 
     rank = _first_process()
-    with holding(args.out, RESULTS) if rank == 0 else nullcontext():  # from start to end
-        check_destination(args.out, RESULTS, args.force)  # before loading the learner
-        learn = load_fish_learner(args.learner, trust=args.trust_learner)
+    with _loaded(args, RESULTS, first=rank == 0) as learn:
         table = explain_images(learn, args.paths, layers=args.layers, target=args.target,
                                method=args.method, bs=args.bs, out=args.out, grids=args.grids,
                                force=args.force)
@@ -208,12 +223,9 @@ def explain(args: argparse.Namespace) -> None:
 def audit(args: argparse.Namespace) -> None:
     from .auditing import RESULTS
     from .auditing import audit as audit_images
-    from .train import load_fish_learner
 
     rank = _first_process()
-    with holding(args.out, RESULTS) if rank == 0 else nullcontext():  # from start to end
-        check_destination(args.out, RESULTS, args.force)  # before loading the learner
-        learn = load_fish_learner(args.learner, trust=args.trust_learner)
+    with _loaded(args, RESULTS, first=rank == 0) as learn:
         result = audit_images(learn, args.paths, out=args.out, layer=args.layer,
                               method=args.method, bs=args.bs, force=args.force,
                               absolute_paths=args.absolute_paths)
