@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.request import urlopen
 
 import torch
+from fastai.data.core import DataLoaders
 from torchvision.models import ResNet34_Weights
 
 from ..fish_layout import ENV_VAR
@@ -127,15 +128,35 @@ class RunSettings:
                   "max_per_class": self.max_per_class, **kwargs}
         return fish_dataloaders(self.layout, **kwargs)
 
-    def learner(self):
-        """The learner notebook 01 exported, with its data; trained now (`train_fish`, these
-        settings, exported to `model_file`) if there is none."""
+    def trained(self) -> Path:
+        """`model_file`, trained now (`train_fish`, these settings) if notebook 01 has not
+        exported it."""
         if not self.model_file.is_file():
             print(f"no exported model at {self.model_file}: training one first")
             train_fish(self.layout, epochs=self.epochs, size=self.size, bs=self.bs,
                        pretrained=self.pretrained, lr=self.lr, seed=self.seed,
                        max_per_class=self.max_per_class, export_to=self.model_file)
-        return load_fish_learner(self.model_file, self.dataloaders())
+        return self.model_file
+
+    def learner(self):
+        """The learner notebook 01 exported, with its data; trained now if there is none."""
+        return load_fish_learner(self.trained(), self.dataloaders())
+
+    def outputs(self) -> tuple[Path, Path]:
+        """Where a notebook's trained model and figures go (folders made): `model_file`
+        relative to the working folder, as a notebook prints it (no machine paths in its
+        outputs), and `out/figures`."""
+        figures = self.out / "figures"
+        for folder in (self.model_file.parent, figures):
+            folder.mkdir(parents=True, exist_ok=True)
+        return Path(os.path.relpath(self.model_file)), figures
+
+    def notebook_inputs(self) -> tuple[Path, DataLoaders, Path]:
+        """What notebooks 02-05 take from the run: notebook 01's model file (trained here
+        first when 01 has not run), the images split as 01 split them, the figures folder."""
+        self.trained()
+        model_file, figures = self.outputs()
+        return model_file, self.dataloaders(), figures
 
     def line(self) -> str:
         """The one line that says the mode, why, and what it means (printed by `run_settings`)."""
