@@ -90,10 +90,9 @@ class HookBwd(HookBase):
 
     def store(self, grad: Tensor, module: nn.Module, call: int) -> None:
         if call != self.calls:
-            raise ValueError(f"{type(module).__name__} ran more than once before this backward "
-                             "(resnet's BasicBlock runs its relu twice), so its gradient and "
-                             "activation would not pair up: hook a module that runs once per "
-                             "forward (the block, or one of its convs)")
+            raise ValueError(f"{type(module).__name__} ran more than once before this backward, "
+                             "so its gradient and activation would not pair up: hook a module "
+                             "that runs once per forward (resnet's block, or one of its convs)")
         self.stored = grad.detach()
 
 
