@@ -14,9 +14,8 @@ FIGURES = {
     "03": ["03_article_loop.png", "03_layer_grid_pred.png", "03_layer_grid_runner_up.png",
            "03_layer_grid_contrast.png", "03_layer_grid_shared.png", "03_sanity_check.png",
            "03_your_picture.png"],
-    "04": ["04_top_losses_gradcam.png"],
-    "05": ["05_localization_by_layer.png", "05_cell_centres.png", "05_pointing_gallery.png",
-           "05_methods.png"],
+    "04": ["04_top_losses_gradcam.png", "04_truth_every_layer.png"],
+    "05": ["05_localization_by_layer.png", "05_pointing_gallery.png", "05_methods.png"],
     "06": ["06_counterfactual_sets.png", "06_shortcut_grid.png", "06_background_swap.png",
            "06_side_by_side.png", "06_audit_shortcut.png", "06_audit_reference.png",
            "06_interventions_shortcut.png", "06_interventions_reference.png"],
@@ -110,6 +109,7 @@ def test_notebook_runs(name, out, mini_dest):
         assert "place equals our drawing: True" in printed
     if name.startswith("03"):
         assert "same maps: True" in printed and "peak on the fish: conv1 " in printed
+        assert "learn.gradcam draws our maps: True" in printed
         assert "not_a_fish.png" in printed
     if name.startswith("04"):
         assert "the helper draws our rows and maps: True" in printed
