@@ -106,13 +106,14 @@ def with_cluster_numbers(rows):
 def flags(rows, rule: dict) -> np.ndarray:
     """`audit.apply_rule` on every image at once (rows from `with_cluster_numbers`); checked
     equal to it in `loko_table`."""
-    from gradcam_tut.tool.auditing import MIN_FIXED
+    from gradcam_tut.tool.auditing import FIXED_LEVEL
 
     moved = (rows["c_moved"] - rows["c_moved_control"] >= rule["moved"]).to_numpy()
     place = (rows["c_same_place"] >= rule["place"]).to_numpy()
     own = (rows["same_place"] >= rule["place"]).to_numpy()
     everywhere = (rows["c_class_control"] >= rule["everywhere"]).to_numpy()
-    fixed = ((rows["c_fixed"] >= rule["fixed"]) & (rows["fixed_area"] >= MIN_FIXED)).to_numpy()
+    fixed = ((rows["c_fixed"] >= rule["fixed"])
+             & (rows["fixed_at_peak"] >= FIXED_LEVEL)).to_numpy()
     return fixed | (moved & place & own) | (~(moved & place) & everywhere)
 
 

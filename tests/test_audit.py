@@ -119,10 +119,11 @@ def test_the_flag_needs_the_network_and_a_sign_that_it_is_not_the_object():
 def test_images_are_flagged_when_their_class_s_fixed_parts_alone_move_other_images():
     """A class whose fixed parts (content it holds at one place and other classes do not),
     moved alone, turn images of other classes into it beyond their controls flags its images
-    that have such a part, whatever its clusters' numbers; the cluster says how many and what
-    to look for."""
+    whose maps peak on such a part, whatever its clusters' numbers; the cluster says how many
+    and what to look for."""
     rows = {"class": ["Trout"] * 4 + ["Shrimp"] * 2, "cluster": [0] * 6, "file": list("abcdef"),
             "fixed_area": [0.04, 0.04, 0.0, 0.02, 0.05, 0.05],
+            "fixed_at_peak": [0.9, 0.7, 0.2, 0.5, 0.8, 0.9],
             "fixed_moved": [1.0, 0.0, np.nan, 0.67, 0.33, 0.0],
             "fixed_control": [0.0, np.nan, np.nan, 0.0, 0.33, np.nan], "same_place": [1.0] * 6,
             "moved": [0.5] * 6, "moved_control": [0.0] * 6, "removed_changed": [1.0] * 6,
@@ -132,11 +133,11 @@ def test_images_are_flagged_when_their_class_s_fixed_parts_alone_move_other_imag
                                    RULE | {"fixed": 0.3, "place": np.inf})
     assert flagged["flagged"].tolist() == [1, 1, 0, 1, 0, 0]  # Shrimp: no more than control
     assert flagged["why"][0] == (
-        "Part of its map's region holds what Trout images hold at that place and other "
-        "classes' do not; moved alone into images of other classes, such parts made 56% of "
+        "Its map peaks on what Trout images hold at that place and other classes' do not; "
+        "moved alone into images of other classes, such parts made 56% of "
         "them Trout (the same shapes moved elsewhere: 0%).")
     assert clusters["flagged"].tolist() == [0, 1]  # sorted by class: Shrimp, Trout
-    assert clusters["why"][1].startswith("3 of its 4 images: Part of its map's region")
+    assert clusters["why"][1].startswith("3 of its 4 images: Its map peaks on")
     assert "is it the Trout itself" in clusters["look_for"][1]
     assert not apply_rule(images, cluster_numbers(images),
                           RULE | {"fixed": np.inf, "place": np.inf})[0]["flagged"].any()
@@ -291,6 +292,7 @@ def synthetic_report(families):
                            "removed_changed": np.where(corner, 0.8, 0.1),
                            "removed_control_changed": 0.0,
                            "same_place": np.where(corner, 9.0, 1.0), "fixed_area": 0.0,
+                           "fixed_at_peak": 0.0,
                            "fixed_moved": np.nan, "fixed_control": np.nan})
     return _flagged(pd.concat([images, tested], axis=1), features, members)
 

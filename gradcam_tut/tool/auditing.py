@@ -17,9 +17,9 @@ without being its object.
 4. **Flags** (`apply_rule`): a map says where; only an intervention says why. An object's
    region moves other images too (the fish is its class): that alone is no flag. An image is
    flagged when there is also a sign, without masks, that what decides is not its object:
-   - *fixed*: its region has a fixed part, and its class's fixed parts alone turn other
-     classes' images into it beyond their controls (by `RULE["fixed"]`); objects lie
-     anywhere, a mark, a caption or a watermark at one place;
+   - *fixed*: its map peaks on a fixed part (within a cell), and its class's fixed parts
+     alone turn other classes' images into it beyond their controls (by `RULE["fixed"]`);
+     objects lie anywhere, a mark, a caption or a watermark at one place;
    - *place*: its cluster's regions move other images beyond their control (`RULE["moved"]`)
      and its maps, the cluster's and its own, peak at one place (`same_place` >=
      `RULE["place"]`);
@@ -89,18 +89,19 @@ MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many
 EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
-            "same_place", "fixed_area", "fixed_moved", "fixed_control")  # evidence's columns
+            "same_place", "fixed_area", "fixed_at_peak", "fixed_moved",
+            "fixed_control")  # evidence's columns
 TESTED = 8  # the region's interventions run on up to this many images of each cluster
 TESTED_FIXED = 12  # fixed parts are moved from up to this many images of each class
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
 FIXED_LEVEL = 0.5  # a fixed part: 3 in 4 of its class within half the distance to the others
-MIN_FIXED = 0.005  # a fixed part smaller than this share of the image counts as none
+MIN_FIXED = 0.005  # a fixed part smaller than this share of the image is not moved
 RECEIVERS = 3  # a fixed part is moved into this many images of other classes
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
 # three signs flags at most a third of 10% of their images (`benchmarks/bench_audit.py`,
 # `calibrated_rule`)
-RULE = {"fixed": 0.17, "moved": 0.1, "place": 3.85, "everywhere": 0.51}
+RULE = {"fixed": 0.22, "moved": 0.1, "place": 3.85, "everywhere": 0.51}
 
 
 @dataclass
@@ -334,7 +335,10 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       region, grown by a whole cell (a coarse map peaks beside a thin mark), whose content
       three in four of its class's images hold at that place, up to mirrors, and other
       classes' images do not (`interventions.fixed_content` >= `FIXED_LEVEL`, compared on
-      copies with a `SMALL` px side): what no object placed anywhere gives. On up to
+      copies with a `SMALL` px side, each other image mirrored to match the cells around the
+      map's peak): what no object placed anywhere gives. `fixed_at_peak`: the highest score
+      within a cell of the map's peak (the peak lies on a fixed part where >= `FIXED_LEVEL`).
+      On up to
       `TESTED_FIXED` images of each class whose part covers at least `MIN_FIXED` of the
       image, it alone is moved into `RECEIVERS` images of other classes (`fixed_moved`: the
       share turned into the class) and, on every second of them, its shape elsewhere into
@@ -358,7 +362,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
                            for c in np.unique(label)]).astype(int)
     others = [pool[label[pool] != c] for c in label]
-    no_part = torch.zeros((N, *_small(size)), dtype=torch.bool)
+    no_part = torch.zeros((N, *_small(size)), dtype=torch.bool)  # one class: no fixed part
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
         return table, no_part
     pool_x = torch.cat([xb.as_subclass(Tensor)
@@ -376,8 +380,10 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     model, training = learn.model, learn.model.training
     try:
         model.eval()
-        fixed = _fixed_parts(learn, files, label, maps, centres, size, round(cell), bs, seed)
+        fixed, at_peak = _fixed_parts(learn, files, label, maps, centres, size, round(cell),
+                                      bs, seed)
         table["fixed_area"] = fixed.flatten(1).float().mean(1).numpy()
+        table["fixed_at_peak"] = at_peak.numpy()
         found = _region_tests(learn, files, tested, with_control, target, before, maps,
                               centres, size, grow, pool_x, receivers[:, 0], bs, seed)
         columns = [c for c in found.columns if c in EVIDENCE]
@@ -409,19 +415,22 @@ def _small(size: tuple[int, int]) -> tuple[int, int]:
 
 def _fixed_parts(learn: Learner, files: Sequence[Path], label: np.ndarray, maps: np.ndarray,
                  centres: CellCentres | None, size: tuple[int, int], grow: int, bs: int,
-                 seed: int) -> Tensor:
+                 seed: int) -> tuple[Tensor, Tensor]:
     """Each image's fixed part (see `evidence`) on copies with a `SMALL` px side, (N, h, w)
-    bool, in the order of `files`."""
-    small_size, small, regions, done = _small(size), [], [], 0
+    bool, and its `fixed_at_peak` (N,) float32, in the order of `files`."""
+    small_size, small, regions, near, done = _small(size), [], [], [], 0
     for (xb,) in learn.dls.test_dl(list(files), bs=bs):
         heat = _placed(maps[done:done + len(xb)], size, centres)
         region = map_regions(heat, grow=grow)[:, None].float()
+        peak = map_regions(heat, level=1.0, grow=grow)[:, None].float()  # a cell round the peak
         small.append(F.adaptive_avg_pool2d(xb.as_subclass(Tensor).float().cpu(), small_size))
         regions.append(F.adaptive_max_pool2d(region, small_size)[:, 0].bool())
+        near.append(F.adaptive_max_pool2d(peak, small_size)[:, 0].bool())
         done += len(xb)
-    small_x, region = torch.cat(small), torch.cat(regions)
-    score = fixed_content(small_x, region, label, seed=seed)
-    return region & (score >= FIXED_LEVEL)
+    small_x, region, at = torch.cat(small), torch.cat(regions), torch.cat(near)
+    score = fixed_content(small_x, at, label, seed=seed)
+    at_peak = score.masked_fill(~at, float("-inf")).flatten(1).amax(1)
+    return region & (score >= FIXED_LEVEL), at_peak.nan_to_num(nan=0.0, neginf=0.0)
 
 
 def _region_tests(learn, files, tested, with_control, target, before, maps, centres, size,
@@ -563,18 +572,19 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
 def fixed_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
     """Per image, 1 where its class's fixed parts, moved alone, turn images of other classes
     into it at least `rule["fixed"]` more often than the same shapes moved elsewhere (over all
-    the class's tested images) and its own map's region has a fixed part (`evidence`)."""
+    the class's tested images) and its own map peaks on a fixed part (`fixed_at_peak`,
+    `evidence`)."""
     by_class = images.groupby("class")
     lift = (by_class["fixed_moved"].transform("mean")
             - by_class["fixed_control"].transform("mean").fillna(0))
-    return ((lift >= rule["fixed"]) & (images["fixed_area"] >= MIN_FIXED)).astype(int)
+    return ((lift >= rule["fixed"]) & (images["fixed_at_peak"] >= FIXED_LEVEL)).astype(int)
 
 
 def fixed_reason(images: pd.DataFrame, cls: str) -> str:
-    """Why the images of `cls` with a fixed part are flagged (see `fixed_sign`)."""
+    """Why the images of `cls` whose maps peak on a fixed part are flagged (`fixed_sign`)."""
     own = images[images["class"] == cls]
-    return (f"Part of its map's region holds what {cls} images hold at that place and other "
-            f"classes' do not; moved alone into images of other classes, such parts made "
+    return (f"Its map peaks on what {cls} images hold at that place and other classes' do "
+            f"not; moved alone into images of other classes, such parts made "
             f"{own['fixed_moved'].mean():.0%} of them {cls} (the same shapes moved elsewhere: "
             f"{_percent(own['fixed_control'].mean())}).")
 
@@ -582,11 +592,11 @@ def fixed_reason(images: pd.DataFrame, cls: str) -> str:
 def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule`: the
-    images with a fixed part of a class whose fixed parts alone turn images of other classes
-    into it (`fixed_sign`); the images of a cluster flagged for the place its regions sit at
-    whose own region is there (`same_place` >= `rule["place"]`); all the images of one
-    flagged because its class is all over the picture (`flag_reason`). A cluster is flagged
-    when its numbers are, or any of its images is."""
+    images whose maps peak on a fixed part, of a class whose fixed parts alone turn images of
+    other classes into it (`fixed_sign`); the images of a cluster flagged for the place its
+    regions sit at whose own region is there (`same_place` >= `rule["place"]`); all the
+    images of one flagged because its class is all over the picture (`flag_reason`). A
+    cluster is flagged when its numbers are, or any of its images is."""
     images, clusters = images.copy(), clusters.copy()
     images["flagged"] = fixed_sign(images, rule)
     images["why"] = [fixed_reason(images, c) if f else ""
