@@ -26,7 +26,8 @@ def module_files() -> dict[str, Path]:
     return files
 
 
-def imported(file: Path) -> set[str]:
+@cache  # each file parsed once for all the tests below
+def imported(file: Path) -> frozenset[str]:
     """The package's modules that `file` imports anywhere in it, lazy imports included, by their
     name in README's tables; a subpackage imported whole is named by its folder ("tool/")."""
     package = ["gradcam_tut", *file.relative_to(PACKAGE).parent.parts]  # where `.` points
@@ -48,7 +49,7 @@ def imported(file: Path) -> set[str]:
                 found.add(f"{TOOL}/")
             elif name in module_files():
                 found.add(name)
-    return found
+    return frozenset(found)
 
 
 def layout_rows() -> list[str]:

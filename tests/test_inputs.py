@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from fastai.data.transforms import get_image_files, parent_label
 from PIL import Image, ImageOps
+from repo_state import file_mtimes
 
 from gradcam_tut.fish_layout import CLASSES, DatasetLayoutError, mask_file
 from gradcam_tut.images import fish_mask, load_rgb
@@ -36,8 +37,7 @@ SPEC = MiniFishSpec(per_class=2, width=48, height=36)
 
 def _state() -> dict[str, int]:
     """What a test could write by mistake: the repository's data/ and runs/, its top level."""
-    files = [f for d in ("data", "runs") for f in (REPO / d).rglob("*") if f.is_file()]
-    return {**{str(f): f.stat().st_mtime_ns for f in files},
+    return {**file_mtimes(REPO / "data"), **file_mtimes(REPO / "runs"),
             **{p.name: 0 for p in REPO.iterdir()}}
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from fastai.vision.core import PILImage
 from PIL import Image
+from repo_state import file_mtimes
 
 from gradcam_tut.fish_layout import DatasetLayoutError, mask_file
 from gradcam_tut.images import RGBImage, load_rgb
@@ -31,8 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _snapshot(root: Path) -> dict[str, int]:
     skip = {".venv", ".git", ".pytest_cache", ".ruff_cache", "__pycache__", ".ipynb_checkpoints"}
-    return {str(f): f.stat().st_mtime_ns for f in root.rglob("*")
-            if f.is_file() and not skip & set(f.relative_to(root).parts)}
+    return file_mtimes(root, skip)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -126,6 +126,37 @@ def test_sigterm_is_cleaned_like_ctrl_c(explain_cmd, tmp_path, monkeypatch, caps
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back after the command
 
 
+TAKE_THE_LOCK = """
+import sys
+from filelock import FileLock, Timeout
+try:
+    FileLock(sys.argv[1], timeout=0).acquire()
+except Timeout:
+    print("refused")
+"""
+
+
+def test_the_lock_is_held_while_the_maps_are_computed(explain_cmd, tmp_path, monkeypatch):
+    """While a --force run computes, another process cannot take its lock; the run then writes
+    its result, the only one. (What a second run says then: test_written_whole.py's
+    test_a_second_run_to_the_same_out_is_refused; both at once, end to end, the slow test
+    below.)"""
+    out = tmp_path / "ex"
+    assert main(explain_cmd(out)) == 0
+    real, tried = explaining.explain_maps, []
+
+    def with_another_process(*args, **kwargs):
+        tried.append(subprocess.run([sys.executable, "-c", TAKE_THE_LOCK, tmp_path / ".ex.lock"],
+                                    capture_output=True, text=True, timeout=60))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(explaining, "explain_maps", with_another_process)
+    assert main(explain_cmd(out, "--force")) == 0
+    (done,) = tried
+    assert done.returncode == 0 and done.stdout == "refused\n", done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "photos"]
+
+
+@pytest.mark.slow  # a second interpreter that imports fastai (~7 s of CPU)
 def test_the_lock_is_held_from_the_start(explain_cmd, tmp_path, monkeypatch, capsys):
     """Two --force runs at once: while the first computes, the second (another process) is
     refused in one line at its start; the first then writes its result, the only one."""

@@ -97,32 +97,27 @@ def test_missing_data_path_is_an_error(tmp_path):
 
 
 @pytest.fixture
-def full_size_replica(tmp_path_factory):
-    """The real dataset's layout at its size (590x445), 4 per class, without the mini marker."""
-    from dataclasses import replace
-
-    from gradcam_tut.tool.mini_fish import FULL, make_mini_fish
-
-    made = make_mini_fish(tmp_path_factory.mktemp("made") / "m", replace(FULL, per_class=4),
-                          progress=False)
+def real_layout(mini_root, tmp_path_factory):
+    """The real dataset's layout, 6 per class: the mini set's class folders without its marker
+    (the marker, not the images' size, tells a mini set from the real one)."""
     dest = tmp_path_factory.mktemp("real")
-    shutil.copytree(made.parent, dest / "Fish_Dataset")
+    shutil.copytree(mini_root, dest / "Fish_Dataset" / "Fish_Dataset")
     return dest
 
 
-def test_cpu_mode_fine_tunes_imagenet_weights(full_size_replica, tmp_path, monkeypatch, capsys):
+def test_cpu_mode_fine_tunes_imagenet_weights(real_layout, tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU decision")
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     assert not pretrained_weights_available(timeout=0.5)  # offline (mocked), nothing cached
-    s = run_settings(data=full_size_replica, out=tmp_path)
+    s = run_settings(data=real_layout, out=tmp_path)
     assert s.mode == "smoke" and "no pretrained weights" in s.reason
     weights = tmp_path / "hub" / "checkpoints" / ResNet34_Weights.DEFAULT.url.rsplit("/", 1)[1]
     weights.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(resnet34().state_dict(), weights)  # random values: the logic is what is tested
     capsys.readouterr()
-    s = run_settings(data=full_size_replica, out=tmp_path)
+    s = run_settings(data=real_layout, out=tmp_path)
     assert (s.mode, s.smoke, s.pretrained, s.size, s.max_per_class) == ("cpu", False, True,
                                                                           160, 200)
     assert capsys.readouterr().out.startswith(

@@ -103,7 +103,8 @@ def test_the_python_api_names_the_argument_and_the_fix(resnet18, batch):
 
 def test_inputs_inside_out_are_refused_before_any_work(tiny_learner, mini_root, tmp_path):
     out = tmp_path / "out"
-    explain(tiny_learner, [mini_root / "Trout" / "Trout"], ["layer4"], out=out, grids=True)
+    trout = sorted((mini_root / "Trout" / "Trout").iterdir())[0]  # one grid to explain again
+    explain(tiny_learner, [trout], ["layer4"], out=out, grids=True)
     before = sorted(p.name for p in (out / "grids").iterdir())
     with pytest.raises(ValueError, match="lies inside --out .*pick another --out"):
         explain(tiny_learner, [out / "grids"], ["layer4"], out=out, force=True)

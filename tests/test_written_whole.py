@@ -71,10 +71,10 @@ def tree(folder: Path) -> dict[str, bytes]:
 def test_a_result_appears_whole_with_its_marker(explain_cmd, tmp_path, capsys):
     out = tmp_path / "ex"
     assert main(explain_cmd(out, "--grids")) == 0
-    assert "3 images:" in capsys.readouterr().out
+    assert "2 images:" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["complete.json", "explain.csv", "grids",
                                                      "maps.npz"]
-    assert len(list((out / "grids").iterdir())) == 3
+    assert len(list((out / "grids").iterdir())) == 2
     # beside it: no temporary folder, no lock file left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "photos"]
 
@@ -158,7 +158,7 @@ def test_ctrl_c_between_the_writes_leaves_the_old_result(explain_cmd, images, tm
 
 
 def test_force_replaces_the_whole_result(explain_cmd, images, tmp_path):
-    """No stale grids: 1 image over 3 leaves 1 grid; without --grids, none."""
+    """No stale grids: 1 image over 2 leaves 1 grid; without --grids, none."""
     out = tmp_path / "ex"
     assert main(explain_cmd(out, "--grids")) == 0
     one = next(images.iterdir())
@@ -194,7 +194,7 @@ def test_an_unfinished_result_is_never_taken_for_a_finished_one(explain_cmd, tmp
     (left / "maps.npz").write_bytes(b"half")
     assert main(explain_cmd(out, "--force")) == 0
     assert f"removed {left}, left unfinished by a run that was stopped" in capsys.readouterr().err
-    assert (out / MARKER).is_file() and len(pd.read_csv(out / "explain.csv")) == 3
+    assert (out / MARKER).is_file() and len(pd.read_csv(out / "explain.csv")) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "photos"]
     assert main(explain_cmd(out)) == 2  # now a finished one
     assert "holds an earlier result: pick another --out, or add --force" in error_line(capsys)
