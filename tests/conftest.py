@@ -1,5 +1,6 @@
 import gc
 import shutil
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "page" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.browser)
+
+
+# jsonschema (under nbformat, papermill) imports its optional IRI checker, which compiles a
+# grammar on import: 2-3 s of CPU. No schema the tests meet has an IRI format: left out here.
+sys.modules.setdefault("rfc3987_syntax", None)
 
 
 def pytest_configure(config):

@@ -7,6 +7,9 @@ shadows its module (`from gradcam_tut.tool import explaining` never meets a func
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -112,3 +115,29 @@ def test_the_tests_check_themselves():
     assert imported(files["tool/auditing"]) >= {"cam", "tool/explaining", "tool/results"}
     assert "tool/mini_fish" in imported(files["tool/cli"])  # `from . import mini_fish`, lazy
     assert imported(files["tool/runner"]) == {"tool/settings"}  # inside functions only
+
+
+LIGHT = """
+import sys, torch
+from hooks import HookBwd, HookForward
+m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True))
+with HookBwd(m[0]) as g, HookForward(m[0]) as f:
+    m(torch.randn(1, 3, 8, 8)).sum().backward()
+assert f.stored.shape == g.stored.shape == (1, 4, 6, 6), 'hooks'
+assert not [k for k in sys.modules if k.startswith(('gradcam_tut', 'fastai'))], 'hooks'
+import gradcam_tut.metrics
+assert not {'fastai', 'matplotlib', 'pandas'} & set(sys.modules), 'metrics'
+import gradcam_tut.plot
+assert 'fastai' not in sys.modules, 'plot'
+print('ok')
+"""
+
+
+def test_the_light_files_load_only_what_they_need(tmp_path):
+    """One fresh interpreter, one step after another (torch imported once: ~3 s of CPU): hooks.py
+    copied alone works on torch alone (README's "Copy the hooks"); then metrics loads no fastai,
+    matplotlib or pandas; then plot no fastai."""
+    shutil.copy(PACKAGE / "hooks.py", tmp_path / "hooks.py")
+    out = subprocess.run([sys.executable, "-c", LIGHT], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
