@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(items):
 
 
 # jsonschema (under nbformat, papermill) imports its optional IRI checker, which compiles a
-# grammar on import: 2-3 s of CPU. No schema the tests meet has an IRI format: left out here.
+# grammar on import, seconds of CPU. No schema the tests meet has an IRI format: left out.
 sys.modules.setdefault("rfc3987_syntax", None)
 
 
@@ -99,7 +99,7 @@ def tiny_learner(tiny_model_file):
 
 @pytest.fixture
 def images(mini_root, tmp_path):
-    """A folder of 2 fish images to explain (a grid each, with --grids: ~0.5 s apiece)."""
+    """A folder of 2 fish images to explain (with --grids, each draws a grid: the slow part)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for f in sorted((mini_root / "Trout" / "Trout").iterdir())[:2]:

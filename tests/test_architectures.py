@@ -80,7 +80,7 @@ def test_transformers_default_layers():
     timm_swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=9, embed_dim=16,
                                   depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))  # fastai's
     # head cannot take Swin's channels-last output, so a plain timm model here; its four
-    # stages at 224 px, each one block wide and narrow (swin_tiny's own: 0.8 s to build)
+    # stages at 224 px, each one block wide and narrow (swin_tiny's own are slow to build)
     x224 = torch.nn.functional.interpolate(X, size=224)
     for model, x, sides in [(vit, X, [4] * 2), (swin, X, [16, 16, 8, 8]),
                             (timm_vit, X, [4] * 12), (timm_swin, x224, [56, 28, 14, 7])]:

@@ -134,9 +134,9 @@ print('ok')
 
 
 def test_the_light_files_load_only_what_they_need(tmp_path):
-    """One fresh interpreter, one step after another (torch imported once: ~3 s of CPU): hooks.py
-    copied alone works on torch alone (README's "Copy the hooks"); then metrics loads no fastai,
-    matplotlib or pandas; then plot no fastai."""
+    """One fresh interpreter, one step after another (torch, slow to import, imported once):
+    hooks.py copied alone works on torch alone (README's "Copy the hooks"); then metrics
+    loads no fastai, matplotlib or pandas; then plot no fastai."""
     shutil.copy(PACKAGE / "hooks.py", tmp_path / "hooks.py")
     out = subprocess.run([sys.executable, "-c", LIGHT], cwd=tmp_path, capture_output=True,
                          text=True)

@@ -74,7 +74,7 @@ def test_resnet_and_vgg_offsets():
     r = cell_centres(resnet18(), None, 128)
     assert r["layer4"] == CellCentres((32, 32), (0.0, 0.0))
     assert r["conv1"] == CellCentres((2, 2), (0.0, 0.0))
-    v = cell_centres(make_layers(cfgs["A"]), None, 128)  # vgg11's body (its head: 2 s to build)
+    v = cell_centres(make_layers(cfgs["A"]), None, 128)  # vgg11's body; its head is slow to build
     last = list(v)[-1]
     assert v[last] == CellCentres((32, 32), (15.5, 15.5))
 

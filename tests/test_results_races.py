@@ -156,7 +156,7 @@ def test_the_lock_is_held_while_the_maps_are_computed(explain_cmd, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex", "photos"]
 
 
-@pytest.mark.slow  # a second interpreter that imports fastai (~7 s of CPU)
+@pytest.mark.slow  # a second interpreter that imports fastai, seconds of CPU
 def test_the_lock_is_held_from_the_start(explain_cmd, tmp_path, monkeypatch, capsys):
     """Two --force runs at once: while the first computes, the second (another process) is
     refused in one line at its start; the first then writes its result, the only one."""
