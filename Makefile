@@ -14,19 +14,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it i
 
 setup: $(STAMP)
 
-# --no-compile: pip would byte-compile every file it installs (torch's and CUDA's ~4 GB
-# included), about half of set-up's CPU time; Python compiles what a run imports, once
-PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
-
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e .
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
 	touch $@
 
 dev: $(DEV_STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PIP_INSTALL) -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
 run: setup
