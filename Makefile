@@ -14,16 +14,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it i
 
 setup: $(STAMP)
 
+# --no-compile: pip would byte-compile every file it installs (torch's and CUDA's ~4 GB
+# included), about half of set-up's CPU time; Python compiles what a run imports, once
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 dev: $(DEV_STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 run: setup
