@@ -214,7 +214,8 @@ class PapermillExecutionError(RuntimeError):
 def execute_notebook(nb, target, **kwargs):
     start = time.time()
     time.sleep({"01": 1.0, "06": 3.0}.get(nb.name[:2], 0.1))  # 06 still runs when 01 ends
-    record = [start, time.time(), os.environ["OMP_NUM_THREADS"], kwargs["parameters"]]
+    record = [start, time.time(), os.environ["OMP_NUM_THREADS"], kwargs["parameters"],
+              os.environ["MALLOC_TRIM_THRESHOLD_"]]
     (Path(os.environ["FAKE_RUNS"]) / nb.name[:2]).write_text(json.dumps(record))
     if nb.name[:2] == os.environ.get("FAKE_FAIL"):
         raise PapermillExecutionError()
@@ -232,6 +233,7 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers import it from here too
     monkeypatch.setenv("FAKE_RUNS", str(tmp_path))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
 
     def runs():
         return {f.name: json.loads(f.read_text()) for f in tmp_path.glob("0?")}
@@ -248,8 +250,9 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     assert ran["06"][0] < ran["01"][1]  # 06 started while 01 trained
     assert all(ran[nb][0] >= ran["01"][1] for nb in ("02", "03", "04", "05"))  # after 01
     assert ran["05"][0] < ran["02"][0] < ran["03"][0]  # the longest first, then in order
-    assert {threads for _, _, threads, _ in ran.values()} == {str(max(1, os.cpu_count() // 2))}
-    assert all(params == {"settings": str(settings_file)} for *_, params in ran.values())
+    assert {threads for _, _, threads, *_ in ran.values()} == {str(max(1, os.cpu_count() // 2))}
+    assert all(params == {"settings": str(settings_file)} for *_, params, _ in ran.values())
+    assert {trim for *_, trim in ran.values()} == {runner.MALLOC["MALLOC_TRIM_THRESHOLD_"]}
     assert "OMP_NUM_THREADS" not in os.environ  # set for the kernels only
 
     with monkeypatch.context() as m:  # without 06, 01 runs alone on every core
@@ -260,6 +263,7 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
     for f in tmp_path.glob("0?"):
         f.unlink()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # yours is kept
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # and yours
     monkeypatch.setenv("FAKE_FAIL", "01")
     capsys.readouterr()
     with pytest.raises(runner.NotebookFailed, match="01_train_resnet34_on_fish.ipynb failed in "
@@ -268,6 +272,7 @@ def test_run_notebooks_runs_06_beside_01_then_the_rest(tmp_path, monkeypatch, ca
         runner.run_notebooks(decided(tmp_path / "again"))
     ran = runs()
     assert set(ran) == {"01"} and ran["01"][2] == "3"  # 06 stopped, 02-05 never started
+    assert ran["01"][4] == "12345"
 
 
 class InlinePool:
@@ -307,7 +312,7 @@ def executed(monkeypatch):
 
     monkeypatch.setattr(runner, "ProcessPoolExecutor", InlinePool)
     monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
-    for name in ("OMP_NUM_THREADS", "PYTHONWARNINGS"):  # _execute sets them: put back after
+    for name in ("OMP_NUM_THREADS", "PYTHONWARNINGS", *runner.MALLOC):  # _execute sets them
         monkeypatch.setenv(name, os.environ.get(name, ""))
     return calls
 

@@ -31,6 +31,10 @@ LONGEST_FIRST = {"05_does_it_look_at_the_fish.ipynb"}
 DOCS = REPO / "docs" / "notebooks"  # executed copies, committed, for reading on GitHub
 # a FutureWarning torch prints when fastai is imported: the kernels need not show it
 QUIET = "ignore:`torch.jit.script` is deprecated:FutureWarning"
+# the kernels' malloc (glibc; other C libraries ignore these): by default it gives large freed
+# blocks back to the system and faults them in again, zeroed, at the next batch, a large share
+# of a small network's training time on a CPU; these keep them. Yours, when set, are kept
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 class NotebookFailed(RuntimeError):
@@ -96,9 +100,10 @@ def run_notebooks(settings_file: Path) -> list[Path]:
     05 (it scores maps against masks) and 06 (its own data) are skipped, with a line saying so.
 
     Two notebooks run at a time, the cores shared between their kernels (`OMP_NUM_THREADS`,
-    unless you set it): 01, which trains and exports the model, beside 06, which needs no model
-    of 01; then 02-05, which load it, 05 (the longest) first, so that the others fill both
-    cores once 06 is done. 01 alone (no 06) gets every core. On 2 cores two
+    unless you set it), each kernel's malloc keeping the memory it frees (`MALLOC`): 01,
+    which trains and exports the model, beside 06, which needs no model of 01; then 02-05,
+    which load it, 05 (the longest) first, so that the others fill both cores once 06 is
+    done. 01 alone (no 06) gets every core. On 2 cores two
     one-thread trainings get more done than one two-thread training, and one notebook's
     imports and plots fill the other's idle core. (A model trained with another number of
     threads differs slightly: float sums are taken in another order.)
@@ -133,7 +138,8 @@ def run_notebooks(settings_file: Path) -> list[Path]:
         share = max(1, (os.cpu_count() or 2) // max(1, min(2, len(nbs))))
         threads = os.environ.get("OMP_NUM_THREADS") or str(share)
         env = {"OMP_NUM_THREADS": threads, "PYTHONWARNINGS": ",".join(
-            filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET]))}
+            filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET])),
+            **{k: os.environ.get(k) or v for k, v in MALLOC.items()}}
         return {nb: pool.submit(_execute, nb, out, params, env) for nb in nbs}
 
     # processes, not threads: papermill changes the working directory of its process
