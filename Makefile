@@ -15,16 +15,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it i
 setup: $(STAMP)
 
 # --no-compile: pip would byte-compile every file it installs (torch's and CUDA's ~4 GB
-# included), about half of set-up's CPU time. What a run imports is compiled once instead
-# (WARM), also where PYTHONDONTWRITEBYTECODE is set: else each kernel compiles it again (10 s)
+# included), about half of set-up's CPU time; Python compiles what a run imports, once
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
-WARM := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -W ignore -c "import fastai.vision.all, \
-	ipykernel.kernelapp, papermill, gradcam_tut.learner, gradcam_tut.tool.settings"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e .
-	$(WARM)
 	touch $@
 
 dev: $(DEV_STAMP)
