@@ -15,7 +15,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)  # root in CI: apt-get as it i
 setup: $(STAMP)
 
 # --no-compile: pip would byte-compile every file it installs (torch's and CUDA's ~4 GB
-# included), about half of set-up's CPU time; Python compiles what a run imports, once
+# included), about half of set-up's CPU time; Python compiles what a run imports (and keeps it
+# unless PYTHONDONTWRITEBYTECODE is set, as on this project's CI machine: 10 s per kernel)
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
 
 $(STAMP): pyproject.toml
