@@ -16,6 +16,10 @@ explain, clustering, interventions and the report, per 1,000 images.
 (4) `--only processes`: `gradcam-tut explain` and `audit` with one process and with two.
 (5) `--only corelay`: CoRelAy's spectral embedding and clustering (the SpRAy authors' library)
 against `spray.cluster_maps` on the same maps of (1), judged by the shortcut's mask.
+(6) `--only canvas`: two class-level signs tried for the shortcuts spread over the picture, on
+the networks and fish of (1), not in the audit: a class is "written where its maps do not
+point" when the maps' shapes moved elsewhere in their images, pasted onto a plain picture,
+make it the class; "it persists" when its predictions survive the maps' regions taken away.
 
     .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~25 min on 2 busy cores
 """
@@ -254,6 +258,91 @@ def report_rules(rows) -> None:
     print(table.round(3).to_string(index=False))
 
 
+def canvas_one(job: tuple[str, str]):
+    """(6) for one network on one kind's fish: per class, the share of its images whose
+    region's shape moved elsewhere (`interventions.elsewhere`), pasted onto a plain picture
+    (the normalised input's zero: the data's mean colour), is predicted as the class, and the
+    share whose prediction is still the class with the region taken away (`fill`), each less
+    the share of other classes' images that the same test turns into the class (a class the
+    network names when little is left)."""
+    import pandas as pd
+    import torch
+    from torch import Tensor
+
+    torch.set_num_threads(1)
+    from gradcam_tut.receptive_field import cell_centres, place
+    from gradcam_tut.tool.auditing import audit
+    from gradcam_tut.tool.interventions import elsewhere, fill, map_regions, paste, probabilities
+    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
+    from gradcam_tut.tool.train import load_fish_learner
+
+    model, kind = job
+    learn = load_fish_learner(DATA / f"{model}.pkl")
+    result = audit(learn, counterfactual_sets(SETS / "test", kind=kind)["marked"])
+    files = list(result.images["file"])
+    near = where_maps_lie(learn, files, result.maps, result.layer)["near mark"].to_numpy()
+    learn.model.eval()
+    x = torch.cat([xb.as_subclass(Tensor) for (xb,) in learn.dls.test_dl(files, bs=64)])
+    size = tuple(x.shape[-2:])
+    centres = cell_centres(learn.model, [result.layer], size)[result.layer]
+    regions = map_regions(place(torch.from_numpy(result.maps), size, centres),
+                          grow=round(centres.stride[0] / 2))
+    shapes = elsewhere(regions, seed=0)
+    cls = np.array([list(learn.dls.vocab).index(c) for c in result.images["class"]])
+    canvas = probabilities(learn.model, paste(torch.zeros_like(x), x, shapes)).argmax(1).numpy()
+    kept = probabilities(learn.model, fill(x, regions)).argmax(1).numpy()
+    rows = []
+    for c in np.unique(cls):
+        own, other = cls == c, cls != c
+        rows.append({"model": model, "kind": kind, "class": learn.dls.vocab[c],
+                     "maps on it": near[own].mean(),
+                     "canvas": (canvas[own] == c).mean() - (canvas[other] == c).mean(),
+                     "persists": (kept[own] == c).mean() - (kept[other] == c).mean()})
+    return pd.DataFrame(rows)
+
+
+def canvas_rows() -> None:
+    """(6): both signs per class on every network of (1), then the flags of `auditing.RULE`
+    with *everywhere* replaced by the canvas sign (on classes without the fixed sign), scored
+    as (1) scores them."""
+    import pandas as pd
+
+    from gradcam_tut.tool.auditing import RULE
+    from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
+
+    jobs = [(f"{k}-{SEED}", k) for k in SHORTCUT_KINDS] + \
+        [(f"clean-{s}", k) for s in CLEAN_SEEDS for k in SHORTCUT_KINDS]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        per_class = pd.concat(list(pool.map(canvas_one, jobs)), ignore_index=True)
+    per_class.to_csv(RESULTS / "audit_canvas.csv", index=False, float_format="%.4g")
+    clean = per_class["model"].str.startswith("clean")
+    print("\n== (6) per class, each sign less other classes' share (clean: max over the 135 "
+          "classes of 3 networks x 5 kinds of fish)")
+    for sign in ("canvas", "persists"):
+        print(f"{sign}: clean max {per_class.loc[clean, sign].max():.2f}; " + ", ".join(
+            f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])
+            for m, part in per_class[~clean].groupby("model")))
+    rows = with_cluster_numbers(pd.read_csv(RESULTS / "audit_kinds.csv"))
+    rows = rows.merge(per_class[["model", "kind", "class", "canvas"]], how="left")
+    base = flags(rows, RULE | {"everywhere": np.inf})
+    table = []
+    for t in (0.3, 0.4, 0.5, 0.6, 0.7):
+        written = (rows["canvas"] >= t).to_numpy() & ~(rows["c_fixed"] >= RULE["fixed"]).to_numpy()
+        flagged = base | written
+        for k in SHORTCUT_KINDS:
+            part = (rows["kind"] == k).to_numpy()
+            short = part & rows["shortcut"].to_numpy()
+            truth = short & (rows["near mark"] == 1).to_numpy()
+            table.append({"canvas >=": t, "kind": k,
+                          "precision": (flagged & truth).sum() / max((flagged & short).sum(), 1),
+                          "recall": (flagged & truth).sum() / max(truth.sum(), 1),
+                          "flagged clean": flagged[part & ~rows["shortcut"].to_numpy()].mean()})
+    print("\n== RULE with the canvas sign in place of everywhere (flagged clean: all three "
+          "clean networks on that kind's fish)")
+    print(pd.DataFrame(table).round(3).to_string(index=False))
+
+
 def corelay_one(kind: str) -> list[dict]:
     """(5) for one shortcut network: each class's maps (the audit's grid features) clustered by
     `spray.cluster_maps` and by CoRelAy's SpRAy pipeline (10-NN affinity, symmetric normalised
@@ -457,7 +546,7 @@ def scaling_rows(sizes: tuple[int, ...] = (1000, 5000, 20000), dense_up_to: int 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["kinds", "loko", "time", "scaling", "processes",
-                                      "corelay"])
+                                      "corelay", "canvas"])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -481,6 +570,8 @@ def main() -> None:
         process_rows(args.data)
     if args.only in (None, "corelay"):
         corelay_rows()
+    if args.only == "canvas":  # a sign tried, not in the audit: run on its own
+        canvas_rows()
 
 
 if __name__ == "__main__":

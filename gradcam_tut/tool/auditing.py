@@ -29,7 +29,8 @@ without being its object.
    `benchmarks/bench_audit.py` scores them on five kinds of shortcut, and with each kind
    left out in turn.
 
-A flag asks a person to look; it is no verdict. The report says what to look for.
+A flag asks a person to look; it is no verdict. The report says what to look for, and that
+no flag is no clean bill: a shortcut spread over the picture is flagged in some classes only.
 
     audited/
       clusters.csv   one row per image: file, class, cluster, flagged, why, the numbers
