@@ -228,6 +228,25 @@ def test_audit_writes_one_row_per_image(audited, tiny_learner):
     assert set(result.seconds) == {"explain", "cluster", "interventions", "report"}
 
 
+def test_the_explain_pass_keeps_the_small_copies_the_fixed_parts_compare(tiny_learner,
+                                                                          mini_root):
+    """The audit decodes every image once: `explain_maps(small=...)` keeps each input as the
+    network saw it, averaged down, equal to a second pass over the same files."""
+    import torch.nn.functional as F
+
+    from gradcam_tut.cam import resolve_layers
+    from gradcam_tut.tool.explaining import INPUTS, explain_maps
+
+    files = sorted((mini_root / "Trout" / "Trout").iterdir())[:5]
+    named = resolve_layers(tiny_learner.model, "layer2")
+    _, maps = explain_maps(tiny_learner, files, named, bs=2, small=(8, 8))
+    again = torch.cat([F.adaptive_avg_pool2d(xb.as_subclass(torch.Tensor).float(), (8, 8))
+                       for (xb,) in tiny_learner.dls.test_dl(files, bs=3)])
+    assert set(maps) == {"layer2", INPUTS} and maps[INPUTS].shape == (5, 3, 8, 8)
+    np.testing.assert_allclose(maps[INPUTS], again.numpy(), atol=1e-6)
+    assert INPUTS not in explain_maps(tiny_learner, files, named, bs=2)[1]
+
+
 def test_unlabelled_images_are_grouped_by_prediction(tiny_learner, mini_root, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -59,6 +59,7 @@ from ..metrics import peak_points
 from ..receptive_field import CellCentres, cell_centres, place
 from .audit_report import example_thumbnails, intervention_examples, report_html
 from .explaining import (
+    INPUTS,
     csv_safe,
     explain_maps,
     gathered,
@@ -283,8 +284,8 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
     layer = default_layer(learn, x) if layer is None else layer
     named = resolve_layers(learn.model, layer)
     name, module = next(iter(named.items()))
-    table, ours = _explain_all(learn, files[rank::world], named, method, bs)
-    table, gathered_maps = gathered(table, {name: ours}, world)
+    table, ours, small = _explain_all(learn, files[rank::world], named, method, bs, _small(size))
+    table, gathered_maps = gathered(table, {name: ours, INPUTS: small}, world)
     maps = gathered_maps[name]
     seconds = {"explain": time.perf_counter() - start}
 
@@ -298,7 +299,8 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
 
     start = time.perf_counter()
     tested, fixed = evidence(learn, [Path(f) for f in images["file"]], images["class"],
-                             images["predicted"], maps, centres, size, groups=images["cluster"],
+                             images["predicted"], maps, centres, size,
+                             torch.from_numpy(gathered_maps[INPUTS]), groups=images["cluster"],
                              seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
@@ -320,8 +322,8 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
 
 def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
-             size: tuple[int, int], groups: Sequence | None = None, bs: int = 64,
-             seed: int = 0) -> tuple[pd.DataFrame, Tensor]:
+             size: tuple[int, int], small: Tensor, groups: Sequence | None = None,
+             bs: int = 64, seed: int = 0) -> tuple[pd.DataFrame, Tensor]:
     """What the network does when what a map points at is taken away, or moved into images
     of other classes, one row per image in the order of `files` (columns `EVIDENCE`), and
     each image's fixed part, (N, h, w) bool on copies with a `SMALL` px side.
@@ -348,7 +350,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       peaks (`interventions.same_place`), maps alone.
 
     NaN where a test did not run. The images regions are moved into are drawn from up to
-    `POOL` images of each other class. Forward passes only.
+    `POOL` images of each other class. `small`: every image as the network saw it, averaged
+    down to `_small(size)` (N, C, h, w), taken in the explain pass. Forward passes only.
     """
     vocab = list(learn.dls.vocab)
     label = np.asarray(classes)
@@ -381,8 +384,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     model, training = learn.model, learn.model.training
     try:
         model.eval()
-        fixed, at_peak = _fixed_parts(learn, files, label, maps, centres, size, round(cell),
-                                      bs, seed)
+        fixed, at_peak = _fixed_parts(small, label, maps, centres, size, round(cell), seed)
         table["fixed_area"] = fixed.flatten(1).float().mean(1).numpy()
         table["fixed_at_peak"] = at_peak.numpy()
         found = _region_tests(learn, files, tested, with_control, target, before, maps,
@@ -414,22 +416,21 @@ def _small(size: tuple[int, int]) -> tuple[int, int]:
     return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
 
 
-def _fixed_parts(learn: Learner, files: Sequence[Path], label: np.ndarray, maps: np.ndarray,
-                 centres: CellCentres | None, size: tuple[int, int], grow: int, bs: int,
-                 seed: int) -> tuple[Tensor, Tensor]:
-    """Each image's fixed part (see `evidence`) on copies with a `SMALL` px side, (N, h, w)
-    bool, and its `fixed_at_peak` (N,) float32, in the order of `files`."""
-    small_size, small, regions, near, done = _small(size), [], [], [], 0
-    for (xb,) in learn.dls.test_dl(list(files), bs=bs):
-        heat = _placed(maps[done:done + len(xb)], size, centres)
+def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
+                 centres: CellCentres | None, size: tuple[int, int], grow: int, seed: int
+                 ) -> tuple[Tensor, Tensor]:
+    """Each image's fixed part (see `evidence`) on its small copy (`small`: (N, C, h, w)),
+    (N, h, w) bool, and its `fixed_at_peak` (N,) float32."""
+    h, w = small.shape[-2:]
+    regions, near = [], []
+    for part in np.array_split(np.arange(len(maps)), max(1, -(-len(maps) // 256))):
+        heat = _placed(maps[part], size, centres)
         region = map_regions(heat, grow=grow)[:, None].float()
         peak = map_regions(heat, level=1.0, grow=grow)[:, None].float()  # a cell round the peak
-        small.append(F.adaptive_avg_pool2d(xb.as_subclass(Tensor).float().cpu(), small_size))
-        regions.append(F.adaptive_max_pool2d(region, small_size)[:, 0].bool())
-        near.append(F.adaptive_max_pool2d(peak, small_size)[:, 0].bool())
-        done += len(xb)
-    small_x, region, at = torch.cat(small), torch.cat(regions), torch.cat(near)
-    score = fixed_content(small_x, at, label, seed=seed)
+        regions.append(F.adaptive_max_pool2d(region, (h, w))[:, 0].bool())
+        near.append(F.adaptive_max_pool2d(peak, (h, w))[:, 0].bool())
+    region, at = torch.cat(regions), torch.cat(near)
+    score = fixed_content(small.float(), at, label, seed=seed)
     at_peak = score.masked_fill(~at, float("-inf")).flatten(1).amax(1)
     return region & (score >= FIXED_LEVEL), at_peak.nan_to_num(nan=0.0, neginf=0.0)
 
@@ -500,24 +501,26 @@ def _control(name: str) -> str:
     return f"{head}_control" + (f"_{tail}" if tail else "")
 
 
-def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs: int
-                 ) -> tuple[pd.DataFrame, np.ndarray]:
+def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs: int,
+                 small: tuple[int, int]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """`explain`'s batches over `files`, the true class's map for the labelled ones (one call
-    per class) and the prediction's for the rest: the table with a `label` column, and the
-    maps (N, h, w) at the one layer, both in the order of `files`."""
+    per class) and the prediction's for the rest: the table with a `label` column, the maps
+    (N, h, w) at the one layer, and the inputs averaged down to `small` (N, C, *small), all
+    in the order of `files`."""
     vocab = list(learn.dls.vocab)
     labels = [class_name(f) if class_name(f) in vocab else "" for f in files]
-    tables, maps, order = [], [], []
+    tables, maps, inputs, order = [], [], [], []
     for label in sorted(set(labels)):
         pos = [i for i, lab in enumerate(labels) if lab == label]
         cls = vocab.index(label) if label else None
-        t, m = explain_maps(learn, [files[i] for i in pos], named, cls, method, bs)
+        t, m = explain_maps(learn, [files[i] for i in pos], named, cls, method, bs, small=small)
         tables.append(t.assign(label=label))
+        inputs.append(m.pop(INPUTS))
         maps.append(next(iter(m.values())))
         order += pos
     back = np.argsort(order)
     table = pd.concat(tables, ignore_index=True).iloc[back].reset_index(drop=True)
-    return table, np.concatenate(maps)[back]
+    return table, np.concatenate(maps)[back], np.concatenate(inputs)[back]
 
 
 def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
@@ -37,6 +38,8 @@ from .results import (
     holding,
     written_whole,
 )
+
+INPUTS = "<inputs>"  # `explain_maps(small=...)`: the small copies, beside the layers' maps
 
 RESULTS = ("explain.csv", "maps.npz", "grids")
 
@@ -260,7 +263,8 @@ def grid_name(number: int, image: Path, limit: int = 255) -> str:
 
 def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module],
                  target: int | None = None, method: str = "gradcam", bs: int = 16,
-                 grids: Path | None = None, numbers: Sequence[int] | None = None
+                 grids: Path | None = None, numbers: Sequence[int] | None = None,
+                 small: tuple[int, int] | None = None
                  ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The model pass of `explain`, on one process, writing nothing but `grids`.
 
@@ -269,6 +273,8 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
         target: a class index for every image; None: each image's prediction.
         grids: a folder for a grid PNG per image, `<number>_<image>.png`.
         numbers: the images' numbers in those names; default 0, 1, ...
+        small: also keep each input as the network saw it, averaged down to this (h, w), under
+            `INPUTS` in the maps (what the audit compares, without decoding every image twice).
 
     Returns:
         The table (file, predicted, confidence, target, each layer's map max) and each
@@ -279,8 +285,12 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
     dl = learn.dls.test_dl(files, bs=bs)
     rows: list[dict[str, Any]] = []
     maps: dict[str, list[np.ndarray]] = {name: [] for name in named}
+    inputs: list[np.ndarray] = []
     done = 0
     for (xb,) in progress_bar(dl, leave=False):
+        if small is not None:
+            inputs.append(F.adaptive_avg_pool2d(xb.as_subclass(Tensor).float(), small).cpu()
+                          .numpy())
         batch, logits = cast(tuple[list[Tensor], Tensor], grad_cam(
             learn.model, xb, list(named.values()), target, method=method,
             return_logits=True))  # the predictions of the same pass
@@ -302,4 +312,5 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
                                          f"{method} map for {row['target']}",
                                 save=grids / grid_name(numbers[done + i], files[done + i]))
         done += len(xb)
-    return pd.DataFrame(rows), {name: np.concatenate(m) for name, m in maps.items()}
+    out = {name: np.concatenate(m) for name, m in maps.items()}
+    return pd.DataFrame(rows), out | ({INPUTS: np.concatenate(inputs)} if inputs else {})
