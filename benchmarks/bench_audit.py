@@ -324,6 +324,13 @@ def canvas_rows() -> None:
             f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])
             for m, part in per_class[~clean].groupby("model")))
     rows = with_cluster_numbers(pd.read_csv(RESULTS / "audit_kinds.csv"))
+    alone = rows.groupby(["model", "kind", "class"], sort=False)  # the audit's own, sampled
+    lift = (alone["alone_control"].mean() - alone["alone_others"].first()).reset_index(name="v")
+    own, v = lift["model"].str.startswith("clean"), lift["v"]
+    nets = ", ".join(f"{m} " + " ".join(f"{x:.2f}" for x in part["v"])
+                     for m, part in lift[~own].groupby("model"))
+    print("the audit's own (its control shapes alone, about 4 per class): clean max "
+          f"{v[own].max():.2f}, 95th percentile {v[own].quantile(0.95):.2f}; {nets}")
     rows = rows.merge(per_class[["model", "kind", "class", "canvas"]], how="left")
     base = flags(rows, RULE | {"everywhere": np.inf})
     table = []

@@ -190,6 +190,10 @@ def test_a_planted_shortcut_is_flagged_because_of_what_the_network_does(tiny_lea
     assert (images["correct"] == 1).all()  # the strip is the class, to this network
     assert images["moved"].mean() == 1 and images["moved_control"].mean() == 0
     assert images["same_place"].min() > RULE["place"]
+    # alone on a plain picture, a shape elsewhere is the class exactly as often as other
+    # classes' shapes are: only for the class this network calls a black picture
+    assert clusters["alone_control"].tolist() == clusters["alone_others"].tolist()
+    assert clusters["alone_others"].sum() == 1
     assert clusters["flagged"].all() and images["flagged"].all()
     assert clusters["why"].str.contains("same place").all()
     masks = np.stack([np.asarray(mark_mask(f)) for f in images["file"]])

@@ -75,12 +75,15 @@ def test_moving_the_region_a_network_reads_turns_other_images_into_its_class():
     classes = torch.tensor([2, 2, 0, 0])
     regions = square(4, 0, 0)
     receivers = x[[2, 3, 0, 1]]  # each moved into an image of the other class
-    out = intervene(CornerReader(), x, classes, regions, receivers)
+    out = intervene(CornerReader(), x, classes, regions, receivers, alone=True)
     assert out["moved"].tolist() == [1, 1, 1, 1]  # the corner decides, wherever it goes
     assert out["removed_pred"][:2].tolist() == [0, 0]  # taken away: back to the background
-    control = intervene(CornerReader(), x, classes, square(4, 20, 20), receivers)
+    control = intervene(CornerReader(), x, classes, square(4, 20, 20), receivers, alone=True)
     assert control["moved"][:2].tolist() == [0, 0]  # a patch elsewhere: nothing
     assert control["removed_pred"][:2].tolist() == [2, 2]
+    assert out["alone"].tolist() == [1, 1, 1, 1]  # the corner alone, on a plain picture
+    assert control["alone"][:2].tolist() == [0, 0] and control["alone_pred"][:2].tolist() == [0, 0]
+    assert "alone" not in intervene(CornerReader(), x, classes, regions, receivers)
 
 
 def test_same_place_is_large_for_a_fixed_place_and_about_one_anywhere():

@@ -147,6 +147,12 @@ def _number(value: float, fmt: str = "{:.0%}") -> str:
     return "" if value is None or np.isnan(value) else fmt.format(value)
 
 
+def _beside(control: float, others: float) -> str:
+    """A control's share, with the other classes' share beside it where both were measured."""
+    shown, base = _number(control), _number(others)
+    return f"{shown} (other classes' {base})" if shown and base else shown
+
+
 def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]],
                 examples: dict[int, list[tuple[np.ndarray, str]]] | None = None,
                 method: str = "gradcam", rule: dict | None = None) -> str:
@@ -182,6 +188,8 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.removed_control)),
                             ("moved: others now this class", _number(row.moved),
                              _number(row.moved_control)),
+                            ("alone, on a plain picture: this class", "",
+                             _beside(row.alone_control, row.alone_others)),
                             ("fixed part moved: others now this class",
                              _number(row.fixed_moved), _number(row.fixed_control)),
                             ("same place (x chance)", _number(row.same_place, "{:.1f}"),

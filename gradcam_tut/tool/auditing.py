@@ -91,8 +91,8 @@ MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many
 EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
-            "same_place", "fixed_area", "fixed_at_peak", "fixed_moved",
-            "fixed_control")  # evidence's columns
+            "alone_control", "alone_others", "same_place", "fixed_area",
+            "fixed_at_peak", "fixed_moved", "fixed_control")  # evidence's columns
 TESTED = 8  # the region's interventions run on up to this many images of each cluster
 TESTED_FIXED = 12  # fixed parts are moved from up to this many images of each class
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
@@ -333,7 +333,9 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       images of each group (`groups`, e.g. the clusters; default the classes), drawn with
       `seed`: taken away (`removed_*`) and moved into an image of another class (`moved*`);
       the same for the region's shape moved elsewhere in the image (`*_control`) on every
-      second of them.
+      second of them, and that shape alone on a plain picture (`alone_control`: 1 where
+      predicted as the class). `alone_others`, per class: the share of the other classes'
+      shapes alone predicted as it (what the network calls a picture with little on it).
     - The region's fixed part (`fixed_area`), on every image: the pixels of the map's
       region, grown by a whole cell (a coarse map peaks beside a thin mark), whose content
       three in four of its class's images hold at that place, up to mirrors, and other
@@ -391,6 +393,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
                               centres, size, grow, pool_x, receivers[:, 0], bs, seed)
         columns = [c for c in found.columns if c in EVIDENCE]
         table.loc[found.index, columns] = found[columns]
+        table["alone_others"] = _alone_others(found, target)
         has = table["fixed_area"].to_numpy() >= MIN_FIXED
         candidates = np.sort(np.concatenate(
             [rng.permutation(np.flatnonzero(has & (label == c)))[:TESTED_FIXED]
@@ -403,6 +406,18 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     empty = table["region_area"] == 0  # an all-zero map points nowhere
     table.loc[empty, columns] = np.nan
     return table, fixed
+
+
+def _alone_others(found: pd.DataFrame, target: Tensor) -> np.ndarray:
+    """Per image (in `target`'s order), the share of the other classes' tested shapes moved
+    elsewhere that, alone on a plain picture, are predicted as its class (NaN with none)."""
+    pred = found.get("alone_control_pred", pd.Series(dtype=float)).dropna()
+    pred = pred[found.loc[pred.index, "region_area"] > 0]  # an empty shape is no test
+    cls = target.numpy()
+    source, said = cls[pred.index.to_numpy()], pred.to_numpy()
+    share = {c: (said[source != c] == c).mean() if (source != c).any() else np.nan
+             for c in np.unique(cls)}
+    return np.array([share[c] for c in cls], dtype=float)
 
 
 def _placed(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None) -> Tensor:
@@ -449,7 +464,8 @@ def _region_tests(learn, files, tested, with_control, target, before, maps, cent
         c = torch.from_numpy(with_control[ix])  # the control
         if c.any():
             controls = elsewhere(regions[c], seed=seed + done)
-            ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs)
+            ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs,
+                            alone=True)
             for k, v in ctl.items():
                 part.loc[ix[c.numpy()], _control(k)] = v.numpy()
         rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
@@ -550,16 +566,22 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
     """One row per (class, cluster) of `images` (`Audit.images`): its size, accuracy, and
     the interventions' numbers: `removed` and `moved` (the shares of its images whose
     prediction changed when the region was taken away, and of the images of other classes
-    turned into its class when it was moved in), their controls, the median `same_place`,
+    turned into its class when it was moved in), their controls, `alone_control` (the share
+    of its controls predicted as its class alone on a plain picture) beside `alone_others`
+    (other classes' controls), the median `same_place`,
     `fixed_moved` and `fixed_control` (its fixed parts moved, `evidence`), and
     `class_control`: the share of images of other classes turned by every control of its
-    class (the region's and the fixed part's shapes moved elsewhere).
+    class (the region's and the fixed part's shapes moved elsewhere). A number whose column
+    `images` lacks (an older `clusters.csv`) is NaN: not measured.
     """
+    images = images.assign(**{c: np.nan for c in EVIDENCE if c not in images})
     groups = images.groupby(["class", "cluster"], sort=True)
     numbers = groups.agg(size=("file", "size"), moved=("moved", "mean"),
                          moved_control=("moved_control", "mean"),
                          removed=("removed_changed", "mean"),
                          removed_control=("removed_control_changed", "mean"),
+                         alone_control=("alone_control", "mean"),
+                         alone_others=("alone_others", "first"),
                          same_place=("same_place", "median"),
                          fixed_moved=("fixed_moved", "mean"),
                          fixed_control=("fixed_control", "mean"),

@@ -8,6 +8,9 @@ Two counterfactual images per region ask the network itself:
                  prediction change?
     moved        the region pasted, at the same place, into an image of another class: is that
                  image now predicted as the region's class?
+    alone        (asked of the controls) the region pasted onto a plain picture (the input's
+                 zero: with fastai's `Normalize`, the data's mean colour), where no receiver's
+                 own class competes: is it predicted as the region's class?
 
 Each beside its control: the same intervention on a region of the same size and shape
 elsewhere in the same image (`elsewhere`), so that a number says what the region does beyond
@@ -99,9 +102,10 @@ def probabilities(model: nn.Module, x: Tensor, bs: int = 64) -> Tensor:
 
 
 def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
-              receivers: Tensor, bs: int = 64) -> dict[str, Tensor]:
-    """Both interventions on a batch of images, its regions taken away and moved, in one
-    pass of 2N images (its control: the same call with the regions from `elsewhere`).
+              receivers: Tensor, bs: int = 64, alone: bool = False) -> dict[str, Tensor]:
+    """The interventions on a batch of images, its regions taken away and moved (and with
+    `alone`, pasted onto a plain picture), in one pass of 2N (3N) images (its control: the
+    same call with the regions from `elsewhere`).
 
     Args:
         x: (N, C, H, W) images; `classes` (N,) the class each is audited for.
@@ -111,13 +115,20 @@ def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
     Returns:
         Per image (N,) float32: `removed_p` the class's probability once the region is taken
         away, `removed_pred` the class then predicted; `moved` 1 where the receiver is now
-        predicted as the class, `moved_p` its probability of the class.
+        predicted as the class, `moved_p` its probability of the class; with `alone`, also
+        `alone` 1 where the region on a plain picture is predicted as the class and
+        `alone_pred` what is predicted.
     """
-    probs = probabilities(model, torch.cat([fill(x, regions), paste(receivers, x, regions)]), bs)
-    removed, moved = probs.split(len(x))
+    batch = [fill(x, regions), paste(receivers, x, regions)]
+    if alone:
+        batch.append(paste(torch.zeros_like(x), x, regions))
+    removed, moved, *plain = probabilities(model, torch.cat(batch), bs).split(len(x))
     c = classes.cpu()[:, None]
-    return {"removed_p": removed.gather(1, c)[:, 0], "removed_pred": removed.argmax(1).float(),
-            "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
+    out = {"removed_p": removed.gather(1, c)[:, 0], "removed_pred": removed.argmax(1).float(),
+           "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
+    for p in plain:
+        out |= {"alone": (p.argmax(1) == c[:, 0]).float(), "alone_pred": p.argmax(1).float()}
+    return out
 
 
 def same_place(peaks: Tensor, groups: Sequence, size: tuple[int, int], radius: float
