@@ -412,7 +412,8 @@ def _alone_others(found: pd.DataFrame, target: Tensor) -> np.ndarray:
     """Per image (in `target`'s order), the share of the other classes' tested shapes moved
     elsewhere that, alone on a plain picture, are predicted as its class (NaN with none)."""
     pred = found.get("alone_control_pred", pd.Series(dtype=float)).dropna()
-    pred = pred[found.loc[pred.index, "region_area"] > 0]  # an empty shape is no test
+    if len(pred):  # an empty shape is no test
+        pred = pred[found.loc[pred.index, "region_area"] > 0]
     cls = target.numpy()
     source, said = cls[pred.index.to_numpy()], pred.to_numpy()
     share = {c: (said[source != c] == c).mean() if (source != c).any() else np.nan
