@@ -439,8 +439,8 @@ def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
     (N, h, w) bool, and its `fixed_at_peak` (N,) float32."""
     h, w = small.shape[-2:]
     regions, near = [], []
-    for part in np.array_split(np.arange(len(maps)), max(1, -(-len(maps) // 256))):
-        heat = _placed(maps[part], size, centres)
+    for chunk in np.array_split(maps, max(1, -(-len(maps) // 256))):  # as `evidence`'s peaks
+        heat = _placed(chunk, size, centres)
         region = map_regions(heat, grow=grow)[:, None].float()
         peak = map_regions(heat, level=1.0, grow=grow)[:, None].float()  # a cell round the peak
         regions.append(F.adaptive_max_pool2d(region, (h, w))[:, 0].bool())

@@ -122,12 +122,14 @@ def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
     batch = [fill(x, regions), paste(receivers, x, regions)]
     if alone:
         batch.append(paste(torch.zeros_like(x), x, regions))
-    removed, moved, *plain = probabilities(model, torch.cat(batch), bs).split(len(x))
+    probs = probabilities(model, torch.cat(batch), bs).split(len(x))
+    removed, moved = probs[:2]
     c = classes.cpu()[:, None]
     out = {"removed_p": removed.gather(1, c)[:, 0], "removed_pred": removed.argmax(1).float(),
            "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
-    for p in plain:
-        out |= {"alone": (p.argmax(1) == c[:, 0]).float(), "alone_pred": p.argmax(1).float()}
+    if alone:
+        plain = probs[2].argmax(1)
+        out |= {"alone": (plain == c[:, 0]).float(), "alone_pred": plain.float()}
     return out
 
 
