@@ -88,7 +88,8 @@ CLEAN_SEEDS = (42, 43, 44)
 GRID = {"fixed": [0.1, 0.2, 0.3, 0.4, 0.5, np.inf],
         "moved": np.round(np.arange(0.05, 0.65, 0.05), 2),
         "place": [1.5, 2, 3, 4, 5, 6, 8, 10, 15],
-        "everywhere": [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, np.inf]}
+        "everywhere": [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, np.inf],
+        "content": [*np.round(np.arange(0.1, 0.65, 0.05), 2), np.inf]}
 
 
 def with_cluster_numbers(rows):
@@ -104,6 +105,8 @@ def with_cluster_numbers(rows):
     by_class = rows.groupby(["model", "kind", "class"])  # `audit.fixed_sign`'s lift
     rows["c_fixed"] = (by_class["fixed_moved"].transform("mean")
                        - by_class["fixed_control"].transform("mean").fillna(0))
+    rows["c_content"] = (by_class["swapped"].transform("mean")  # `audit.content_sign`'s lift
+                         - by_class["swapped_chance"].transform("mean"))
     return rows
 
 
@@ -118,7 +121,9 @@ def flags(rows, rule: dict) -> np.ndarray:
     everywhere = (rows["c_class_control"] >= rule["everywhere"]).to_numpy()
     fixed = ((rows["c_fixed"] >= rule["fixed"])
              & (rows["fixed_at_peak"] >= FIXED_LEVEL)).to_numpy()
-    return fixed | (moved & place & own) | (~(moved & place) & everywhere)
+    content = ((rows["c_content"] >= rule["content"])
+               & (rows["swapped_at_peak"] == 1)).to_numpy()
+    return fixed | content | (moved & place & own) | (~(moved & place) & everywhere)
 
 
 def scores(rows, rule: dict) -> dict:
@@ -135,24 +140,37 @@ def scores(rows, rule: dict) -> dict:
 
 def choose_rule(rows) -> dict:
     """The thresholds with the best mean F1 over the kinds in `rows`, among those that flag at
-    most 10% of the clean networks' images."""
+    most 10% of the clean networks' images (`flags` over `GRID`, the signs' arrays computed
+    once and combined)."""
     import itertools
 
-    best, kinds = None, rows["kind"].unique()
-    clean = rows[~rows["shortcut"]]
-    parts = [rows[rows["shortcut"] & (rows["kind"] == k)] for k in kinds]
-    for f, m, p, e in itertools.product(*GRID.values()):
-        rule = {"fixed": float(f), "moved": float(m), "place": float(p), "everywhere": float(e)}
-        if scores(clean, rule)["flagged clean"] > 0.10:
+    kinds = rows["kind"].unique()
+    short, truth = rows["shortcut"].to_numpy(), (rows["near mark"] == 1).to_numpy()
+    parts = [short & (rows["kind"] == k).to_numpy() for k in kinds]
+    clean, n_truth = ~short, [max((truth & part).sum(), 1) for part in parts]
+    names, values = list(GRID), list(GRID.values())
+    base = {}  # the signs but `content`, for each of their thresholds
+    for f, m, p, e in itertools.product(*values[:4]):
+        base[f, m, p, e] = flags(rows, {"fixed": f, "moved": m, "place": p, "everywhere": e,
+                                        "content": np.inf})
+    content = {(c,): flags(rows, dict.fromkeys(names, np.inf) | {"content": c})
+               for c in values[4]}
+    best = None
+    for (key, b), (ch, c) in itertools.product(base.items(), content.items()):
+        flagged = b | c
+        if flagged[clean].mean() > 0.10:
             continue
-        f1 = [2 * s["precision"] * s["recall"] / max(s["precision"] + s["recall"], 1e-9)
-              for s in (scores(part, rule) for part in parts)]
+        f1 = []
+        for part, n in zip(parts, n_truth):
+            tp, said = (flagged & truth & part).sum(), (flagged & part).sum()
+            f1.append(2 * tp / max(said + n, 1))  # 2PR / (P + R)
         if best is None or np.mean(f1) > best[0]:
-            best = (np.mean(f1), rule)
-    return best[1]
+            best = (np.mean(f1), (*key, *ch))
+    return {n: float(v) for n, v in zip(names, best[1])}
 
 
-SIGNS = {"fixed": "c_fixed", "place": "c_same_place", "everywhere": "c_class_control"}
+SIGNS = {"fixed": "c_fixed", "place": "c_same_place", "everywhere": "c_class_control",
+         "content": "c_content"}
 
 
 def calibrated_rule(clean, budget: float = 0.10, moved: float = 0.1) -> dict:
@@ -253,7 +271,7 @@ def report_rules(rows) -> None:
     table = calibrated_table(rows)
     table.to_csv(RESULTS / "audit_calibrated.csv", index=False)
     print("\n== (b) thresholds from the clean networks of seeds 42 and 43 alone (each sign "
-          "flagging at most a third of 10% of their images; no shortcut kind), scored on every "
+          "flagging at most a quarter of 10% of their images; no shortcut kind), scored on every "
           "kind; flagged clean: the clean network of seed 44")
     print(table.round(3).to_string(index=False))
 
@@ -324,15 +342,8 @@ def canvas_rows() -> None:
             f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])
             for m, part in per_class[~clean].groupby("model")))
     rows = with_cluster_numbers(pd.read_csv(RESULTS / "audit_kinds.csv"))
-    alone = rows.groupby(["model", "kind", "class"], sort=False)  # the audit's own, sampled
-    lift = (alone["alone_control"].mean() - alone["alone_others"].first()).reset_index(name="v")
-    own, v = lift["model"].str.startswith("clean"), lift["v"]
-    nets = ", ".join(f"{m} " + " ".join(f"{x:.2f}" for x in part["v"])
-                     for m, part in lift[~own].groupby("model"))
-    print("the audit's own (its control shapes alone, about 4 per class): clean max "
-          f"{v[own].max():.2f}, 95th percentile {v[own].quantile(0.95):.2f}; {nets}")
     rows = rows.merge(per_class[["model", "kind", "class", "canvas"]], how="left")
-    base = flags(rows, RULE | {"everywhere": np.inf})
+    base = flags(rows, RULE | {"everywhere": np.inf, "content": np.inf})  # the signs before
     table = []
     for t in (0.3, 0.4, 0.5, 0.6, 0.7):
         written = (rows["canvas"] >= t).to_numpy() & ~(rows["c_fixed"] >= RULE["fixed"]).to_numpy()

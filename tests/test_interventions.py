@@ -13,6 +13,7 @@ from gradcam_tut.tool.interventions import (
     map_regions,
     paste,
     same_place,
+    swap_content,
 )
 
 
@@ -75,15 +76,12 @@ def test_moving_the_region_a_network_reads_turns_other_images_into_its_class():
     classes = torch.tensor([2, 2, 0, 0])
     regions = square(4, 0, 0)
     receivers = x[[2, 3, 0, 1]]  # each moved into an image of the other class
-    out = intervene(CornerReader(), x, classes, regions, receivers, alone=True)
+    out = intervene(CornerReader(), x, classes, regions, receivers)
     assert out["moved"].tolist() == [1, 1, 1, 1]  # the corner decides, wherever it goes
     assert out["removed_pred"][:2].tolist() == [0, 0]  # taken away: back to the background
-    control = intervene(CornerReader(), x, classes, square(4, 20, 20), receivers, alone=True)
+    control = intervene(CornerReader(), x, classes, square(4, 20, 20), receivers)
     assert control["moved"][:2].tolist() == [0, 0]  # a patch elsewhere: nothing
     assert control["removed_pred"][:2].tolist() == [2, 2]
-    assert out["alone"].tolist() == [1, 1, 1, 1]  # the corner alone, on a plain picture
-    assert control["alone"][:2].tolist() == [0, 0] and control["alone_pred"][:2].tolist() == [0, 0]
-    assert "alone" not in intervene(CornerReader(), x, classes, regions, receivers)
 
 
 def test_same_place_is_large_for_a_fixed_place_and_about_one_anywhere():
@@ -152,3 +150,17 @@ def test_fixed_content_is_high_on_a_mark_at_one_place_and_low_on_objects_anywher
                            everywhere, groups)
     assert shared.median() < 0.2  # the same mark in every class tells none apart
     assert fixed_content(x[:2], everywhere[:2], [0, 1]).isnan().all()  # no other image
+
+
+def test_a_class_s_content_is_exchanged_for_another_s_where_the_image_holds_it():
+    """x - own + other on the region, by hand: a backdrop of 0.2 with a fish of 0.9 on it,
+    its class's backdrop (0.2) exchanged for another's (0.6) around the fish, which stays."""
+    x = torch.full((1, 3, 4, 4), 0.2)
+    x[..., 1:3, 1:3] = 0.9  # the fish
+    own, other = torch.full((1, 3, 4, 4), 0.2), torch.full((1, 3, 4, 4), 0.6)
+    where = torch.ones(1, 4, 4, dtype=torch.bool)
+    where[:, 1:3, 1:3] = False  # the image does not hold its class's content on the fish
+    out = swap_content(x, own, other, where)
+    want = torch.full((1, 3, 4, 4), 0.6)
+    want[..., 1:3, 1:3] = 0.9
+    assert torch.allclose(out, want) and torch.equal(x[0, 0, 0], torch.full((4,), 0.2))

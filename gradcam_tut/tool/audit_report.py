@@ -87,14 +87,16 @@ def _outlined(rgb: np.ndarray, region: Tensor) -> np.ndarray:
 
 def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                           centres: CellCentres | None, size: tuple[int, int], grow: int = 0,
-                          fixed: Tensor | None = None) -> dict[int, list[tuple[np.ndarray, str]]]:
+                          fixed: Tensor | None = None, swap=None
+                          ) -> dict[int, list[tuple[np.ndarray, str]]]:
     """{cluster row: (image (H, W, 3) in 0..1, caption) pairs} for each cluster's example (its
     image nearest the mean map): the image with its region outlined, the region taken away,
     an image of another class, and that image with the region moved in; then, where one of
     the cluster's images has a fixed part (`fixed`, (N, h, w) bool: `auditing.evidence`), the
     one whose part turned most images, with its part outlined, and the same image of another
-    class with that part alone moved in. Each captioned with the network's prediction and its
-    probability."""
+    class with that part alone moved in; then, with `swap` (`auditing.Swap`), the example
+    with its class's content swapped for the other image's class's, the pixels swapped
+    outlined. Each captioned with the network's prediction and its probability."""
     vocab, examples = list(learn.dls.vocab), {}
     model, training = learn.model, learn.model.training
     try:
@@ -119,12 +121,20 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                 part = F.interpolate(fixed[f][None, None].float(), size=size)[0].bool()
                 parts += [x[2:], paste(x[1:2], x[2:], part.to(x.device))]
                 names += ["its fixed part", "fixed part moved in"]
+            swapped = None
+            if swap is not None and swap.holds[i].any():
+                other = images["class"][j]
+                changed, swapped = swap(x[:1], images["class"][i], other, i)
+                parts.append(changed)
+                names.append(f"{other}'s content")
             batch = torch.cat(parts)
             probs = probabilities(model, batch)
             shown = [image_hwc(t) for t in dl.decode((batch,))[0]]
             shown[0] = _outlined(shown[0], region[0].cpu())
             if f is not None:
                 shown[4] = _outlined(shown[4], part[0].cpu())
+            if swapped is not None:
+                shown[-1] = _outlined(shown[-1], swapped[0].cpu())
             examples[k] = [(pic, f"{name}: {vocab[int(q.argmax())]} {float(q.max()):.2f}")
                            for name, pic, q in zip(names, shown, probs)]
     finally:
@@ -145,12 +155,6 @@ def _fixed_example(images, members: np.ndarray, fixed: Tensor | None) -> int | N
 
 def _number(value: float, fmt: str = "{:.0%}") -> str:
     return "" if value is None or np.isnan(value) else fmt.format(value)
-
-
-def _beside(control: float, others: float) -> str:
-    """A control's share, with the other classes' share beside it where both were measured."""
-    shown, base = _number(control), _number(others)
-    return f"{shown} (other classes' {base})" if shown and base else shown
 
 
 def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]],
@@ -188,10 +192,10 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.removed_control)),
                             ("moved: others now this class", _number(row.moved),
                              _number(row.moved_control)),
-                            ("alone, on a plain picture: this class", "",
-                             _beside(row.alone_control, row.alone_others)),
                             ("fixed part moved: others now this class",
                              _number(row.fixed_moved), _number(row.fixed_control)),
+                            ("its content swapped: now the other class",
+                             _number(row.swapped), _number(row.swapped_chance) + " chance"),
                             ("same place (x chance)", _number(row.same_place, "{:.1f}"),
                              "1: chance")],
                 "interventions": figures.get(k, []), "examples": shown})
@@ -204,4 +208,5 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
         level=f"{REGION_LEVEL:.0%}", moved_flag=_number(rule.get("moved", np.nan)),
         place_flag=_number(rule.get("place", np.nan), "{:.1f}"),
         fixed_flag=_number(rule.get("fixed", np.nan)),
-        everywhere_flag=_number(rule.get("everywhere", np.nan)))
+        everywhere_flag=_number(rule.get("everywhere", np.nan)),
+        content_flag=_number(rule.get("content", np.nan)))

@@ -13,7 +13,9 @@ without being its object.
    same place into an image of another class), and the same is done to the region's shape
    moved elsewhere in the image, the control. Its *fixed part*, the content that three in
    four of its class's images hold at that place (up to mirrors) and other classes' do not,
-   is moved alone. Forward passes only.
+   is moved alone. And what its class holds at each place (a backdrop, a caption, a
+   watermark: the median of its images, objects lying anywhere) is *swapped* for another
+   class's, where the image holds it, its object kept. Forward passes only.
 4. **Flags** (`apply_rule`): a map says where; only an intervention says why. An object's
    region moves other images too (the fish is its class): that alone is no flag. An image is
    flagged when there is also a sign, without masks, that what decides is not its object:
@@ -24,13 +26,17 @@ without being its object.
      and its maps, the cluster's and its own, peak at one place (`same_place` >=
      `RULE["place"]`);
    - *everywhere*: even the controls of its class, shapes moved anywhere, do it
-     (`RULE["everywhere"]`): the class is written all over the picture, a backdrop or a tint.
+     (`RULE["everywhere"]`): the class is written all over the picture, a backdrop or a tint;
+   - *content*: its map peaks within a cell of what swapping its class's content changes
+     (`swapped_at_peak`), and its class's content swapped for others' makes
+     its images those classes beyond chance (`RULE["content"]`): a backdrop, a tint or a
+     watermark decides over the fish, wherever it lies.
    The thresholds come from networks trained without any shortcut alone;
    `benchmarks/bench_audit.py` scores them on five kinds of shortcut, and with each kind
    left out in turn.
 
 A flag asks a person to look; it is no verdict. The report says what to look for, and that
-no flag is no clean bill: a shortcut spread over the picture is flagged in some classes only.
+no flag is no clean bill: a mark that moves with the object (a tag) is hardly ever flagged.
 
     audited/
       clusters.csv   one row per image: file, class, cluster, flagged, why, the numbers
@@ -75,6 +81,7 @@ from .interventions import (
     paste,
     probabilities,
     same_place,
+    swap_content,
 )
 from .layout import class_name
 from .results import (
@@ -91,19 +98,25 @@ MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many
 EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
-            "alone_control", "alone_others", "same_place", "fixed_area",
-            "fixed_at_peak", "fixed_moved", "fixed_control")  # evidence's columns
-TESTED = 8  # the region's interventions run on up to this many images of each cluster
+            "same_place", "fixed_area",
+            "fixed_at_peak", "fixed_moved", "fixed_control", "swapped",
+            "swapped_chance", "swapped_at_peak")  # evidence's columns
+TESTED = 6  # the region's interventions run on up to this many images of each cluster
 TESTED_FIXED = 12  # fixed parts are moved from up to this many images of each class
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
 FIXED_LEVEL = 0.5  # a fixed part: 3 in 4 of its class within half the distance to the others
 MIN_FIXED = 0.005  # a fixed part smaller than this share of the image is not moved
 RECEIVERS = 3  # a fixed part is moved into this many images of other classes
+SWAP_LEVEL = 0.1  # the pixels whose content is swapped: fixed_content at least this
+TESTED_SWAP = 32  # the content is swapped on up to this many images of each class,
+SWAPS = 1  # each time with this many other classes' content
+MEDIAN_POOL = 16  # what a class holds at each place: the median of this many of its images
+CHANGED = 0.5  # a map on swapped content: near a pixel changed this share of the most
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
-# three signs flags at most a third of 10% of their images (`benchmarks/bench_audit.py`,
+# four signs flags at most a quarter of 10% of their images (`benchmarks/bench_audit.py`,
 # `calibrated_rule`)
-RULE = {"fixed": 0.22, "moved": 0.1, "place": 3.85, "everywhere": 0.51}
+RULE = {"fixed": 0.28, "moved": 0.1, "place": 3.85, "everywhere": 0.38, "content": 0.37}
 
 
 @dataclass
@@ -298,13 +311,14 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
         return Audit(images, pd.DataFrame(), features, maps, name, seconds)
 
     start = time.perf_counter()
-    tested, fixed = evidence(learn, [Path(f) for f in images["file"]], images["class"],
-                             images["predicted"], maps, centres, size,
-                             torch.from_numpy(gathered_maps[INPUTS]), groups=images["cluster"],
-                             seed=seed)
+    tested, fixed, swap = evidence(learn, [Path(f) for f in images["file"]], images["class"],
+                                   images["predicted"], maps, centres, size,
+                                   torch.from_numpy(gathered_maps[INPUTS]),
+                                   groups=images["cluster"], seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
-                                  grow=round(_cell(centres, size, maps) / 2), fixed=fixed)
+                                  grow=round(_cell(centres, size, maps) / 2), fixed=fixed,
+                                  swap=swap)
     seconds["interventions"] = time.perf_counter() - start
     result = Audit(images, clusters, features, maps, name, seconds, shown)
     if out is not None:
@@ -323,19 +337,18 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
 def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
              size: tuple[int, int], small: Tensor, groups: Sequence | None = None,
-             bs: int = 64, seed: int = 0) -> tuple[pd.DataFrame, Tensor]:
+             bs: int = 64, seed: int = 0) -> tuple[pd.DataFrame, Tensor, Swap | None]:
     """What the network does when what a map points at is taken away, or moved into images
-    of other classes, one row per image in the order of `files` (columns `EVIDENCE`), and
-    each image's fixed part, (N, h, w) bool on copies with a `SMALL` px side.
+    of other classes, one row per image in the order of `files` (columns `EVIDENCE`), each
+    image's fixed part, (N, h, w) bool on copies with a `SMALL` px side, and the content
+    swap (`Swap`; None with a single class).
 
     - The map's region (`interventions.map_regions`: the map placed at its cells' receptive
       fields, where it reaches half its maximum, grown by half a cell), on up to `TESTED`
       images of each group (`groups`, e.g. the clusters; default the classes), drawn with
       `seed`: taken away (`removed_*`) and moved into an image of another class (`moved*`);
       the same for the region's shape moved elsewhere in the image (`*_control`) on every
-      second of them, and that shape alone on a plain picture (`alone_control`: 1 where
-      predicted as the class). `alone_others`, per class: the share of the other classes'
-      shapes alone predicted as it (what the network calls a picture with little on it).
+      second of them.
     - The region's fixed part (`fixed_area`), on every image: the pixels of the map's
       region, grown by a whole cell (a coarse map peaks beside a thin mark), whose content
       three in four of its class's images hold at that place, up to mirrors, and other
@@ -350,6 +363,11 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       the first (`fixed_control`).
     - `same_place`: how much more often than by chance its class's maps peak where its map
       peaks (`interventions.same_place`), maps alone.
+    - `swapped`, `swapped_chance` (`_swap_tests`), on up to `TESTED_SWAP` images of each
+      class: where the image holds its class's content (`fixed_content` >= `SWAP_LEVEL`),
+      that content exchanged for `SWAPS` other classes' (the median of `MEDIAN_POOL` images
+      of each), the object kept: the share of swaps predicted as the other class, beside
+      chance.
 
     NaN where a test did not run. The images regions are moved into are drawn from up to
     `POOL` images of each other class. `small`: every image as the network saw it, averaged
@@ -370,7 +388,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     others = [pool[label[pool] != c] for c in label]
     no_part = torch.zeros((N, *_small(size)), dtype=torch.bool)  # one class: no fixed part
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
-        return table, no_part
+        return table, no_part, None
     pool_x = torch.cat([xb.as_subclass(Tensor)
                         for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
     where = torch.full((N,), -1, dtype=torch.long)
@@ -386,14 +404,14 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     model, training = learn.model, learn.model.training
     try:
         model.eval()
-        fixed, at_peak = _fixed_parts(small, label, maps, centres, size, round(cell), seed)
+        fixed, at_peak, held, near = _fixed_parts(small, label, maps, centres, size,
+                                                  round(cell), seed)
         table["fixed_area"] = fixed.flatten(1).float().mean(1).numpy()
         table["fixed_at_peak"] = at_peak.numpy()
         found = _region_tests(learn, files, tested, with_control, target, before, maps,
                               centres, size, grow, pool_x, receivers[:, 0], bs, seed)
         columns = [c for c in found.columns if c in EVIDENCE]
         table.loc[found.index, columns] = found[columns]
-        table["alone_others"] = _alone_others(found, target)
         has = table["fixed_area"].to_numpy() >= MIN_FIXED
         candidates = np.sort(np.concatenate(
             [rng.permutation(np.flatnonzero(has & (label == c)))[:TESTED_FIXED]
@@ -401,24 +419,14 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         moved = _fixed_tests(learn, files, candidates, target, fixed, size, pool_x,
                              receivers, bs, seed)
         table.loc[moved.index, moved.columns] = moved
+        swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, size, bs,
+                                    seed)
+        table.loc[swapped.index, swapped.columns] = swapped
     finally:
         model.train(training)
     empty = table["region_area"] == 0  # an all-zero map points nowhere
     table.loc[empty, columns] = np.nan
-    return table, fixed
-
-
-def _alone_others(found: pd.DataFrame, target: Tensor) -> np.ndarray:
-    """Per image (in `target`'s order), the share of the other classes' tested shapes moved
-    elsewhere that, alone on a plain picture, are predicted as its class (NaN with none)."""
-    pred = found.get("alone_control_pred", pd.Series(dtype=float)).dropna()
-    if len(pred):  # an empty shape is no test
-        pred = pred[found.loc[pred.index, "region_area"] > 0]
-    cls = target.numpy()
-    source, said = cls[pred.index.to_numpy()], pred.to_numpy()
-    share = {c: (said[source != c] == c).mean() if (source != c).any() else np.nan
-             for c in np.unique(cls)}
-    return np.array([share[c] for c in cls], dtype=float)
+    return table, fixed, swap
 
 
 def _placed(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None) -> Tensor:
@@ -434,9 +442,11 @@ def _small(size: tuple[int, int]) -> tuple[int, int]:
 
 def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
                  centres: CellCentres | None, size: tuple[int, int], grow: int, seed: int
-                 ) -> tuple[Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each image's fixed part (see `evidence`) on its small copy (`small`: (N, C, h, w)),
-    (N, h, w) bool, and its `fixed_at_peak` (N,) float32."""
+    (N, h, w) bool, its `fixed_at_peak` (N,) float32, how much each of its pixels holds its
+    class's content (`interventions.fixed_content`, (N, h, w), NaN where not known), and the
+    pixels within a cell of its map's peak, (N, h, w) bool."""
     h, w = small.shape[-2:]
     regions, near = [], []
     for chunk in np.array_split(maps, max(1, -(-len(maps) // 256))):  # as `evidence`'s peaks
@@ -448,7 +458,87 @@ def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
     region, at = torch.cat(regions), torch.cat(near)
     score = fixed_content(small.float(), at, label, seed=seed)
     at_peak = score.masked_fill(~at, float("-inf")).flatten(1).amax(1)
-    return region & (score >= FIXED_LEVEL), at_peak.nan_to_num(nan=0.0, neginf=0.0)
+    return region & (score >= FIXED_LEVEL), at_peak.nan_to_num(nan=0.0, neginf=0.0), score, at
+
+
+@dataclass
+class Swap:
+    """What `_swap_tests` exchanged: each class's content, {class: (C, H, W)} on the CPU,
+    and where each image holds its class's, (N, h, w) bool, small."""
+
+    held: dict[str, Tensor]
+    holds: Tensor
+
+    def __call__(self, x: Tensor, own: str, other: str, i: int) -> tuple[Tensor, Tensor]:
+        """Image `i` (`x`: (1, C, H, W), of class `own`) with its content swapped for
+        `other`'s, and the pixels swapped, (1, H, W) bool."""
+        where = F.interpolate(self.holds[i][None, None].float(), size=x.shape[-2:])[0].bool()
+        where = where.to(x.device)
+        return swap_content(x, self.held[own].to(x.device), self.held[other].to(x.device),
+                            where), where
+
+
+def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds: Tensor,
+                near: Tensor, size: tuple[int, int], bs: int, seed: int
+                ) -> tuple[pd.DataFrame, Swap | None]:
+    """On up to `TESTED_SWAP` images of each class, the content its class holds at each place
+    exchanged, where the image holds it (`holds`: (N, h, w) bool, small), for `SWAPS` other
+    classes' (`interventions.swap_content`; what a class holds: the median of `MEDIAN_POOL`
+    of its images); the image's object is kept. `swapped`: the share of its swaps predicted
+    as the other class; `swapped_chance`: for the same classes, the share of all swaps not
+    of their content predicted as them (what a picture changed that much is called anyway).
+    NaN where an image holds nothing of its class's (no pixel to swap). On every image,
+    `swapped_at_peak`: 1 where its map peaks within a cell (`near`, (N, h, w) bool, small)
+    of a pixel the swap changes much (where it holds its class's content, and that content
+    differs from other classes' by at least `CHANGED` of the most it differs anywhere)."""
+    vocab, classes = list(learn.dls.vocab), np.unique(label)
+    out = pd.DataFrame(np.nan, index=range(len(files)),
+                       columns=["swapped", "swapped_chance", "swapped_at_peak"])
+    if len(classes) < 2:
+        return out, None
+    rng = np.random.default_rng(seed + 1)  # apart from `evidence`'s draws
+    drawn = {c: rng.permutation(np.flatnonzero(label == c)) for c in classes}
+    held = {c: _decoded(learn, [files[i] for i in drawn[c][:MEDIAN_POOL]], bs).median(0).values
+            for c in classes}
+    changed = {}  # per class, (h, w): where its content differs much from other classes'
+    for c in classes:
+        spread = torch.stack([(held[d] - held[c]).abs().amax(0) for d in classes if d != c])
+        spread = F.adaptive_max_pool2d(spread.mean(0)[None, None], holds.shape[-2:])[0, 0]
+        changed[c] = spread >= CHANGED * spread.max()
+    where_changed = holds & torch.stack([changed[c] for c in label])
+    out["swapped_at_peak"] = (where_changed & near).flatten(1).any(1).float().numpy()
+    tested = np.sort(np.concatenate([d[:TESTED_SWAP] for d in drawn.values()]))
+    swaps = [(i, d) for i in tested
+             for d in rng.permutation(classes[classes != label[i]])[:SWAPS]]
+    preds, done, model = [], 0, learn.model
+    for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
+        xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
+        where = F.interpolate(holds[ix][:, None].float(), size=size, mode="nearest")[:, 0]
+        mine = [(k, d) for k, i in enumerate(ix) for j, d in swaps if j == i]
+        k = torch.tensor([k for k, _ in mine])
+        own = torch.stack([held[label[i]] for i in ix[k.numpy()]]).to(xb.device)
+        other = torch.stack([held[d] for _, d in mine]).to(xb.device)
+        batch = swap_content(xb[k], own, other, where[k].bool().to(xb.device))
+        preds.append(probabilities(model, batch, bs).argmax(1))
+        done += len(xb)
+    found = pd.DataFrame(swaps, columns=["image", "content"]).assign(
+        said=[vocab[p] for p in torch.cat(preds).tolist()],
+        empty=[not holds[i].any() for i, _ in swaps])
+    found = found[~found["empty"]]
+    receiver = label[found["image"].to_numpy()]
+    called = {c: (found["said"][(found["content"] != c) & (receiver != c)] == c).mean()
+              for c in classes}
+    found["hit"] = found["said"] == found["content"]
+    found["chance"] = found["content"].map(called)
+    per = found.groupby("image")[["hit", "chance"]].mean()
+    out.loc[per.index, "swapped"] = per["hit"].to_numpy(float)
+    out.loc[per.index, "swapped_chance"] = per["chance"].to_numpy(float)
+    return out, Swap(held, holds)
+
+
+def _decoded(learn: Learner, files: Sequence[Path], bs: int) -> Tensor:
+    """The images as the network sees them, (N, C, H, W), on the CPU."""
+    return torch.cat([xb.as_subclass(Tensor).cpu() for (xb,) in learn.dls.test_dl(files, bs=bs)])
 
 
 def _region_tests(learn, files, tested, with_control, target, before, maps, centres, size,
@@ -465,8 +555,7 @@ def _region_tests(learn, files, tested, with_control, target, before, maps, cent
         c = torch.from_numpy(with_control[ix])  # the control
         if c.any():
             controls = elsewhere(regions[c], seed=seed + done)
-            ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs,
-                            alone=True)
+            ctl = intervene(model, xb[c], cls[c], controls.to(xb.device), rec[c], bs=bs)
             for k, v in ctl.items():
                 part.loc[ix[c.numpy()], _control(k)] = v.numpy()
         rows.append(part.assign(region_area=regions.flatten(1).float().mean(1).numpy()))
@@ -567,10 +656,9 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
     """One row per (class, cluster) of `images` (`Audit.images`): its size, accuracy, and
     the interventions' numbers: `removed` and `moved` (the shares of its images whose
     prediction changed when the region was taken away, and of the images of other classes
-    turned into its class when it was moved in), their controls, `alone_control` (the share
-    of its controls predicted as its class alone on a plain picture) beside `alone_others`
-    (other classes' controls), the median `same_place`,
-    `fixed_moved` and `fixed_control` (its fixed parts moved, `evidence`), and
+    turned into its class when it was moved in), their controls, the median `same_place`,
+    `fixed_moved` and `fixed_control` (its fixed parts moved, `evidence`), `swapped` and
+    `swapped_chance` (its images' content swapped for other classes'), and
     `class_control`: the share of images of other classes turned by every control of its
     class (the region's and the fixed part's shapes moved elsewhere). A number whose column
     `images` lacks (an older `clusters.csv`) is NaN: not measured.
@@ -581,11 +669,11 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
                          moved_control=("moved_control", "mean"),
                          removed=("removed_changed", "mean"),
                          removed_control=("removed_control_changed", "mean"),
-                         alone_control=("alone_control", "mean"),
-                         alone_others=("alone_others", "first"),
                          same_place=("same_place", "median"),
                          fixed_moved=("fixed_moved", "mean"),
                          fixed_control=("fixed_control", "mean"),
+                         swapped=("swapped", "mean"),
+                         swapped_chance=("swapped_chance", "mean"),
                          accuracy=("correct", lambda c: c.astype(float).mean()),
                          labelled=("correct", "count"))
     numbers = numbers.reset_index()
@@ -601,10 +689,36 @@ def fixed_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
     into it at least `rule["fixed"]` more often than the same shapes moved elsewhere (over all
     the class's tested images) and its own map peaks on a fixed part (`fixed_at_peak`,
     `evidence`)."""
-    by_class = images.groupby("class")
-    lift = (by_class["fixed_moved"].transform("mean")
-            - by_class["fixed_control"].transform("mean").fillna(0))
-    return ((lift >= rule["fixed"]) & (images["fixed_at_peak"] >= FIXED_LEVEL)).astype(int)
+    return _class_sign(images, "fixed_moved", "fixed_control", rule["fixed"], FIXED_LEVEL)
+
+
+def content_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
+    """Per image, 1 where its class's content, exchanged for other classes' where its images
+    hold it (their objects kept), makes them those classes at least `rule["content"]` more
+    often than chance (`swapped` less `swapped_chance`, over the class's tested images), and
+    its own map peaks within a cell of what the swap changes (`swapped_at_peak`): a
+    backdrop, a tint, a caption, a watermark decides, wherever it lies."""
+    return _class_sign(images, "swapped", "swapped_chance", rule["content"], 1.0,
+                       at_peak="swapped_at_peak")
+
+
+def _class_sign(images: pd.DataFrame, test: str, control: str, lift: float, peak: float,
+                at_peak: str = "fixed_at_peak") -> pd.Series:
+    """1 where the class's mean `test` less its mean `control` (0 where none ran) is at least
+    `lift` and the image's `at_peak` at least `peak`; 0 for a column not measured."""
+    tested = images.reindex(columns=[test, control, at_peak])  # NaN: not measured
+    by_class = tested[[test, control]].groupby(images["class"]).transform("mean")
+    above = by_class[test] - by_class[control].fillna(0) >= lift
+    return (above & (tested[at_peak] >= peak)).astype(int)
+
+
+def content_reason(images: pd.DataFrame, cls: str) -> str:
+    """Why the images of `cls` are flagged by `content_sign`."""
+    own = images.reindex(columns=["swapped", "swapped_chance"])[images["class"] == cls]
+    return (f"Its map peaks on what {cls} images hold there and other classes' do not; "
+            f"exchanged for another class's content where they hold it, the rest kept as it "
+            f"was, {cls} images became that class {_percent(own['swapped'].mean())} of the "
+            f"time (chance: {_percent(own['swapped_chance'].mean())}).")
 
 
 def fixed_reason(images: pd.DataFrame, cls: str) -> str:
@@ -620,14 +734,19 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule`: the
     images whose maps peak on a fixed part, of a class whose fixed parts alone turn images of
-    other classes into it (`fixed_sign`); the images of a cluster flagged for the place its
-    regions sit at whose own region is there (`same_place` >= `rule["place"]`); all the
-    images of one flagged because its class is all over the picture (`flag_reason`). A
-    cluster is flagged when its numbers are, or any of its images is."""
+    other classes into it (`fixed_sign`), or on what their class holds there, of a class
+    whose content exchanged for others' makes its images those classes (`content_sign`); the
+    images of a cluster flagged for the place its regions sit at whose own region is there
+    (`same_place` >= `rule["place"]`); all the images of one flagged because its class is all
+    over the picture (`flag_reason`). A cluster is flagged when its numbers are, or any of
+    its images is."""
     images, clusters = images.copy(), clusters.copy()
-    images["flagged"] = fixed_sign(images, rule)
-    images["why"] = [fixed_reason(images, c) if f else ""
-                     for c, f in zip(images["class"], images["flagged"])]
+    fixed, content = fixed_sign(images, rule), content_sign(images, rule)
+    images["flagged"] = fixed | content
+    sign = np.where(fixed == 1, "fixed", np.where(content == 1, "content", ""))
+    reasons = {(c, s): (fixed_reason if s == "fixed" else content_reason)(images, c)
+               for c, s in set(zip(images["class"], sign)) if s}
+    images["why"] = [reasons.get((c, s), "") for c, s in zip(images["class"], sign)]
     said = [flag_reason(row, row["class"], rule) for _, row in clusters.iterrows()]
     clusters["why"], clusters["look_for"] = [w for w, _ in said], [lf for _, lf in said]
     for k, row in clusters.iterrows():
@@ -639,8 +758,8 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
             images.loc[hit, ["flagged", "why"]] = 1, row["why"]
         elif (own & (images["flagged"] == 1)).any():
             n = int((own & (images["flagged"] == 1)).sum())
-            clusters.loc[k, "why"] = f"{n} of its {row['size']} images: " + \
-                fixed_reason(images, row["class"])
+            first = images["why"][own & (images["flagged"] == 1)].iloc[0]
+            clusters.loc[k, "why"] = f"{n} of its {row['size']} images: {first}"
             clusters.loc[k, "look_for"] = (
                 f"Look at that place in its flagged images: is it the {row['class']} itself, "
                 f"or something every {row['class']} photo has there (a mark, a caption, a "

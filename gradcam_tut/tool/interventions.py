@@ -8,9 +8,9 @@ Two counterfactual images per region ask the network itself:
                  prediction change?
     moved        the region pasted, at the same place, into an image of another class: is that
                  image now predicted as the region's class?
-    alone        (asked of the controls) the region pasted onto a plain picture (the input's
-                 zero: with fastai's `Normalize`, the data's mean colour), where no receiver's
-                 own class competes: is it predicted as the region's class?
+    swapped      where an image holds what its class holds at that place (`fixed_content`),
+                 that content exchanged for another class's (`swap_content`), its object
+                 kept: is it now predicted as the other class?
 
 Each beside its control: the same intervention on a region of the same size and shape
 elsewhere in the same image (`elsewhere`), so that a number says what the region does beyond
@@ -95,6 +95,21 @@ def paste(into: Tensor, source: Tensor, regions: Tensor) -> Tensor:
     return torch.where(regions[:, None], source, into)
 
 
+def swap_content(x: Tensor, own: Tensor, other: Tensor, regions: Tensor) -> Tensor:
+    """Each image with its class's content exchanged for another class's on `regions`:
+    x - own + other there, where `own` and `other` are what each class holds at each place
+    (the per-pixel median of its images: objects lie anywhere, so what is left is what every
+    image of the class has there: a backdrop, a caption, a watermark).
+
+    Args:
+        x: (N, C, H, W) images; `own`, `other` (N or 1, C, H, W); `regions` (N, H, W) bool.
+
+    Returns:
+        A new (N, C, H, W) tensor; `x` is unchanged.
+    """
+    return torch.where(regions[:, None], x - own + other, x)
+
+
 @torch.no_grad()
 def probabilities(model: nn.Module, x: Tensor, bs: int = 64) -> Tensor:
     """Softmax of the model's outputs, (N, classes) float32 on the CPU, `bs` images a pass."""
@@ -102,10 +117,9 @@ def probabilities(model: nn.Module, x: Tensor, bs: int = 64) -> Tensor:
 
 
 def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
-              receivers: Tensor, bs: int = 64, alone: bool = False) -> dict[str, Tensor]:
-    """The interventions on a batch of images, its regions taken away and moved (and with
-    `alone`, pasted onto a plain picture), in one pass of 2N (3N) images (its control: the
-    same call with the regions from `elsewhere`).
+              receivers: Tensor, bs: int = 64) -> dict[str, Tensor]:
+    """The interventions on a batch of images, its regions taken away and moved, in one pass
+    of 2N images (its control: the same call with the regions from `elsewhere`).
 
     Args:
         x: (N, C, H, W) images; `classes` (N,) the class each is audited for.
@@ -115,21 +129,13 @@ def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
     Returns:
         Per image (N,) float32: `removed_p` the class's probability once the region is taken
         away, `removed_pred` the class then predicted; `moved` 1 where the receiver is now
-        predicted as the class, `moved_p` its probability of the class; with `alone`, also
-        `alone` 1 where the region on a plain picture is predicted as the class and
-        `alone_pred` what is predicted.
+        predicted as the class, `moved_p` its probability of the class.
     """
     batch = [fill(x, regions), paste(receivers, x, regions)]
-    if alone:
-        batch.append(paste(torch.zeros_like(x), x, regions))
-    probs = probabilities(model, torch.cat(batch), bs).split(len(x))
-    removed, moved = probs[:2]
+    removed, moved = probabilities(model, torch.cat(batch), bs).split(len(x))
     c = classes.cpu()[:, None]
     out = {"removed_p": removed.gather(1, c)[:, 0], "removed_pred": removed.argmax(1).float(),
            "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
-    if alone:
-        plain = probs[2].argmax(1)
-        out |= {"alone": (plain == c[:, 0]).float(), "alone_pred": plain.float()}
     return out
 
 
