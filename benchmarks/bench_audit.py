@@ -7,7 +7,7 @@ it, and three networks without any shortcut (seeds 42, 43, 44). Audits each shor
 on new fish with its shortcut, and each clean network on new fish with every kind, no mask
 given; where each map really lies is measured apart from the audit with the shortcut's own
 mask (`mini_fish.mark_mask`: the map's peak within one cell of it). Then leave one kind
-out: the flag's four thresholds (`audit.RULE`) are chosen on the other kinds (the best mean
+out: the flag's five thresholds (`audit.RULE`) are chosen on the other kinds (the best mean
 F1 with at most 10% of the clean networks' images flagged) and reported on the kind left out.
 Rows in `results/audit_kinds.csv`, the table in `results/audit_loko.csv`.
 (2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
