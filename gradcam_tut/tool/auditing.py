@@ -15,7 +15,7 @@ without being its object.
    four of its class's images hold at that place (up to mirrors) and other classes' do not,
    is moved alone. And what its class holds at each place (a backdrop, a caption, a
    watermark: the median of its images, objects lying anywhere) is *swapped* for another
-   class's, where the image holds it, its object kept. Forward passes only.
+   class's, where the image holds it, the rest kept. Forward passes only.
 4. **Flags** (`apply_rule`): a map says where; only an intervention says why. An object's
    region moves other images too (the fish is its class): that alone is no flag. An image is
    flagged when there is also a sign, without masks, that what decides is not its object:
@@ -366,7 +366,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     - `swapped`, `swapped_chance` (`_swap_tests`), on up to `TESTED_SWAP` images of each
       class: where the image holds its class's content (`fixed_content` >= `SWAP_LEVEL`),
       that content exchanged for `SWAPS` other classes' (the median of `MEDIAN_POOL` images
-      of each), the object kept: the share of swaps predicted as the other class, beside
+      of each), the rest kept: the share of swaps predicted as the other class, beside
       chance.
 
     NaN where a test did not run. The images regions are moved into are drawn from up to
@@ -694,7 +694,7 @@ def fixed_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
 
 def content_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
     """Per image, 1 where its class's content, exchanged for other classes' where its images
-    hold it (their objects kept), makes them those classes at least `rule["content"]` more
+    hold it (the rest kept), makes them those classes at least `rule["content"]` more
     often than chance (`swapped` less `swapped_chance`, over the class's tested images), and
     its own map peaks within a cell of what the swap changes (`swapped_at_peak`): a
     backdrop, a tint, a caption, a watermark decides, wherever it lies."""
