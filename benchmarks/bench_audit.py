@@ -106,7 +106,7 @@ def with_cluster_numbers(rows):
     rows["c_fixed"] = (by_class["fixed_moved"].transform("mean")
                        - by_class["fixed_control"].transform("mean").fillna(0))
     rows["c_content"] = (by_class["swapped"].transform("mean")  # `audit.content_sign`'s lift
-                         - by_class["swapped_chance"].transform("mean"))
+                         - by_class["swapped_chance"].transform("mean").fillna(0))
     return rows
 
 

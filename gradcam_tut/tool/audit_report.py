@@ -124,7 +124,7 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
             swapped = None
             if swap is not None and swap.holds[i].any():
                 other = images["class"][j]
-                changed, swapped = swap(x[:1], images["class"][i], other, i)
+                changed, swapped = swap(x[:1], [i], [images["class"][i]], [other])
                 parts.append(changed)
                 names.append(f"{other}'s content")
             batch = torch.cat(parts)

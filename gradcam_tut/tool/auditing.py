@@ -389,8 +389,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     no_part = torch.zeros((N, *_small(size)), dtype=torch.bool)  # one class: no fixed part
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
         return table, no_part, None
-    pool_x = torch.cat([xb.as_subclass(Tensor)
-                        for (xb,) in learn.dls.test_dl([files[i] for i in pool], bs=bs)])
+    pool_x = _decoded(learn, [files[i] for i in pool], bs)
     where = torch.full((N,), -1, dtype=torch.long)
     where[torch.from_numpy(pool)] = torch.arange(len(pool))
     receivers = where[torch.tensor(np.array([rng.choice(o, RECEIVERS) for o in others]))]
@@ -419,8 +418,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         moved = _fixed_tests(learn, files, candidates, target, fixed, size, pool_x,
                              receivers, bs, seed)
         table.loc[moved.index, moved.columns] = moved
-        swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, size, bs,
-                                    seed)
+        swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, bs, seed)
         table.loc[swapped.index, swapped.columns] = swapped
     finally:
         model.train(training)
@@ -463,28 +461,29 @@ def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
 
 @dataclass
 class Swap:
-    """What `_swap_tests` exchanged: each class's content, {class: (C, H, W)} on the CPU,
-    and where each image holds its class's, (N, h, w) bool, small."""
+    """What `_swap_tests` exchanges: each class's content, {class: (C, H, W)}, and where each
+    image holds its class's, (N, h, w) bool, small."""
 
     held: dict[str, Tensor]
     holds: Tensor
 
-    def __call__(self, x: Tensor, own: str, other: str, i: int) -> tuple[Tensor, Tensor]:
-        """Image `i` (`x`: (1, C, H, W), of class `own`) with its content swapped for
-        `other`'s, and the pixels swapped, (1, H, W) bool."""
-        where = F.interpolate(self.holds[i][None, None].float(), size=x.shape[-2:])[0].bool()
-        where = where.to(x.device)
-        return swap_content(x, self.held[own].to(x.device), self.held[other].to(x.device),
-                            where), where
+    def __call__(self, x: Tensor, images: Sequence[int], own: Sequence[str],
+                 other: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """The `images` (their numbers; `x`: (n, C, H, W), of the classes `own`) with their
+        content swapped for the classes `other`'s, and the pixels swapped, (n, H, W) bool."""
+        where = F.interpolate(self.holds[list(images)][:, None].float(), size=x.shape[-2:],
+                              mode="nearest")[:, 0].bool().to(x.device)
+        own_x, other_x = (torch.stack([self.held[c] for c in cs]).to(x.device)
+                          for cs in (own, other))
+        return swap_content(x, own_x, other_x, where), where
 
 
 def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds: Tensor,
-                near: Tensor, size: tuple[int, int], bs: int, seed: int
-                ) -> tuple[pd.DataFrame, Swap | None]:
+                near: Tensor, bs: int, seed: int) -> tuple[pd.DataFrame, Swap | None]:
     """On up to `TESTED_SWAP` images of each class, the content its class holds at each place
     exchanged, where the image holds it (`holds`: (N, h, w) bool, small), for `SWAPS` other
     classes' (`interventions.swap_content`; what a class holds: the median of `MEDIAN_POOL`
-    of its images); the image's object is kept. `swapped`: the share of its swaps predicted
+    of its images); the rest is kept. `swapped`: the share of its swaps predicted
     as the other class; `swapped_chance`: for the same classes, the share of all swaps not
     of their content predicted as them (what a picture changed that much is called anyway).
     NaN where an image holds nothing of its class's (no pixel to swap). On every image,
@@ -500,6 +499,7 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
     drawn = {c: rng.permutation(np.flatnonzero(label == c)) for c in classes}
     held = {c: _decoded(learn, [files[i] for i in drawn[c][:MEDIAN_POOL]], bs).median(0).values
             for c in classes}
+    swap = Swap(held, holds)
     changed = {}  # per class, (h, w): where its content differs much from other classes'
     for c in classes:
         spread = torch.stack([(held[d] - held[c]).abs().amax(0) for d in classes if d != c])
@@ -508,17 +508,14 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
     where_changed = holds & torch.stack([changed[c] for c in label])
     out["swapped_at_peak"] = (where_changed & near).flatten(1).any(1).float().numpy()
     tested = np.sort(np.concatenate([d[:TESTED_SWAP] for d in drawn.values()]))
-    swaps = [(i, d) for i in tested
-             for d in rng.permutation(classes[classes != label[i]])[:SWAPS]]
+    contents = {i: rng.permutation(classes[classes != label[i]])[:SWAPS] for i in tested}
+    swaps = [(i, d) for i in tested for d in contents[i]]
     preds, done, model = [], 0, learn.model
     for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
         xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
-        where = F.interpolate(holds[ix][:, None].float(), size=size, mode="nearest")[:, 0]
-        mine = [(k, d) for k, i in enumerate(ix) for j, d in swaps if j == i]
-        k = torch.tensor([k for k, _ in mine])
-        own = torch.stack([held[label[i]] for i in ix[k.numpy()]]).to(xb.device)
-        other = torch.stack([held[d] for _, d in mine]).to(xb.device)
-        batch = swap_content(xb[k], own, other, where[k].bool().to(xb.device))
+        mine = [(k, i, d) for k, i in enumerate(ix) for d in contents[i]]
+        k, i, d = (list(t) for t in zip(*mine))
+        batch, _ = swap(xb[k], i, list(label[i]), d)
         preds.append(probabilities(model, batch, bs).argmax(1))
         done += len(xb)
     found = pd.DataFrame(swaps, columns=["image", "content"]).assign(
@@ -533,12 +530,12 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
     per = found.groupby("image")[["hit", "chance"]].mean()
     out.loc[per.index, "swapped"] = per["hit"].to_numpy(float)
     out.loc[per.index, "swapped_chance"] = per["chance"].to_numpy(float)
-    return out, Swap(held, holds)
+    return out, swap
 
 
 def _decoded(learn: Learner, files: Sequence[Path], bs: int) -> Tensor:
-    """The images as the network sees them, (N, C, H, W), on the CPU."""
-    return torch.cat([xb.as_subclass(Tensor).cpu() for (xb,) in learn.dls.test_dl(files, bs=bs)])
+    """The images as the network sees them, (N, C, H, W), on its device."""
+    return torch.cat([xb.as_subclass(Tensor) for (xb,) in learn.dls.test_dl(files, bs=bs)])
 
 
 def _region_tests(learn, files, tested, with_control, target, before, maps, centres, size,

@@ -9,7 +9,7 @@ Two counterfactual images per region ask the network itself:
     moved        the region pasted, at the same place, into an image of another class: is that
                  image now predicted as the region's class?
     swapped      where an image holds what its class holds at that place (`fixed_content`),
-                 that content exchanged for another class's (`swap_content`), its object
+                 that content exchanged for another class's (`swap_content`), the rest
                  kept: is it now predicted as the other class?
 
 Each beside its control: the same intervention on a region of the same size and shape
@@ -118,8 +118,8 @@ def probabilities(model: nn.Module, x: Tensor, bs: int = 64) -> Tensor:
 
 def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
               receivers: Tensor, bs: int = 64) -> dict[str, Tensor]:
-    """The interventions on a batch of images, its regions taken away and moved, in one pass
-    of 2N images (its control: the same call with the regions from `elsewhere`).
+    """Both interventions on a batch of images, its regions taken away and moved, in one
+    pass of 2N images (its control: the same call with the regions from `elsewhere`).
 
     Args:
         x: (N, C, H, W) images; `classes` (N,) the class each is audited for.
@@ -131,12 +131,11 @@ def intervene(model: nn.Module, x: Tensor, classes: Tensor, regions: Tensor,
         away, `removed_pred` the class then predicted; `moved` 1 where the receiver is now
         predicted as the class, `moved_p` its probability of the class.
     """
-    batch = [fill(x, regions), paste(receivers, x, regions)]
-    removed, moved = probabilities(model, torch.cat(batch), bs).split(len(x))
+    probs = probabilities(model, torch.cat([fill(x, regions), paste(receivers, x, regions)]), bs)
+    removed, moved = probs.split(len(x))
     c = classes.cpu()[:, None]
-    out = {"removed_p": removed.gather(1, c)[:, 0], "removed_pred": removed.argmax(1).float(),
-           "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
-    return out
+    return {"removed_p": removed.gather(1, c)[:, 0], "removed_pred": removed.argmax(1).float(),
+            "moved": (moved.argmax(1) == c[:, 0]).float(), "moved_p": moved.gather(1, c)[:, 0]}
 
 
 def same_place(peaks: Tensor, groups: Sequence, size: tuple[int, int], radius: float
