@@ -22,6 +22,9 @@ against `spray.cluster_maps` on the same maps of (1), judged by the shortcut's m
 the networks and fish of (1), not in the audit: a class is "written where its maps do not
 point" when the maps' shapes moved elsewhere in their images, pasted onto a plain picture,
 make it the class; "it persists" when its predictions survive the maps' regions taken away.
+(7) `--only heldout`: two kinds drawn only to check the audit (`mini_fish.HELD_OUT_KINDS`: a
+frame round the picture, dots scattered on the water), never used to design a sign or choose a
+threshold, scored with the shipped rule like (1)'s kinds. Table in `results/audit_heldout.csv`.
 
     .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~25 min on 2 busy cores
 """
@@ -238,25 +241,26 @@ def loko_table(rows):
     return pd.DataFrame(table)
 
 
-def kind_rows(data: Path) -> None:
-    """(1): every network audited, then the leave-one-kind-out table."""
+def audited_rows(kinds: tuple[str, ...]):
+    """A network trained (or reused) for each of `kinds` and for none (`CLEAN_SEEDS`); each
+    shortcut network audited on new fish with its kind, each clean one on every kind's; with
+    where each map lies and how often each shortcut network follows its shortcut."""
     import pandas as pd
 
     from gradcam_tut.tool.auditing import EVIDENCE
-    from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
     from gradcam_tut.tool.shortcut import counterfactual_sets, shortcut_scores
     from gradcam_tut.tool.train import load_fish_learner
 
-    jobs = [(k, SEED) for k in SHORTCUT_KINDS] + [("clean", s) for s in CLEAN_SEEDS]
-    audits = [(f"{k}-{SEED}", k) for k in SHORTCUT_KINDS] + \
-        [(f"clean-{s}", k) for s in CLEAN_SEEDS for k in SHORTCUT_KINDS]
+    jobs = [(k, SEED) for k in kinds] + [("clean", s) for s in CLEAN_SEEDS]
+    audits = [(f"{k}-{SEED}", k) for k in kinds] + \
+        [(f"clean-{s}", k) for s in CLEAN_SEEDS for k in kinds]
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(train_one, jobs))
         rows = pd.concat(list(pool.map(audit_one, audits)), ignore_index=True)
     print("\n== what each shortcut network does with its shortcut (follows: the share of "
           "swapped test fish named by the shortcut's class; chance 0.11)")
-    for k in SHORTCUT_KINDS:
+    for k in kinds:
         learn = load_fish_learner(DATA / f"{k}-{SEED}.pkl")
         got = shortcut_scores(learn, counterfactual_sets(SETS / "test", kind=k))
         rows.loc[rows["model"] == f"{k}-{SEED}", "follows"] = got["follows mark"]
@@ -265,9 +269,40 @@ def kind_rows(data: Path) -> None:
     rows["file"] = [str(Path(f).relative_to(SETS)) for f in rows["file"]]
     keep = ["model", "kind", "shortcut", "follows", "file", "class", "cluster", "predicted",
             "correct", *EVIDENCE, "near mark", "on mark", "mark energy", "mark area"]
-    rows = rows[keep + [c for c in rows if c.startswith("seconds_")]]
+    return rows[keep + [c for c in rows if c.startswith("seconds_")]]
+
+
+def kind_rows() -> None:
+    """(1): every network audited, then the leave-one-kind-out table."""
+    from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
+
+    rows = audited_rows(SHORTCUT_KINDS)
     rows.to_csv(RESULTS / "audit_kinds.csv", index=False, float_format="%.4g")
     report_rules(rows)
+
+
+def heldout_rows() -> None:
+    """(7): kinds the audit was neither built nor calibrated on (`mini_fish.HELD_OUT_KINDS`),
+    scored with the shipped rule (`auditing.RULE`); flagged clean: each clean network's share
+    of flagged images on that kind's fish."""
+    import pandas as pd
+
+    from gradcam_tut.tool.auditing import RULE
+    from gradcam_tut.tool.mini_fish import HELD_OUT_KINDS
+
+    rows = with_cluster_numbers(audited_rows(HELD_OUT_KINDS))
+    table = []
+    for k in HELD_OUT_KINDS:
+        part = rows[rows["kind"] == k]
+        short = part[part["shortcut"]]
+        table.append({"kind": k, **scores(part, RULE), **{
+            f"flagged clean-{s}": flags(part[part["model"] == f"clean-{s}"], RULE).mean()
+            for s in CLEAN_SEEDS}, "maps on it": short["near mark"].mean(),
+            "follows": short["follows"].iloc[0]})
+    table = pd.DataFrame(table)
+    table.to_csv(RESULTS / "audit_heldout.csv", index=False, float_format="%.4g")
+    print("\n== (7) kinds held out of the audit's design, the shipped rule:", RULE)
+    print(table.round(3).to_string(index=False))
 
 
 def report_rules(rows) -> None:
@@ -578,8 +613,8 @@ def scaling_rows(sizes: tuple[int, ...] = (1000, 5000, 20000), dense_up_to: int 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["kinds", "loko", "time", "scaling", "processes",
-                                      "corelay", "canvas"])
+    p.add_argument("--only", choices=["kinds", "loko", "heldout", "time", "scaling",
+                                      "processes", "corelay", "canvas"])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -590,7 +625,9 @@ def main() -> None:
         return
     args.data.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "kinds"):
-        kind_rows(args.data)
+        kind_rows()
+    if args.only in (None, "heldout"):
+        heldout_rows()
     if args.only == "loko":  # again, from the rows that `kinds` wrote
         import pandas as pd
 

@@ -14,7 +14,17 @@ from PIL import Image
 from gradcam_tut.fish_layout import CLASSES, mask_file
 from gradcam_tut.tool.cli import main as cli_main
 from gradcam_tut.tool.layout import image_files
-from gradcam_tut.tool.mini_fish import MARKER, MARKS, MiniFishSpec, main, make_mini_fish, render
+from gradcam_tut.tool.mini_fish import (
+    HELD_OUT_KINDS,
+    MARKER,
+    MARKS,
+    SHORTCUT_KINDS,
+    MiniFishSpec,
+    _render,
+    main,
+    make_mini_fish,
+    render,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = MiniFishSpec(per_class=2, width=48, height=36)
@@ -190,6 +200,28 @@ def test_mark_mask_is_where_the_mark_is(tmp_path):
     assert not np.asarray(mark_mask(root / "Sea Bass" / "Sea Bass" / "00001.png")).any()
     with pytest.raises(FileNotFoundError, match="mark_mask reads the images of a set"):
         mark_mask(tmp_path / "a" / "b" / "c" / "d" / "00001.png")
+
+
+@pytest.mark.parametrize("kind", SHORTCUT_KINDS + HELD_OUT_KINDS)
+def test_every_kind_is_drawn_again_the_same_in_its_class_colour(kind):
+    """Each kind's mark: the same pixels when drawn again (mark_mask and the truth redraw it);
+    an opaque one in its class's colour and off the fish's mask; the frame all round, the dots
+    apart, at places that change with the fish."""
+    spec = MiniFishSpec(per_class=2, width=64, height=48, mark=1.0, mark_kind=kind)
+    wheres = []
+    for i in (0, 1):
+        img, mask, (of, where) = _render("Trout", i, spec)
+        again = _render("Trout", i, spec)
+        assert of == "Trout" and np.array_equal(np.asarray(img), np.asarray(again[0]))
+        assert np.array_equal(where, again[2][1]) and where.any()
+        if kind in ("corner", "strip", "tag", "frame", "dots"):  # opaque, so no fish under
+            assert (np.asarray(img)[where] == MARKS["Trout"]).all()
+            assert not (np.asarray(mask) > 0)[where].any()
+        wheres.append(where)
+    if kind == "frame":
+        assert wheres[0][0].all() and wheres[0][-1].all() and not wheres[0][24, 32]
+    if kind == "dots":
+        assert wheres[0].sum() == 5 * 3 ** 2 and not np.array_equal(*wheres)
 
 
 def test_the_module_answers_a_user_error_in_one_line(tmp_path, capsys):

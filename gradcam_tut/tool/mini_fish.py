@@ -34,6 +34,8 @@ from ..fish_layout import CLASSES, DatasetLayoutError, mask_file
 from .results import error_message
 
 SHORTCUT_KINDS = ("corner", "strip", "tag", "background", "watermark")  # `mark_kind`
+# drawn only to check the audit on kinds it was neither designed nor calibrated on
+HELD_OUT_KINDS = ("frame", "dots")
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
 
@@ -89,8 +91,9 @@ class MiniFishSpec:
             raise ValueError(f"{self.width}x{self.height}: draw at most 4096 pixels a side")
         if not 0 <= self.mark <= 1:
             raise ValueError(f"mark={self.mark}: the share of marked images is in 0..1")
-        if self.mark_kind not in SHORTCUT_KINDS:
-            raise ValueError(f"mark_kind={self.mark_kind!r}: pick one of {SHORTCUT_KINDS}")
+        if self.mark_kind not in SHORTCUT_KINDS + HELD_OUT_KINDS:
+            raise ValueError(f"mark_kind={self.mark_kind!r}: pick one of "
+                             f"{SHORTCUT_KINDS + HELD_OUT_KINDS}")
         if self.shuffle_marks and self.swap_marks:
             raise ValueError("shuffle_marks and swap_marks: pick one (a random class's mark, or "
                              "always another class's)")
@@ -281,6 +284,43 @@ def _tag(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
     return _cover(img, mask, (x, y, x + side, y + side), color)
 
 
+def _frame(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """A thin border all round the picture (a twenty-fourth of its height): a mount."""
+    w, h = img.size
+    t = max(2, h // 24)
+    where = np.ones((h, w), bool)
+    where[t:h - t, t:w - t] = False
+    return _paint(img, mask, where, color)
+
+
+def _dots(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """Five small squares (a sixteenth of the height) apart on the water, at places drawn from
+    the fish's box: stickers, never at one place nor beside the fish."""
+    w, h = img.size
+    side = max(2, h // 16)
+    rng = np.random.default_rng(list(mask.getbbox() or (0, 0, w, h)))
+    fish, where = np.asarray(mask) > 0, np.zeros((h, w), bool)
+    placed = 0
+    for _ in range(500):  # tries: a fish that fills the picture leaves fewer
+        x, y = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+        if not (fish | where)[y:y + side, x:x + side].any():
+            where[y:y + side, x:x + side] = True
+            placed += 1
+            if placed == 5:
+                break
+    return _paint(img, mask, where, color)
+
+
+def _paint(img: Image.Image, mask: Image.Image, where: np.ndarray, color: tuple) -> np.ndarray:
+    """`_cover` for any shape: the pixels `where` painted in `color`, the fish under them
+    taken out of the mask. Returns `where`."""
+    arr, fish = np.asarray(img).copy(), np.asarray(mask).copy()
+    arr[where], fish[where] = color, 0
+    img.paste(Image.fromarray(arr))
+    mask.paste(Image.fromarray(fish))
+    return where
+
+
 def _backdrop(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
     """The water tinted towards the class's colour (the fish as it was): a studio backdrop
     per class. The mark is everything that is not fish."""
@@ -312,7 +352,7 @@ def _watermark(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
 BACKDROP = 0.35  # how far the backdrop is tinted towards the class's colour
 WATERMARK = 0.45  # how strongly the watermark's lines are drawn over the picture
 SHORTCUTS = {"corner": _corner, "strip": _strip, "tag": _tag, "background": _backdrop,
-             "watermark": _watermark}
+             "watermark": _watermark, "frame": _frame, "dots": _dots}
 
 
 def mark_mask(image: str | Path):
@@ -567,9 +607,10 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--mark", type=float, default=0.0,
                    help="share of images with their class's shortcut mark")
-    p.add_argument("--mark-kind", choices=SHORTCUT_KINDS, default="corner",
+    p.add_argument("--mark-kind", choices=SHORTCUT_KINDS + HELD_OUT_KINDS, default="corner",
                    help="the shortcut: a corner square, a strip along the bottom edge, a tag "
-                        "beside the fish, a tinted backdrop, a faint watermark")
+                        "beside the fish, a tinted backdrop, a faint watermark; a frame or "
+                        "scattered dots (kinds the audit was not built on)")
     p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
     p.add_argument("--swap-marks", action="store_true",
                    help="each mark another class's, never its own (a counterfactual test set)")
