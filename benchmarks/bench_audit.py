@@ -205,18 +205,17 @@ def calibrated_table(rows, seeds: tuple[int, ...] = (42, 43), leave_out: bool = 
     clean = rows[~rows["shortcut"]]
     chosen = clean["model"].isin([f"clean-{s}" for s in seeds])
     held_clean = clean[~chosen]
+    kinds = rows["kind"].unique()
+    rules = ({k: calibrated_rule(clean[chosen & (clean["kind"] != k)]) for k in kinds}
+             if leave_out else dict.fromkeys(kinds, calibrated_rule(clean[chosen])))
     table = []
-    for k in rows["kind"].unique():
-        rule = calibrated_rule(clean[chosen & (clean["kind"] != k)] if leave_out
-                               else clean[chosen])
+    for k, rule in rules.items():
+        short = rows[rows["shortcut"] & (rows["kind"] == k)]
         table.append({"left out" if leave_out else "kind": k,
                       **{f"rule {n}": v for n, v in rule.items()},
-                      **scores(pd.concat([rows[rows["shortcut"] & (rows["kind"] == k)],
-                                          held_clean[held_clean["kind"] == k]]), rule),
-                      "maps on it": rows.loc[rows["shortcut"] & (rows["kind"] == k),
-                                             "near mark"].mean(),
-                      "follows": rows.loc[rows["shortcut"] & (rows["kind"] == k),
-                                          "follows"].iloc[0]})
+                      **scores(pd.concat([short, held_clean[held_clean["kind"] == k]]), rule),
+                      "maps on it": short["near mark"].mean(),
+                      "follows": short["follows"].iloc[0]})
     return pd.DataFrame(table)
 
 

@@ -244,13 +244,10 @@ def _render(cls: str, index: int, spec: MiniFishSpec):
 
 
 def _cover(img: Image.Image, mask: Image.Image, box: tuple, color: tuple) -> np.ndarray:
-    """`box` (x0, y0, x1, y1) painted in `color`; the fish under it leaves the mask, so the
-    mask stays exactly what is fish in the picture. Returns where the mark is, (H, W) bool."""
-    img.paste(color, box)
-    mask.paste(0, box)
+    """`box` (x0, y0, x1, y1) painted in `color` (`_paint`)."""
     where = np.zeros((img.height, img.width), bool)
     where[box[1]:box[3], box[0]:box[2]] = True
-    return where
+    return _paint(img, mask, where, color)
 
 
 def _corner(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
@@ -312,8 +309,8 @@ def _dots(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
 
 
 def _paint(img: Image.Image, mask: Image.Image, where: np.ndarray, color: tuple) -> np.ndarray:
-    """`_cover` for any shape: the pixels `where` painted in `color`, the fish under them
-    taken out of the mask. Returns `where`."""
+    """The pixels `where` ((H, W) bool) painted in `color`; the fish under them leaves the
+    mask, so the mask stays exactly what is fish in the picture. Returns `where`."""
     arr, fish = np.asarray(img).copy(), np.asarray(mask).copy()
     arr[where], fish[where] = color, 0
     img.paste(Image.fromarray(arr))
