@@ -22,9 +22,10 @@ against `spray.cluster_maps` on the same maps of (1), judged by the shortcut's m
 the networks and fish of (1), not in the audit: a class is "written where its maps do not
 point" when the maps' shapes moved elsewhere in their images, pasted onto a plain picture,
 make it the class; "it persists" when its predictions survive the maps' regions taken away.
-(7) `--only heldout`: two kinds drawn only to check the audit (`mini_fish.HELD_OUT_KINDS`: a
-frame round the picture, dots scattered on the water), never used to design a sign or choose a
-threshold, scored with the shipped rule like (1)'s kinds. Table in `results/audit_heldout.csv`.
+(7) `--only heldout`: three kinds drawn only to check the audit (`mini_fish.HELD_OUT_KINDS`: a
+frame round the picture, dots scattered on the water, a tag large enough to be read), never used
+to design a sign or choose a threshold, scored with the shipped rule like (1)'s kinds. Table in
+`results/audit_heldout.csv`.
 
     .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~25 min on 2 busy cores
 """
@@ -76,14 +77,16 @@ def audit_one(job: tuple[str, str]):
 
     torch.set_num_threads(1)
     from gradcam_tut.tool.auditing import audit
-    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
+    from gradcam_tut.tool.shortcut import counterfactual_sets, mark_decides, where_maps_lie
     from gradcam_tut.tool.train import load_fish_learner
 
     model, kind = job
     learn = load_fish_learner(DATA / f"{model}.pkl")
-    files = counterfactual_sets(SETS / "test", kind=kind)["marked"]
-    result = audit(learn, files)
+    sets = counterfactual_sets(SETS / "test", kind=kind)
+    result = audit(learn, sets["marked"])
     truth = where_maps_lie(learn, result.images["file"], result.maps, result.layer)
+    decides = dict(zip(map(str, sets["marked"]), mark_decides(learn, sets)))
+    truth["mark decides"] = [decides[str(f)] for f in result.images["file"]]
     return pd.concat([result.images, truth], axis=1).assign(
         model=model, kind=kind, shortcut=not model.startswith("clean"),
         **{f"seconds_{k}": v for k, v in result.seconds.items()})
@@ -133,14 +136,32 @@ def flags(rows, rule: dict) -> np.ndarray:
 
 def scores(rows, rule: dict) -> dict:
     """Precision and recall of the flags on the shortcut networks' images (truth: the map's
-    peak near the shortcut), and the share of the clean networks' images flagged."""
+    peak near the shortcut), the recall on those of them whose prediction the shortcut decides
+    (`shortcut.mark_decides`: all an intervention could prove), and the share of the clean
+    networks' images flagged."""
     flagged = flags(rows, rule)
     short, truth = rows["shortcut"].to_numpy(), (rows["near mark"] == 1).to_numpy()
+    proven = truth & short & (rows["mark decides"] == 1).to_numpy()
     tp = (flagged & truth & short).sum()
     return {"precision": tp / max((flagged & short).sum(), 1),
             "recall": tp / max((truth & short).sum(), 1),
+            "recall where it decides": (flagged & proven).sum() / max(proven.sum(), 1),
             "flagged clean": flagged[~short].mean() if (~short).any() else np.nan,
             "flagged shortcut": flagged[short].mean() if short.any() else np.nan}
+
+
+def what_it_does(rows) -> dict:
+    """One kind's rows, its shortcut network's: the share of its maps on its shortcut, the
+    share of those whose prediction the shortcut decides (`shortcut.mark_decides`), how often
+    it follows its shortcut on swapped fish, and how often the shortcut alone, moved into other
+    classes' fish, makes them its class (`shortcut.mark_moved`), beside the same for the clean
+    networks (the mean of those in `rows`)."""
+    short = rows[rows["shortcut"]]
+    near = short["near mark"] == 1
+    return {"maps on it": near.mean(), "it decides": short.loc[near, "mark decides"].mean(),
+            "follows": short["follows"].iloc[0], "mark moved": short["mark moved"].iloc[0],
+            "mark moved, clean": rows.loc[~rows["shortcut"]].groupby("model")["mark moved"]
+            .first().mean()}
 
 
 def choose_rule(rows) -> dict:
@@ -214,8 +235,7 @@ def calibrated_table(rows, seeds: tuple[int, ...] = (42, 43), leave_out: bool = 
         table.append({"left out" if leave_out else "kind": k,
                       **{f"rule {n}": v for n, v in rule.items()},
                       **scores(pd.concat([short, held_clean[held_clean["kind"] == k]]), rule),
-                      "maps on it": short["near mark"].mean(),
-                      "follows": short["follows"].iloc[0]})
+                      **what_it_does(rows[rows["kind"] == k])})
     return pd.DataFrame(table)
 
 
@@ -234,9 +254,7 @@ def loko_table(rows):
             images, _ = apply_rule(part, cluster_numbers(part), rule)
             assert (images["flagged"].to_numpy() == 1).tolist() == flags(part, rule).tolist()
         table.append({"left out": k, **{f"rule {n}": v for n, v in rule.items()},
-                      **scores(held, rule),
-                      "maps on it": held.loc[held["shortcut"], "near mark"].mean(),
-                      "follows": held.loc[held["shortcut"], "follows"].iloc[0]})
+                      **scores(held, rule), **what_it_does(held)})
     return pd.DataFrame(table)
 
 
@@ -247,7 +265,7 @@ def audited_rows(kinds: tuple[str, ...]):
     import pandas as pd
 
     from gradcam_tut.tool.auditing import EVIDENCE
-    from gradcam_tut.tool.shortcut import counterfactual_sets, shortcut_scores
+    from gradcam_tut.tool.shortcut import counterfactual_sets, mark_moved, shortcut_scores
     from gradcam_tut.tool.train import load_fish_learner
 
     jobs = [(k, SEED) for k in kinds] + [("clean", s) for s in CLEAN_SEEDS]
@@ -258,16 +276,28 @@ def audited_rows(kinds: tuple[str, ...]):
         list(pool.map(train_one, jobs))
         rows = pd.concat(list(pool.map(audit_one, audits)), ignore_index=True)
     print("\n== what each shortcut network does with its shortcut (follows: the share of "
-          "swapped test fish named by the shortcut's class; chance 0.11)")
+          "swapped test fish named by the shortcut's class, chance 0.11; mark moved: the mark "
+          "alone pasted into other classes' fish, the share named by its class, and by the "
+          "clean networks)")
     for k in kinds:
+        sets = counterfactual_sets(SETS / "test", kind=k)
+        for model in rows.loc[rows["kind"] == k, "model"].unique():
+            learn = load_fish_learner(DATA / f"{model}.pkl")
+            rows.loc[(rows["model"] == model) & (rows["kind"] == k), "mark moved"] = \
+                mark_moved(learn, sets["marked"])
         learn = load_fish_learner(DATA / f"{k}-{SEED}.pkl")
-        got = shortcut_scores(learn, counterfactual_sets(SETS / "test", kind=k))
-        rows.loc[rows["model"] == f"{k}-{SEED}", "follows"] = got["follows mark"]
-        print(f"{k:>10}: " + ", ".join(f"{n} {v:.2f}" for n, v in got.items()), flush=True)
+        got = shortcut_scores(learn, sets)
+        short = rows["model"] == f"{k}-{SEED}"
+        rows.loc[short, "follows"] = got["follows mark"]
+        clean = rows.loc[(rows["kind"] == k) & ~rows["shortcut"], "mark moved"].mean()
+        print(f"{k:>10}: " + ", ".join(f"{n} {v:.2f}" for n, v in got.items())
+              + f", mark moved {rows.loc[short, 'mark moved'].iloc[0]:.2f} (clean {clean:.2f})",
+              flush=True)
     RESULTS.mkdir(exist_ok=True)
     rows["file"] = [str(Path(f).relative_to(SETS)) for f in rows["file"]]
-    keep = ["model", "kind", "shortcut", "follows", "file", "class", "cluster", "predicted",
-            "correct", *EVIDENCE, "near mark", "on mark", "mark energy", "mark area"]
+    keep = ["model", "kind", "shortcut", "follows", "mark moved", "file",
+            "class", "cluster", "predicted", "correct", *EVIDENCE, "near mark", "on mark",
+            "mark energy", "mark area", "mark decides"]
     return rows[keep + [c for c in rows if c.startswith("seconds_")]]
 
 
@@ -293,11 +323,9 @@ def heldout_rows() -> None:
     table = []
     for k in HELD_OUT_KINDS:
         part = rows[rows["kind"] == k]
-        short = part[part["shortcut"]]
         table.append({"kind": k, **scores(part, RULE), **{
             f"flagged clean-{s}": flags(part[part["model"] == f"clean-{s}"], RULE).mean()
-            for s in CLEAN_SEEDS}, "maps on it": short["near mark"].mean(),
-            "follows": short["follows"].iloc[0]})
+            for s in CLEAN_SEEDS}, **what_it_does(part)})
     table = pd.DataFrame(table)
     table.to_csv(RESULTS / "audit_heldout.csv", index=False, float_format="%.4g")
     print("\n== (7) kinds held out of the audit's design, the shipped rule:", RULE)

@@ -206,7 +206,7 @@ def test_mark_mask_is_where_the_mark_is(tmp_path):
 def test_every_kind_is_drawn_again_the_same_in_its_class_colour(kind):
     """Each kind's mark: the same pixels when drawn again (mark_mask and the truth redraw it);
     an opaque one in its class's colour and off the fish's mask; the frame all round, the dots
-    apart, at places that change with the fish."""
+    apart, at places that change with the fish; the label the tag, grown."""
     spec = MiniFishSpec(per_class=2, width=64, height=48, mark=1.0, mark_kind=kind)
     wheres = []
     for i in (0, 1):
@@ -214,7 +214,7 @@ def test_every_kind_is_drawn_again_the_same_in_its_class_colour(kind):
         again = _render("Trout", i, spec)
         assert of == "Trout" and np.array_equal(np.asarray(img), np.asarray(again[0]))
         assert np.array_equal(where, again[2][1]) and where.any()
-        if kind in ("corner", "strip", "tag", "frame", "dots"):  # opaque, so no fish under
+        if kind in ("corner", "strip", "tag", "frame", "dots", "label"):  # opaque: no fish under
             assert (np.asarray(img)[where] == MARKS["Trout"]).all()
             assert not (np.asarray(mask) > 0)[where].any()
         wheres.append(where)
@@ -222,6 +222,9 @@ def test_every_kind_is_drawn_again_the_same_in_its_class_colour(kind):
         assert wheres[0][0].all() and wheres[0][-1].all() and not wheres[0][24, 32]
     if kind == "dots":
         assert wheres[0].sum() == 5 * 3 ** 2 and not np.array_equal(*wheres)
+    if kind == "label":  # a square a third of the height, where the tag's smaller one sits
+        tag = _render("Trout", 0, replace(spec, mark_kind="tag"))[2][1]
+        assert wheres[0].sum() == 16 ** 2 and (wheres[0] & tag).any()
 
 
 def test_the_module_answers_a_user_error_in_one_line(tmp_path, capsys):

@@ -58,6 +58,32 @@ def test_shortcut_scores_counts_the_fish_and_the_mark(sets):
                     "follows mark": 1.0}
 
 
+def test_mark_decides_where_the_prediction_follows_the_mark(sets):
+    from fastai.data.transforms import CategoryMap
+
+    from gradcam_tut.tool.shortcut import mark_decides
+
+    vocab = CategoryMap(list(MARKS))
+    assert mark_decides(_Stub(vocab, follow_mark=False), sets).tolist() == [0.0] * 27
+    assert mark_decides(_Stub(vocab, follow_mark=True), sets).tolist() == [1.0] * 27
+
+
+def test_moved_alone_counts_what_the_region_carries():
+    """A model that reads the left half only: the left half moved makes the source's class,
+    the right half the receiver's."""
+    from gradcam_tut.tool.shortcut import moved_alone
+
+    y = torch.arange(3).repeat(4)
+    x = torch.nn.functional.one_hot(y, 3).float()[:, :, None, None].expand(-1, -1, 8, 8)
+    left = torch.zeros(12, 8, 8, dtype=torch.bool)
+    left[:, :, :4] = True
+    def reads_left(xb):  # its class: the channel brightest on the left half
+        return xb[..., :4].mean((2, 3))
+
+    assert moved_alone(reads_left, x, y, left) == 1.0
+    assert moved_alone(reads_left, x, y, ~left) == 0.0
+
+
 def test_swap_and_shuffle_exclude_each_other():
     with pytest.raises(ValueError, match="shuffle_marks and swap_marks: pick one"):
         MiniFishSpec(mark=1.0, shuffle_marks=True, swap_marks=True)

@@ -36,7 +36,8 @@ without being its object.
    left out in turn.
 
 A flag asks a person to look; it is no verdict. The report says what to look for, and that
-no flag is no clean bill: a mark that moves with the object (a tag) is hardly ever flagged.
+no flag is no clean bill: a mark that moves with the object (a tag) is hardly ever flagged,
+even one its network reads (`benchmarks/bench_audit.py --only heldout`, the label).
 
     audited/
       clusters.csv   one row per image: file, class, cluster, flagged, why, the numbers

@@ -35,7 +35,7 @@ from .results import error_message
 
 SHORTCUT_KINDS = ("corner", "strip", "tag", "background", "watermark")  # `mark_kind`
 # drawn only to check the audit on kinds it was neither designed nor calibrated on
-HELD_OUT_KINDS = ("frame", "dots")
+HELD_OUT_KINDS = ("frame", "dots", "label")
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
 
@@ -268,17 +268,22 @@ def _strip(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
     return _cover(img, mask, (w // 4, h - bar, w - w // 4, h), color)
 
 
-def _tag(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
-    """A small square (a fifth of the height) beside the fish, on the side with more room, at
-    the height of the fish's middle: it moves with the fish, as a label on a tray would."""
+def _tag(img: Image.Image, mask: Image.Image, color: tuple, part: int = 5) -> np.ndarray:
+    """A small square (a `part`th of the height) beside the fish, on the side with more room,
+    at the height of the fish's middle: it moves with the fish, as a label on a tray would."""
     w, h = img.size
-    side = max(3, min(w, h) // 5)
+    side = max(3, min(w, h) // part)
     x0, y0, x1, y1 = mask.getbbox() or (0, 0, w, h)
     gap = max(1, side // 4)
     x = x1 + gap if w - x1 >= x0 else x0 - gap - side
     y = (y0 + y1) // 2 - side // 2
     x, y = int(np.clip(x, 0, w - side)), int(np.clip(y, 0, h - side))
     return _cover(img, mask, (x, y, x + side, y + side), color)
+
+
+def _label(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """A tag a third of the height: a label large enough that a network reads it."""
+    return _tag(img, mask, color, part=3)
 
 
 def _frame(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
@@ -349,7 +354,7 @@ def _watermark(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
 BACKDROP = 0.35  # how far the backdrop is tinted towards the class's colour
 WATERMARK = 0.45  # how strongly the watermark's lines are drawn over the picture
 SHORTCUTS = {"corner": _corner, "strip": _strip, "tag": _tag, "background": _backdrop,
-             "watermark": _watermark, "frame": _frame, "dots": _dots}
+             "watermark": _watermark, "frame": _frame, "dots": _dots, "label": _label}
 
 
 def mark_mask(image: str | Path):
@@ -606,8 +611,8 @@ def add_mini_fish_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of images with their class's shortcut mark")
     p.add_argument("--mark-kind", choices=SHORTCUT_KINDS + HELD_OUT_KINDS, default="corner",
                    help="the shortcut: a corner square, a strip along the bottom edge, a tag "
-                        "beside the fish, a tinted backdrop, a faint watermark; a frame or "
-                        "scattered dots (kinds the audit was not built on)")
+                        "beside the fish, a tinted backdrop, a faint watermark; a frame, "
+                        "scattered dots or a large tag (kinds the audit was not built on)")
     p.add_argument("--shuffle-marks", action="store_true", help="marks of random classes")
     p.add_argument("--swap-marks", action="store_true",
                    help="each mark another class's, never its own (a counterfactual test set)")

@@ -28,6 +28,7 @@ from ..cam import Layer
 from ..learner import localization_report, mask_dl
 from ..metrics import energy_in_mask, pointing_game
 from ..receptive_field import CellCentres, cell_centres, place
+from .interventions import paste, probabilities
 from .layout import image_files
 from .mini_fish import MiniFishSpec, make_mini_fish, mark_class, mark_mask
 
@@ -96,6 +97,44 @@ def shortcut_scores(learn: Learner, sets: dict[str, L], bs: int = 64) -> dict[st
             marks = torch.tensor([vocab.o2i[mark_class(f)] for f in files])
             scores["follows mark"] = (pred == marks).float().mean().item()
     return scores
+
+
+@torch.no_grad()
+def mark_decides(learn: Learner, sets: dict[str, L], bs: int = 64) -> np.ndarray:
+    """Per image of `sets["marked"]`, 1 when its prediction changes with its mark made another
+    class's (the same fish in `sets["swapped"]`): the mark decides it, what a map on the mark
+    only hints at."""
+    marked, swapped = (learn.get_preds(dl=learn.dls.test_dl(sets[k], bs=bs))[0].argmax(dim=1)
+                       for k in ("marked", "swapped"))
+    return (marked != swapped).float().numpy()
+
+
+@torch.no_grad()
+def mark_moved(learn: Learner, files: Sequence[str | Path], receivers: int = 3,
+               seed: int = 0, bs: int = 64) -> float:
+    """The mark alone, cut out by its own mask (`mark_mask`, which no audit sees), pasted at
+    its place into `receivers` images of other classes among `files` (marked images): the
+    share then predicted as the mark's class. The most a region moved can show of the mark;
+    a network that never saw the mark gives the control."""
+    batches = [(xb.as_subclass(Tensor), yb.as_subclass(Tensor), mb.as_subclass(Tensor).bool())
+               for xb, yb, mb in mask_dl(learn, list(files), mark_mask, bs=bs)]
+    x, y, marks = (torch.cat(t) for t in zip(*batches))
+    return moved_alone(learn.model.eval(), x, y, marks, receivers, seed, bs)
+
+
+def moved_alone(model: torch.nn.Module, x: Tensor, y: Tensor, regions: Tensor,
+                receivers: int = 3, seed: int = 0, bs: int = 64) -> float:
+    """`mark_moved` on tensors: each of the images `x` (N, C, H, W) of classes `y` (N,) with
+    its `regions` (N, H, W) bool pasted into `receivers` images of other classes; the share
+    of those predicted as its class."""
+    gen = torch.Generator().manual_seed(seed)
+    into = torch.cat([torch.nonzero(y != c)[:, 0][torch.randint(int((y != c).sum()),
+                                                                   (receivers,), generator=gen)]
+                      for c in y.tolist()])
+    pasted = paste(x[into], x.repeat_interleave(receivers, 0),
+                   regions.repeat_interleave(receivers, 0))
+    said = probabilities(model, pasted, bs).argmax(1)
+    return (said == y.repeat_interleave(receivers).cpu()).float().mean().item()
 
 
 def map_shares(learn: Learner, sets: dict[str, L], layer: Layer = "layer2") -> dict[str, float]:
