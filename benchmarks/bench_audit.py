@@ -26,6 +26,10 @@ make it the class; "it persists" when its predictions survive the maps' regions 
 frame round the picture, dots scattered on the water, a tag large enough to be read), never used
 to design a sign or choose a threshold, scored with the shipped rule like (1)'s kinds. Table in
 `results/audit_heldout.csv`.
+(8) `--only copies`: a sign tried for marks that move with the object, not in the audit: the map
+peaks on a *copy* (colours its class's images hold anywhere, pixel for pixel, and other classes'
+do not), and those pixels moved into other classes' fish make them its class. Rows in
+`results/audit_copies.csv`.
 
     .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~25 min on 2 busy cores
 """
@@ -353,6 +357,24 @@ def report_rules(rows) -> None:
     print(table.round(3).to_string(index=False))
 
 
+def audited_on_marks(job: tuple[str, str]):
+    """(6), (8): one network audited on one kind's marked test fish, in a worker (one thread):
+    its learner, the `Audit`, the files in the audit's order and, per image, `near mark`."""
+    import torch
+
+    torch.set_num_threads(1)
+    from gradcam_tut.tool.auditing import audit
+    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
+    from gradcam_tut.tool.train import load_fish_learner
+
+    model, kind = job
+    learn = load_fish_learner(DATA / f"{model}.pkl")
+    result = audit(learn, counterfactual_sets(SETS / "test", kind=kind)["marked"])
+    files = list(result.images["file"])
+    near = where_maps_lie(learn, files, result.maps, result.layer)["near mark"].to_numpy()
+    return learn, result, files, near
+
+
 def canvas_one(job: tuple[str, str]):
     """(6) for one network on one kind's fish: per class, the share of its images whose
     region's shape moved elsewhere (`interventions.elsewhere`), pasted onto a plain picture
@@ -364,18 +386,11 @@ def canvas_one(job: tuple[str, str]):
     import torch
     from torch import Tensor
 
-    torch.set_num_threads(1)
     from gradcam_tut.receptive_field import cell_centres, place
-    from gradcam_tut.tool.auditing import audit
     from gradcam_tut.tool.interventions import elsewhere, fill, map_regions, paste, probabilities
-    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
-    from gradcam_tut.tool.train import load_fish_learner
 
     model, kind = job
-    learn = load_fish_learner(DATA / f"{model}.pkl")
-    result = audit(learn, counterfactual_sets(SETS / "test", kind=kind)["marked"])
-    files = list(result.images["file"])
-    near = where_maps_lie(learn, files, result.maps, result.layer)["near mark"].to_numpy()
+    learn, result, files, near = audited_on_marks(job)
     learn.model.eval()
     x = torch.cat([xb.as_subclass(Tensor) for (xb,) in learn.dls.test_dl(files, bs=64)])
     size = tuple(x.shape[-2:])
@@ -394,6 +409,21 @@ def canvas_one(job: tuple[str, str]):
                      "canvas": (canvas[own] == c).mean() - (canvas[other] == c).mean(),
                      "persists": (kept[own] == c).mean() - (kept[other] == c).mean()})
     return pd.DataFrame(rows)
+
+
+def by_kind(rows, flagged: np.ndarray, kinds) -> list[dict]:
+    """(6), (8): per kind, the precision and recall of `flagged` (one per row) on the shortcut
+    network's images (truth: the map near the mark), and the clean networks' share flagged."""
+    table = []
+    for k in kinds:
+        part = (rows["kind"] == k).to_numpy()
+        short = part & rows["shortcut"].to_numpy()
+        truth = short & (rows["near mark"] == 1).to_numpy()
+        table.append({"kind": k,
+                      "precision": (flagged & truth).sum() / max((flagged & short).sum(), 1),
+                      "recall": (flagged & truth).sum() / max(truth.sum(), 1),
+                      "flagged clean": flagged[part & ~rows["shortcut"].to_numpy()].mean()})
+    return table
 
 
 def canvas_rows() -> None:
@@ -425,16 +455,107 @@ def canvas_rows() -> None:
     for t in (0.3, 0.4, 0.5, 0.6, 0.7):
         written = (rows["canvas"] >= t).to_numpy() & ~(rows["c_fixed"] >= RULE["fixed"]).to_numpy()
         flagged = base | written
-        for k in SHORTCUT_KINDS:
-            part = (rows["kind"] == k).to_numpy()
-            short = part & rows["shortcut"].to_numpy()
-            truth = short & (rows["near mark"] == 1).to_numpy()
-            table.append({"canvas >=": t, "kind": k,
-                          "precision": (flagged & truth).sum() / max((flagged & short).sum(), 1),
-                          "recall": (flagged & truth).sum() / max(truth.sum(), 1),
-                          "flagged clean": flagged[part & ~rows["shortcut"].to_numpy()].mean()})
+        table += [{"canvas >=": t, **row} for row in by_kind(rows, flagged, SHORTCUT_KINDS)]
     print("\n== RULE with the canvas sign in place of everywhere (flagged clean: all three "
           "clean networks on that kind's fish)")
+    print(pd.DataFrame(table).round(3).to_string(index=False))
+
+
+COPY_BITS = 6  # (8) colours compared to this many bits a channel
+
+
+def copies_one(job: tuple[str, str]):
+    """(8) for one network on one kind's fish, per image: `copied`, over the colours within a
+    cell of its map's peak (the image as the network sees it, `COPY_BITS` a channel), the most
+    by which the share of its class's other images holding that colour anywhere exceeds the
+    share of other classes' images (a copy in every picture of a class, as a tag, a logo or a
+    caption is: no two photographs of an object agree so closely); then the image's pixels of
+    those colours (where the share exceeds by 0.5), pasted at their place into three fish of
+    other classes: the share named by its class (`moved`), and the same shifted half the
+    picture away (`control`)."""
+    import pandas as pd
+    import torch
+    from torch import Tensor
+
+    from gradcam_tut.metrics import peak_points
+    from gradcam_tut.receptive_field import cell_centres, place
+    from gradcam_tut.tool.interventions import paste, probabilities
+
+    model, kind = job
+    learn, result, files, near = audited_on_marks(job)
+    dl, xs, seen = learn.dls.test_dl(files, bs=64), [], []
+    for (xb,) in dl:  # the input, and the picture it shows (decoded before losing its type)
+        xs.append(xb.as_subclass(Tensor))
+        seen.append(dl.after_batch.decode((xb,))[0].as_subclass(Tensor))
+    x, q = torch.cat(xs), (torch.cat(seen).clamp(0, 1) * 255).round().long() >> (8 - COPY_BITS)
+    colour = (q[:, 0] << 2 * COPY_BITS) | (q[:, 1] << COPY_BITS) | q[:, 2]  # (N, H, W)
+    N, H, W = colour.shape
+    holds = torch.zeros(N, 1 << 3 * COPY_BITS, dtype=torch.bool)
+    holds.scatter_(1, colour.flatten(1), True)
+    centres = cell_centres(learn.model, [result.layer], (H, W))[result.layer]
+    ys, xs_ = peak_points(place(torch.from_numpy(result.maps), (H, W), centres))
+    r = round(centres.stride[0])
+    cls = torch.tensor([list(learn.dls.vocab).index(c) for c in result.images["class"]])
+    copied, where = np.zeros(N), torch.zeros(N, H, W, dtype=torch.bool)
+    for i in range(N):
+        y, x0 = int(ys[i]), int(xs_[i])
+        here = colour[i, max(0, y - r):y + r + 1, max(0, x0 - r):x0 + r + 1].unique()
+        mine = cls == cls[i]
+        mine[i] = False
+        lift = (holds[mine][:, here].float().mean(0)
+                - holds[cls != cls[i]][:, here].float().mean(0))
+        copied[i] = lift.max().item()
+        where[i] = torch.isin(colour[i], here[lift >= 0.5])
+    moved, control = np.full(N, np.nan), np.full(N, np.nan)
+    test = np.flatnonzero(where.flatten(1).any(1).numpy())
+    learn.model.eval()
+    if len(test):
+        rng = np.random.default_rng(0)
+        into = np.concatenate([rng.choice(np.flatnonzero(cls.numpy() != cls[i].item()), 3)
+                               for i in test])
+        source = x[test].repeat_interleave(3, 0)
+        for out, regions in ((moved, where[test]),
+                             (control, where[test].roll((H // 2, W // 2), dims=(1, 2)))):
+            pasted = paste(x[into], source, regions.repeat_interleave(3, 0))
+            said = probabilities(learn.model, pasted).argmax(1).view(-1, 3)
+            out[test] = (said == cls[test][:, None]).float().mean(1).numpy()
+    return pd.DataFrame({"model": model, "kind": kind, "shortcut": not model.startswith("clean"),
+                         "class": result.images["class"], "near mark": near, "copied": copied,
+                         "moved": moved, "control": control})
+
+
+def copies_rows() -> None:
+    """(8): `copies_one` on every network of (1) and the label's, then the flag tried: an
+    image whose map peaks on a copy (`copied` >= 0.5), where its class's copies move other
+    fish beyond their controls by at least t (the mean over its images on a copy)."""
+    import pandas as pd
+
+    from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
+
+    kinds = (*SHORTCUT_KINDS, "label")
+    jobs = [(f"{k}-{SEED}", k) for k in kinds] + \
+        [(f"clean-{s}", k) for s in CLEAN_SEEDS for k in kinds]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(train_one, [(k, SEED) for k in kinds]))
+        rows = pd.concat(list(pool.map(copies_one, jobs)), ignore_index=True)
+    rows.to_csv(RESULTS / "audit_copies.csv", index=False, float_format="%.4g")
+    on = rows["copied"] >= 0.5
+    rows["lift"] = (rows["moved"] - rows["control"]).where(on)
+    rows["class lift"] = rows.groupby(["model", "kind", "class"])["lift"].transform("mean")
+    print("\n== (8) per network and kind of fish: maps near the mark; of those, and of the "
+          "others, the share on a copy; moved and control where on a copy")
+    print(rows.groupby(["model", "kind"], sort=False).apply(lambda d: pd.Series({
+        "maps on it": d["near mark"].mean(),
+        "copy, on it": (d["copied"][d["near mark"] == 1] >= 0.5).mean(),
+        "copy, off it": (d["copied"][d["near mark"] == 0] >= 0.5).mean(),
+        "moved": d["moved"][d["copied"] >= 0.5].mean(),
+        "control": d["control"][d["copied"] >= 0.5].mean()})).round(3).to_string())
+    table = []
+    for t in (0.05, 0.1, 0.15, 0.2, 0.3):
+        flagged = (on & (rows["class lift"] >= t)).to_numpy()
+        table += [{"lift >=": t, **row} for row in by_kind(rows, flagged, kinds)]
+    print("\n== the copy sign alone (flagged clean: all three clean networks on that kind's fish)")
     print(pd.DataFrame(table).round(3).to_string(index=False))
 
 
@@ -641,7 +762,7 @@ def scaling_rows(sizes: tuple[int, ...] = (1000, 5000, 20000), dense_up_to: int 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["kinds", "loko", "heldout", "time", "scaling",
-                                      "processes", "corelay", "canvas"])
+                                      "processes", "corelay", "canvas", "copies"])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -669,6 +790,8 @@ def main() -> None:
         corelay_rows()
     if args.only == "canvas":  # a sign tried, not in the audit: run on its own
         canvas_rows()
+    if args.only == "copies":  # a sign tried, not in the audit: run on its own
+        copies_rows()
 
 
 if __name__ == "__main__":
