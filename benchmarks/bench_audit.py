@@ -74,14 +74,15 @@ def train_one(job: tuple[str, int]) -> Path:
     return model
 
 
-def audit_one(job: tuple[str, str]):
-    """The audit of one network on one kind's marked test fish, with where its maps lie."""
-    import pandas as pd
+def audited_on_marks(job: tuple[str, str]):
+    """One network audited on one kind's marked test fish, in a worker (one thread): its
+    learner, the `Audit`, the kind's counterfactual sets and where each map lies
+    (`shortcut.where_maps_lie`, in the audit's order)."""
     import torch
 
     torch.set_num_threads(1)
     from gradcam_tut.tool.auditing import audit
-    from gradcam_tut.tool.shortcut import counterfactual_sets, mark_decides, where_maps_lie
+    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
     from gradcam_tut.tool.train import load_fish_learner
 
     model, kind = job
@@ -89,10 +90,23 @@ def audit_one(job: tuple[str, str]):
     sets = counterfactual_sets(SETS / "test", kind=kind)
     result = audit(learn, sets["marked"])
     truth = where_maps_lie(learn, result.images["file"], result.maps, result.layer)
+    return learn, result, sets, truth
+
+
+def audit_one(job: tuple[str, str]):
+    """(1), (7): `audited_on_marks`, with whether the mark decides each image and how often
+    it moves other classes' fish alone (`shortcut.mark_decides`, `mark_moved`)."""
+    import pandas as pd
+
+    from gradcam_tut.tool.shortcut import mark_decides, mark_moved
+
+    model, kind = job
+    learn, result, sets, truth = audited_on_marks(job)
     decides = dict(zip(map(str, sets["marked"]), mark_decides(learn, sets)))
     truth["mark decides"] = [decides[str(f)] for f in result.images["file"]]
     return pd.concat([result.images, truth], axis=1).assign(
         model=model, kind=kind, shortcut=not model.startswith("clean"),
+        **{"mark moved": mark_moved(learn, sets["marked"])},
         **{f"seconds_{k}": v for k, v in result.seconds.items()})
 
 
@@ -269,7 +283,7 @@ def audited_rows(kinds: tuple[str, ...]):
     import pandas as pd
 
     from gradcam_tut.tool.auditing import EVIDENCE
-    from gradcam_tut.tool.shortcut import counterfactual_sets, mark_moved, shortcut_scores
+    from gradcam_tut.tool.shortcut import counterfactual_sets, shortcut_scores
     from gradcam_tut.tool.train import load_fish_learner
 
     jobs = [(k, SEED) for k in kinds] + [("clean", s) for s in CLEAN_SEEDS]
@@ -284,13 +298,8 @@ def audited_rows(kinds: tuple[str, ...]):
           "alone pasted into other classes' fish, the share named by its class, and by the "
           "clean networks)")
     for k in kinds:
-        sets = counterfactual_sets(SETS / "test", kind=k)
-        for model in rows.loc[rows["kind"] == k, "model"].unique():
-            learn = load_fish_learner(DATA / f"{model}.pkl")
-            rows.loc[(rows["model"] == model) & (rows["kind"] == k), "mark moved"] = \
-                mark_moved(learn, sets["marked"])
         learn = load_fish_learner(DATA / f"{k}-{SEED}.pkl")
-        got = shortcut_scores(learn, sets)
+        got = shortcut_scores(learn, counterfactual_sets(SETS / "test", kind=k))
         short = rows["model"] == f"{k}-{SEED}"
         rows.loc[short, "follows"] = got["follows mark"]
         clean = rows.loc[(rows["kind"] == k) & ~rows["shortcut"], "mark moved"].mean()
@@ -357,24 +366,6 @@ def report_rules(rows) -> None:
     print(table.round(3).to_string(index=False))
 
 
-def audited_on_marks(job: tuple[str, str]):
-    """(6), (8): one network audited on one kind's marked test fish, in a worker (one thread):
-    its learner, the `Audit`, the files in the audit's order and, per image, `near mark`."""
-    import torch
-
-    torch.set_num_threads(1)
-    from gradcam_tut.tool.auditing import audit
-    from gradcam_tut.tool.shortcut import counterfactual_sets, where_maps_lie
-    from gradcam_tut.tool.train import load_fish_learner
-
-    model, kind = job
-    learn = load_fish_learner(DATA / f"{model}.pkl")
-    result = audit(learn, counterfactual_sets(SETS / "test", kind=kind)["marked"])
-    files = list(result.images["file"])
-    near = where_maps_lie(learn, files, result.maps, result.layer)["near mark"].to_numpy()
-    return learn, result, files, near
-
-
 def canvas_one(job: tuple[str, str]):
     """(6) for one network on one kind's fish: per class, the share of its images whose
     region's shape moved elsewhere (`interventions.elsewhere`), pasted onto a plain picture
@@ -390,7 +381,8 @@ def canvas_one(job: tuple[str, str]):
     from gradcam_tut.tool.interventions import elsewhere, fill, map_regions, paste, probabilities
 
     model, kind = job
-    learn, result, files, near = audited_on_marks(job)
+    learn, result, _, truth = audited_on_marks(job)
+    files, near = list(result.images["file"]), truth["near mark"].to_numpy()
     learn.model.eval()
     x = torch.cat([xb.as_subclass(Tensor) for (xb,) in learn.dls.test_dl(files, bs=64)])
     size = tuple(x.shape[-2:])
@@ -482,7 +474,8 @@ def copies_one(job: tuple[str, str]):
     from gradcam_tut.tool.interventions import paste, probabilities
 
     model, kind = job
-    learn, result, files, near = audited_on_marks(job)
+    learn, result, _, truth = audited_on_marks(job)
+    files, near = list(result.images["file"]), truth["near mark"].to_numpy()
     dl, xs, seen = learn.dls.test_dl(files, bs=64), [], []
     for (xb,) in dl:  # the input, and the picture it shows (decoded before losing its type)
         xs.append(xb.as_subclass(Tensor))

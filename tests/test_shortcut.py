@@ -77,6 +77,7 @@ def test_moved_alone_counts_what_the_region_carries():
     x = torch.nn.functional.one_hot(y, 3).float()[:, :, None, None].expand(-1, -1, 8, 8)
     left = torch.zeros(12, 8, 8, dtype=torch.bool)
     left[:, :, :4] = True
+
     def reads_left(xb):  # its class: the channel brightest on the left half
         return xb[..., :4].mean((2, 3))
 
