@@ -1,11 +1,14 @@
 """Interventions on tensors: regions from maps, their controls, taken away (filled in) and
 moved (pasted), what a network does then, and where a group's regions sit."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from gradcam_tut.tool.interventions import (
+    colour_codes,
+    copied_colours,
     elsewhere,
     fill,
     fixed_content,
@@ -164,3 +167,27 @@ def test_a_class_s_content_is_exchanged_for_another_s_where_the_image_holds_it()
     want = torch.full((1, 3, 4, 4), 0.6)
     want[..., 1:3, 1:3] = 0.9
     assert torch.allclose(out, want) and torch.equal(x[0, 0, 0], torch.full((4,), 0.2))
+
+
+def test_a_colour_is_one_integer_of_six_bits_a_channel_from_bytes_or_floats():
+    """(r, g, b) >> 2 packed as r g b; fastai's decoded bytes and floats in 0..1 agree."""
+    rgb = torch.tensor([[255, 0, 0], [4, 8, 252], [3, 7, 251]]).T[None, :, :, None]  # (1,3,3,1)
+    codes = colour_codes(rgb)[0, :, 0].tolist()
+    assert codes == [63 << 12, (1 << 12) | (2 << 6) | 63, (0 << 12) | (1 << 6) | 62]
+    assert colour_codes(rgb / 255).tolist() == colour_codes(rgb).tolist()
+
+
+def test_a_copy_is_a_colour_its_class_holds_anywhere_and_other_classes_do_not():
+    """By hand: colour 7 is in all three images of class a and in one of class b's three;
+    colour 1 is in every image; image 6 is alone in class c."""
+    held = [np.array([1, 7, 9]), np.array([1, 7]), np.array([1, 7]),
+            np.array([1, 7]), np.array([1]), np.array([1, 5]), np.array([1, 7])]
+    near = [np.array([1, 7, 9]), np.array([7]), np.array([1]), np.array([7]), np.array([1]),
+            np.array([5]), np.array([7])]
+    lifts = copied_colours(near, held, list("aaabbbc"))
+    # image 0: colour 1 held by 2 of its 2 others and 4 of 4 others: 0; colour 7: 1 - 2/4;
+    # colour 9: its class's others hold none: 0 - 0
+    assert lifts[0].tolist() == [0.0, 0.5, 0.0]
+    assert lifts[1].tolist() == [0.5] and lifts[2].tolist() == [0.0]
+    assert lifts[3].tolist() == [-1.0]  # none of its class's others, all 4 of the rest
+    assert np.isnan(lifts[6]).all()  # no other image of its class

@@ -206,7 +206,8 @@ def test_mark_mask_is_where_the_mark_is(tmp_path):
 def test_every_kind_is_drawn_again_the_same_in_its_class_colour(kind):
     """Each kind's mark: the same pixels when drawn again (mark_mask and the truth redraw it);
     an opaque one in its class's colour and off the fish's mask; the frame all round, the dots
-    apart, at places that change with the fish; the label the tag, grown."""
+    apart, at places that change with the fish; the label the tag, grown; the sticker a
+    noisy disc of its class's colour above or below the fish."""
     spec = MiniFishSpec(per_class=2, width=64, height=48, mark=1.0, mark_kind=kind)
     wheres = []
     for i in (0, 1):
@@ -225,6 +226,15 @@ def test_every_kind_is_drawn_again_the_same_in_its_class_colour(kind):
     if kind == "label":  # a square a third of the height, where the tag's smaller one sits
         tag = _render("Trout", 0, replace(spec, mark_kind="tag"))[2][1]
         assert wheres[0].sum() == 16 ** 2 and (wheres[0] & tag).any()
+    if kind == "sticker":  # a disc under or over the fish, off the fish, noisy: no two alike
+        img, mask, (_, where) = _render("Shrimp", 0, spec)
+        ink = np.asarray(img)[where].astype(int)
+        assert not (np.asarray(mask) > 0)[where].any() and len(np.unique(ink, axis=0)) > 10
+        assert (np.abs(np.median(ink, 0) - MARKS["Shrimp"]) <= 3).all()  # the class's colour
+        rows, cols = np.nonzero(where)
+        fish_rows = np.nonzero((np.asarray(mask) > 0).any(1))[0]
+        assert rows.min() > fish_rows.max() or rows.max() < fish_rows.min()
+        assert np.ptp(rows) == np.ptp(cols) == 16 - 1
 
 
 def test_the_module_answers_a_user_error_in_one_line(tmp_path, capsys):

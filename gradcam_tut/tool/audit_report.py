@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch import Tensor
 from ..cam import normalize_maps
 from ..plot import heat_cmap, image_hwc, mean_map_image
 from ..receptive_field import CellCentres, place
-from .interventions import REGION_LEVEL, fill, map_regions, paste, probabilities
+from .interventions import REGION_LEVEL, colour_codes, fill, map_regions, paste, probabilities
 
 THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
 ENV = Environment(loader=PackageLoader("gradcam_tut.tool", "templates"), autoescape=True,
@@ -87,7 +88,8 @@ def _outlined(rgb: np.ndarray, region: Tensor) -> np.ndarray:
 
 def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                           centres: CellCentres | None, size: tuple[int, int], grow: int = 0,
-                          fixed: Tensor | None = None, swap=None
+                          fixed: Tensor | None = None, swap=None,
+                          copies: Sequence[np.ndarray] | None = None
                           ) -> dict[int, list[tuple[np.ndarray, str]]]:
     """{cluster row: (image (H, W, 3) in 0..1, caption) pairs} for each cluster's example (its
     image nearest the mean map): the image with its region outlined, the region taken away,
@@ -96,7 +98,10 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
     one whose part turned most images, with its part outlined, and the same image of another
     class with that part alone moved in; then, with `swap` (`auditing.Swap`), the example
     with its class's content swapped for the other image's class's, the pixels swapped
-    outlined. Each captioned with the network's prediction and its probability."""
+    outlined; then, where one of its images' copies was moved (`copies`: each image's copied
+    colours, `auditing.evidence`), the one whose copies turned most images, its copies
+    outlined, taken away, and alone moved into the same image of another class. Each
+    captioned with the network's prediction and its probability."""
     vocab, examples = list(learn.dls.vocab), {}
     model, training = learn.model, learn.model.training
     try:
@@ -107,9 +112,12 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
             if not len(others):
                 continue
             j = int(others[i % len(others)])
-            f = _fixed_example(images, row.members, fixed)
-            files = [images["file"][n] for n in (i, j) + ((f,) if f is not None else ())]
-            dl = learn.dls.test_dl([Path(name) for name in files])
+            f = _tested_example(images, row.members, "fixed_moved", "fixed_area",
+                                None if fixed is None else fixed.flatten(1).any(1))
+            c = _tested_example(images, row.members, "copy_moved", "copied",
+                                None if copies is None else [len(cs) > 0 for cs in copies])
+            extra = [n for n in (f, c) if n is not None]
+            dl = learn.dls.test_dl([Path(images["file"][n]) for n in [i, j, *extra]])
             x = dl.one_batch()[0].as_subclass(Tensor)
             heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
             region = map_regions(heat, grow=grow).to(x.device)
@@ -119,8 +127,14 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
             names = ["its region", "taken away", "another class", "region moved in"]
             if f is not None and fixed is not None:
                 part = F.interpolate(fixed[f][None, None].float(), size=size)[0].bool()
-                parts += [x[2:], paste(x[1:2], x[2:], part.to(x.device))]
+                parts += [x[2:3], paste(x[1:2], x[2:3], part.to(x.device))]
                 names += ["its fixed part", "fixed part moved in"]
+            if c is not None and copies is not None:
+                xc = x[2 + extra.index(c)][None]
+                seen = dl.decode((xc,))[0].as_subclass(Tensor).cpu()
+                copy = torch.isin(colour_codes(seen), torch.from_numpy(copies[c]))
+                parts += [xc, fill(xc, copy.to(x.device)), paste(x[1:2], xc, copy.to(x.device))]
+                names += ["its copies", "copies taken away", "copies moved in"]
             swapped = None
             if swap is not None and swap.holds[i].any():
                 other = images["class"][j]
@@ -133,6 +147,9 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
             shown[0] = _outlined(shown[0], region[0].cpu())
             if f is not None:
                 shown[4] = _outlined(shown[4], part[0].cpu())
+            if c is not None and copies is not None:
+                at = names.index("its copies")
+                shown[at] = _outlined(shown[at], copy[0])
             if swapped is not None:
                 shown[-1] = _outlined(shown[-1], swapped[0].cpu())
             examples[k] = [(pic, f"{name}: {vocab[int(q.argmax())]} {float(q.max()):.2f}")
@@ -142,15 +159,16 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
     return examples
 
 
-def _fixed_example(images, members: np.ndarray, fixed: Tensor | None) -> int | None:
-    """Of a cluster's `members`, the image whose fixed part turned the most images of other
-    classes (the largest part among equals), or None when none has a tested part."""
-    if fixed is None or "fixed_moved" not in images:
+def _tested_example(images, members: np.ndarray, moved: str, size: str, has) -> int | None:
+    """Of a cluster's `members`, the image whose part (`has`: per image, whether it has one)
+    moved alone turned the most images of other classes (column `moved`; the largest part
+    among equals, column `size`), or None when none has a tested part."""
+    if has is None or moved not in images:
         return None
-    tested = [m for m in members if not np.isnan(images["fixed_moved"][m]) and fixed[m].any()]
+    tested = [m for m in members if not np.isnan(images[moved][m]) and has[m]]
     if not tested:
         return None
-    return int(max(tested, key=lambda m: (images["fixed_moved"][m], images["fixed_area"][m])))
+    return int(max(tested, key=lambda m: (images[moved][m], images[size][m])))
 
 
 def _number(value: float, fmt: str = "{:.0%}") -> str:
@@ -196,6 +214,11 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.fixed_moved), _number(row.fixed_control)),
                             ("its content swapped: now the other class",
                              _number(row.swapped), _number(row.swapped_chance) + " chance"),
+                            ("its copies taken away: this class's probability",
+                             _number(row.copy_removed_p, "{:.2f}"),
+                             _number(row.copy_removed_control_p, "{:.2f}")),
+                            ("its copies moved: others now this class",
+                             _number(row.copy_moved), _number(row.copy_control)),
                             ("same place (x chance)", _number(row.same_place, "{:.1f}"),
                              "1: chance")],
                 "interventions": figures.get(k, []), "examples": shown})
@@ -205,8 +228,7 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
     return ENV.get_template("audit_report.html").render(
         images=images, clusters=clusters, n_classes=clusters["class"].nunique(),
         sections=sections, flagged=flagged, layer=layer, method=method, thumb=THUMB,
-        level=f"{REGION_LEVEL:.0%}", moved_flag=_number(rule.get("moved", np.nan)),
-        place_flag=_number(rule.get("place", np.nan), "{:.1f}"),
-        fixed_flag=_number(rule.get("fixed", np.nan)),
+        level=f"{REGION_LEVEL:.0%}", fixed_flag=_number(rule.get("fixed", np.nan)),
         everywhere_flag=_number(rule.get("everywhere", np.nan)),
-        content_flag=_number(rule.get("content", np.nan)))
+        content_flag=_number(rule.get("content", np.nan)),
+        copies_flag=_number(rule.get("copies", np.nan), "{:.2f}"))

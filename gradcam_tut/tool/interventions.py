@@ -11,6 +11,10 @@ Two counterfactual images per region ask the network itself:
     swapped      where an image holds what its class holds at that place (`fixed_content`),
                  that content exchanged for another class's (`swap_content`), the rest
                  kept: is it now predicted as the other class?
+    copied       the pixels near a map's peak whose colours its class's other images hold
+                 somewhere and other classes' do not (`copied_colours`: a tag, a logo, a
+                 caption pasted into every photo; no two photographs of an object agree so
+                 closely), moved alone into images of other classes.
 
 Each beside its control: the same intervention on a region of the same size and shape
 elsewhere in the same image (`elsewhere`), so that a number says what the region does beyond
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 REGION_LEVEL = 0.5  # a map's region: where it is at least this share of its maximum
+COPY_BITS = 6  # colours are compared at this many bits a channel (`colour_codes`)
 
 
 def map_regions(heat: Tensor, level: float = REGION_LEVEL, grow: int = 0) -> Tensor:
@@ -215,3 +220,57 @@ def fixed_content(x: Tensor, regions: Tensor, groups: Sequence | np.ndarray, k: 
         own, others = d[0].quantile(share, dim=0), d[1].median(dim=0).values
         out[i] = 1 - own / others.clamp(min=1e-3)
     return F.avg_pool2d(out[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+
+
+def colour_codes(pictures: Tensor, bits: int = COPY_BITS) -> Tensor:
+    """Each pixel's colour as one integer, its channels cut to `bits` each.
+
+    Args:
+        pictures: (N, C, H, W) the images as shown: integers 0..255 (fastai's decoded
+            images) or floats 0..1.
+
+    Returns:
+        (N, H, W) int64.
+    """
+    if pictures.is_floating_point():
+        pictures = (pictures.clamp(0, 1) * 255).round()
+    q = pictures.long().clamp(0, 255) >> (8 - bits)
+    code = torch.zeros_like(q[:, 0])
+    for channel in q.unbind(1):
+        code = (code << bits) | channel
+    return code
+
+
+def copied_colours(near: Sequence[np.ndarray], held: Sequence[np.ndarray],
+                   groups: Sequence | np.ndarray) -> list[np.ndarray]:
+    """For each image, by how much more often its group's other images than other groups'
+    images hold each of its colours `near` (its map's peak) anywhere: 1 for a colour every
+    image of its group holds and no other does, pixel for pixel (a copy: a tag, a logo, a
+    caption), near 0 for the colours of objects and scenes, which every group shares.
+
+    Args:
+        near: (N,) each image's colours near its map's peak (`colour_codes`), unique.
+        held: (N,) each image's colours anywhere, unique (a superset of its `near`).
+        groups: (N,) each image's group (its class).
+
+    Returns:
+        (N,) arrays, each the lift of its `near` colours in their order; all NaN for an image
+        whose group or the rest has no other image.
+    """
+    names, group = np.unique(np.asarray(groups), return_inverse=True)
+    sizes, n = np.bincount(group, minlength=len(names)), len(group)
+    wanted = np.unique(np.concatenate([np.zeros(0, np.int64), *map(np.asarray, near)]))
+    counts = np.zeros((len(wanted), len(names)), np.int64)  # images of each group holding each
+    every = np.concatenate([np.zeros(0, np.int64), *map(np.asarray, held)])
+    owner = np.repeat(group, [len(h) for h in held])
+    keep = np.isin(every, wanted)  # each image's colours are unique: one count per image
+    np.add.at(counts, (np.searchsorted(wanted, every[keep]), owner[keep]), 1)
+    out = []
+    for colours, g in zip(near, group):
+        if sizes[g] < 2 or sizes[g] == n:
+            out.append(np.full(len(colours), np.nan))
+            continue
+        c = counts[np.searchsorted(wanted, colours)]
+        own = (c[:, g] - 1) / (sizes[g] - 1)  # less its own image
+        out.append(own - (c.sum(1) - c[:, g]) / (n - sizes[g]))
+    return out

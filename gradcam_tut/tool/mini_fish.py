@@ -33,9 +33,10 @@ except ImportError:  # Windows: filelock's lock, whose file stays
 from ..fish_layout import CLASSES, DatasetLayoutError, mask_file
 from .results import error_message
 
-SHORTCUT_KINDS = ("corner", "strip", "tag", "background", "watermark")  # `mark_kind`
-# drawn only to check the audit on kinds it was neither designed nor calibrated on
-HELD_OUT_KINDS = ("frame", "dots", "label")
+SHORTCUT_KINDS = ("corner", "strip", "tag", "background", "watermark", "label")  # `mark_kind`
+# drawn only to check the audit on kinds none of its signs was built on and none of its
+# thresholds chosen on
+HELD_OUT_KINDS = ("frame", "dots", "sticker")
 MARKER = "MINI_FISH.json"  # written by the generator: its folders, and only those, it may rewrite
 GENERATOR = 4  # bumped when the drawing changes, so that an older set is drawn again
 
@@ -286,6 +287,25 @@ def _label(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
     return _tag(img, mask, color, part=3)
 
 
+def _sticker(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
+    """A round sticker a third of the height across, under the fish or over it (where there is
+    more room), in the class's colour round a white centre, every pixel a little off (noise
+    of 3 levels, as a printed logo photographed): it moves with the fish, and no two are
+    alike pixel for pixel."""
+    w, h = img.size
+    d = max(5, min(w, h) // 3)
+    x0, y0, x1, y1 = box = mask.getbbox() or (0, 0, w, h)
+    gap = max(1, d // 4)
+    x = int(np.clip((x0 + x1) // 2 - d // 2, 0, w - d))
+    y = int(np.clip(y1 + gap if h - y1 >= y0 else y0 - gap - d, 0, h - d))
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - y - (d - 1) / 2, xx - x - (d - 1) / 2)
+    where = r <= d / 2
+    rng = np.random.default_rng([*box, *color])
+    ink = np.where((r <= d / 5)[where][:, None], 255, np.array(color))
+    return _paint(img, mask, where, np.clip(ink + rng.normal(0, 3, ink.shape), 0, 255).round())
+
+
 def _frame(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
     """A thin border all round the picture (a twenty-fourth of its height): a mount."""
     w, h = img.size
@@ -313,9 +333,11 @@ def _dots(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
     return _paint(img, mask, where, color)
 
 
-def _paint(img: Image.Image, mask: Image.Image, where: np.ndarray, color: tuple) -> np.ndarray:
-    """The pixels `where` ((H, W) bool) painted in `color`; the fish under them leaves the
-    mask, so the mask stays exactly what is fish in the picture. Returns `where`."""
+def _paint(img: Image.Image, mask: Image.Image, where: np.ndarray,
+           color: tuple | np.ndarray) -> np.ndarray:
+    """The pixels `where` ((H, W) bool) painted in `color` (one, or one per pixel: (n, 3));
+    the fish under them leaves the mask, so the mask stays exactly what is fish in the
+    picture. Returns `where`."""
     arr, fish = np.asarray(img).copy(), np.asarray(mask).copy()
     arr[where], fish[where] = color, 0
     img.paste(Image.fromarray(arr))
@@ -354,7 +376,8 @@ def _watermark(img: Image.Image, mask: Image.Image, color: tuple) -> np.ndarray:
 BACKDROP = 0.35  # how far the backdrop is tinted towards the class's colour
 WATERMARK = 0.45  # how strongly the watermark's lines are drawn over the picture
 SHORTCUTS = {"corner": _corner, "strip": _strip, "tag": _tag, "background": _backdrop,
-             "watermark": _watermark, "frame": _frame, "dots": _dots, "label": _label}
+             "watermark": _watermark, "frame": _frame, "dots": _dots, "label": _label,
+             "sticker": _sticker}
 
 
 def mark_mask(image: str | Path):
