@@ -127,7 +127,7 @@ SWAPS = 1  # each time with this many other classes' content
 MEDIAN_POOL = 16  # what a class holds at each place: the median of this many of its images
 CHANGED = 0.5  # a map on swapped content: near a pixel changed this share of the most
 COPY_LEVEL = 0.5  # a copy: a colour held by this share more of its class than of the others
-COPY_CONFIDENCE = 0.95  # what copies moved do: the lower bound at this confidence (`copy_lift`)
+COPY_CONFIDENCE = 0.95  # what taking copies away costs: its lower bound at this confidence
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
 # four signs flags at most a fifth of 10% of their images on every kind's fish, a fifth of the
 # budget kept for networks unlike those (`benchmarks/bench_audit.py`, `calibrated_rule`)
