@@ -9,6 +9,7 @@ from torch import nn
 from gradcam_tut.tool.interventions import (
     colour_codes,
     copied_colours,
+    dilate,
     elsewhere,
     fill,
     fixed_content,
@@ -191,3 +192,12 @@ def test_a_copy_is_a_colour_its_class_holds_anywhere_and_other_classes_do_not():
     assert lifts[1].tolist() == [0.5] and lifts[2].tolist() == [0.0]
     assert lifts[3].tolist() == [-1.0]  # none of its class's others, all 4 of the rest
     assert np.isnan(lifts[6]).all()  # no other image of its class
+
+
+@pytest.mark.parametrize("grow", [1, 3, 16, 40])
+def test_dilate_is_the_max_pool_of_a_square(grow):
+    """The running sums grow a mask exactly as a (2 grow + 1)-square max pool does, edges
+    included."""
+    regions = torch.rand(4, 37, 53, generator=torch.Generator().manual_seed(grow)) > 0.97
+    pooled = torch.nn.functional.max_pool2d(regions[:, None].float(), 2 * grow + 1, 1, grow)
+    assert torch.equal(dilate(regions, grow), pooled[:, 0].bool())

@@ -49,10 +49,22 @@ def map_regions(heat: Tensor, level: float = REGION_LEVEL, grow: int = 0) -> Ten
     """
     top = heat.flatten(1).amax(dim=1)[:, None, None]
     regions = (heat >= level * top) & (top > 0)
-    if grow > 0:  # a square of side 2 grow + 1: along the rows, then the columns
-        grown = F.max_pool2d(regions[:, None].float(), (1, 2 * grow + 1), 1, (0, grow))
-        regions = F.max_pool2d(grown, (2 * grow + 1, 1), 1, (grow, 0))[:, 0].bool()
-    return regions
+    return dilate(regions, grow) if grow > 0 else regions
+
+
+def dilate(regions: Tensor, grow: int) -> Tensor:
+    """Each (..., H, W) bool mask grown by `grow` pixels on every side (a square of side
+    2 grow + 1, as a max pool would give): whether the square around each pixel holds any
+    of it, from running sums along the rows, then the columns, whatever `grow` costs."""
+    x = regions.to(torch.int32)
+    for dim in (-1, -2):
+        x = x.movedim(dim, -1)
+        n = x.shape[-1]
+        sums = F.pad(x.cumsum(-1, dtype=torch.int32), (1, 0))  # of the first k, k = 0..n
+        edge = (*sums.shape[:-1], grow)
+        sums = torch.cat([sums[..., :1].expand(edge), sums, sums[..., -1:].expand(edge)], -1)
+        x = (sums[..., 2 * grow + 1:] - sums[..., :n]).movedim(-1, dim)
+    return x > 0
 
 
 def elsewhere(regions: Tensor, seed: int = 0, tries: int = 16) -> Tensor:
