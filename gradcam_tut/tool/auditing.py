@@ -82,8 +82,10 @@ from .explaining import (
     process_group,
 )
 from .interventions import (
+    COPY_GROW,
     colour_codes,
     copied_colours,
+    dilate,
     elsewhere,
     fill,
     fixed_content,
@@ -385,7 +387,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       images do (`interventions.copied_colours`): near 1 on a copy (a tag, a logo, a
       caption pasted into every photo of a class, wherever it lies), near 0 on objects.
       On up to `TESTED_FIXED` images of each class with `copied` >= `COPY_LEVEL`, its
-      pixels of those colours are taken away (`fill`), and so is their shape shifted
+      pixels of those colours, grown by `COPY_GROW` (a copy's blended edge, a JPEG's stray
+      pixels), are taken away (`fill`), and so is their shape shifted
       elsewhere (the control): its class's probability then (`copy_removed_p`,
       `copy_removed_control_p`); and both are moved alone into an image of another class:
       whether it is then the class (`copy_moved`, `copy_control`) and its probability
@@ -646,11 +649,11 @@ def _copies(learn: Learner, files: Sequence[Path], label: np.ndarray, peaks: Ten
 def _copy_tests(learn: Learner, files: Sequence[Path], candidates: np.ndarray, target: Tensor,
                 colours: Sequence[np.ndarray], pool_x: Tensor, receivers: Tensor, bs: int,
                 seed: int) -> pd.DataFrame:
-    """Each candidate's pixels of its copied `colours` taken away (`interventions.fill`), and
-    the same shape shifted elsewhere (`interventions.elsewhere`): its class's probability
-    then, `copy_removed_p` and `copy_removed_control_p`; both moved alone into the image of
-    its first receiver: 1 where it is then its class, `copy_moved` and `copy_control`, and
-    the class's probability, `copy_moved_p` and `copy_control_p`."""
+    """Each candidate's pixels of its copied `colours` (grown by `COPY_GROW`) taken away
+    (`interventions.fill`), and the same shape shifted elsewhere (`interventions.elsewhere`):
+    its class's probability then, `copy_removed_p` and `copy_removed_control_p`; both moved
+    alone into the image of its first receiver: 1 where it is then its class, `copy_moved`
+    and `copy_control`, and the class's probability, `copy_moved_p` and `copy_control_p`."""
     rows, done, model = [], 0, learn.model
     if not len(candidates):  # fastai's test_dl cannot be empty
         return pd.DataFrame(columns=["copy_moved", "copy_control", "copy_moved_p",
@@ -660,8 +663,8 @@ def _copy_tests(learn: Learner, files: Sequence[Path], candidates: np.ndarray, t
     for (xb,) in dl:
         ix = candidates[done:done + len(xb)]
         codes = colour_codes(dl.decode((xb,))[0].as_subclass(Tensor).cpu())
-        part = torch.stack([torch.isin(c, torch.from_numpy(colours[i])) for c, i in
-                            zip(codes, ix)])
+        part = dilate(torch.stack([torch.isin(c, torch.from_numpy(colours[i])) for c, i in
+                                   zip(codes, ix)]), COPY_GROW)
         xb, shifted = xb.as_subclass(Tensor), elsewhere(part, seed=seed + done)
         part, shifted = part.to(xb.device), shifted.to(xb.device)
         rec = pool_x[receivers[ix, 0]]  # an image of another class for each

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 REGION_LEVEL = 0.5  # a map's region: where it is at least this share of its maximum
 COPY_BITS = 6  # colours are compared at this many bits a channel (`colour_codes`)
+COPY_GROW = 1  # a copy's pixels grown by this many: its blended edge, a JPEG's stray pixels
 
 
 def map_regions(heat: Tensor, level: float = REGION_LEVEL, grow: int = 0) -> Tensor:
