@@ -120,7 +120,7 @@ def with_cluster_numbers(rows):
     key = ["model", "kind", "class", "cluster"]
     numbers = rows.groupby(["model", "kind"], sort=False, group_keys=False).apply(
         lambda part: cluster_numbers(part).assign(model=part.name[0], kind=part.name[1]))
-    numbers = numbers[key + ["moved", "moved_control", "class_control"]]
+    numbers = numbers[key + ["class_control"]]
     numbers = numbers.add_prefix("c_")
     rows = rows.merge(numbers.rename(columns={f"c_{k}": k for k in key}), on=key, how="left")
     by_class = rows.groupby(["model", "kind", "class"])  # `audit.fixed_sign`'s lift

@@ -25,16 +25,7 @@ from torch import Tensor
 from ..cam import normalize_maps
 from ..plot import heat_cmap, image_hwc, mean_map_image
 from ..receptive_field import CellCentres, place
-from .interventions import (
-    COPY_GROW,
-    REGION_LEVEL,
-    colour_codes,
-    dilate,
-    fill,
-    map_regions,
-    paste,
-    probabilities,
-)
+from .interventions import REGION_LEVEL, copy_pixels, fill, map_regions, paste, probabilities
 
 THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
 ENV = Environment(loader=PackageLoader("gradcam_tut.tool", "templates"), autoescape=True,
@@ -140,9 +131,7 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                 names += ["its fixed part", "fixed part moved in"]
             if c is not None and copies is not None:
                 xc = x[2 + extra.index(c)][None]
-                seen = dl.decode((xc,))[0].as_subclass(Tensor).cpu()
-                copy = dilate(torch.isin(colour_codes(seen), torch.from_numpy(copies[c])),
-                              COPY_GROW)
+                copy = copy_pixels(dl.decode((xc,))[0].as_subclass(Tensor).cpu(), [copies[c]])
                 parts += [xc, fill(xc, copy.to(x.device)), paste(x[1:2], xc, copy.to(x.device))]
                 names += ["its copies", "copies taken away", "copies moved in"]
             swapped = None

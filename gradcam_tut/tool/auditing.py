@@ -82,10 +82,9 @@ from .explaining import (
     process_group,
 )
 from .interventions import (
-    COPY_GROW,
     colour_codes,
     copied_colours,
-    dilate,
+    copy_pixels,
     elsewhere,
     fill,
     fixed_content,
@@ -387,8 +386,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       images do (`interventions.copied_colours`): near 1 on a copy (a tag, a logo, a
       caption pasted into every photo of a class, wherever it lies), near 0 on objects.
       On up to `TESTED_FIXED` images of each class with `copied` >= `COPY_LEVEL`, its
-      pixels of those colours, grown by `COPY_GROW` (a copy's blended edge, a JPEG's stray
-      pixels), are taken away (`fill`), and so is their shape shifted
+      pixels of those colours, grown by a pixel (`interventions.copy_pixels`), are taken
+      away (`fill`), and so is their shape shifted
       elsewhere (the control): its class's probability then (`copy_removed_p`,
       `copy_removed_control_p`); and both are moved alone into an image of another class:
       whether it is then the class (`copy_moved`, `copy_control`) and its probability
@@ -437,18 +436,15 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         columns = [c for c in found.columns if c in EVIDENCE]
         table.loc[found.index, columns] = found[columns]
         has = table["fixed_area"].to_numpy() >= MIN_FIXED
-        candidates = np.sort(np.concatenate(
-            [rng.permutation(np.flatnonzero(has & (label == c)))[:TESTED_FIXED]
-             for c in np.unique(label)])).astype(int)
+        candidates = _drawn(rng, has, label, TESTED_FIXED)
         moved = _fixed_tests(learn, files, candidates, target, fixed, size, pool_x,
                              receivers, bs, seed)
         table.loc[moved.index, moved.columns] = moved
         swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, bs, seed)
         table.loc[swapped.index, swapped.columns] = swapped
         table["copied"], colours = _copies(learn, files, label, peaks, round(cell), bs)
-        candidates = np.sort(np.concatenate(
-            [rng.permutation(np.flatnonzero((table["copied"] >= COPY_LEVEL) & (label == c)))
-             [:TESTED_FIXED] for c in np.unique(label)])).astype(int)
+        candidates = _drawn(rng, (table["copied"] >= COPY_LEVEL).to_numpy(), label,
+                            TESTED_FIXED)
         copies = _copy_tests(learn, files, candidates, target, colours, pool_x, receivers, bs,
                              seed)
         table.loc[copies.index, copies.columns] = copies
@@ -627,6 +623,13 @@ def _fixed_tests(learn, files, candidates, target, fixed, size, pool_x, receiver
     return pd.concat(rows)
 
 
+def _drawn(rng: np.random.Generator, where: np.ndarray, label: np.ndarray, k: int
+           ) -> np.ndarray:
+    """Up to `k` of each class's images where `where` holds, drawn with `rng`, in order."""
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(where & (label == c)))[:k]
+                                   for c in np.unique(label)])).astype(int)
+
+
 def _copies(learn: Learner, files: Sequence[Path], label: np.ndarray, peaks: Tensor,
             radius: int, bs: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Each image's `copied` (see `evidence`; NaN where its class or the rest has no other
@@ -649,7 +652,7 @@ def _copies(learn: Learner, files: Sequence[Path], label: np.ndarray, peaks: Ten
 def _copy_tests(learn: Learner, files: Sequence[Path], candidates: np.ndarray, target: Tensor,
                 colours: Sequence[np.ndarray], pool_x: Tensor, receivers: Tensor, bs: int,
                 seed: int) -> pd.DataFrame:
-    """Each candidate's pixels of its copied `colours` (grown by `COPY_GROW`) taken away
+    """Each candidate's pixels of its copied `colours` (`copy_pixels`) taken away
     (`interventions.fill`), and the same shape shifted elsewhere (`interventions.elsewhere`):
     its class's probability then, `copy_removed_p` and `copy_removed_control_p`; both moved
     alone into the image of its first receiver: 1 where it is then its class, `copy_moved`
@@ -662,9 +665,7 @@ def _copy_tests(learn: Learner, files: Sequence[Path], candidates: np.ndarray, t
     dl = learn.dls.test_dl([files[i] for i in candidates], bs=bs)
     for (xb,) in dl:
         ix = candidates[done:done + len(xb)]
-        codes = colour_codes(dl.decode((xb,))[0].as_subclass(Tensor).cpu())
-        part = dilate(torch.stack([torch.isin(c, torch.from_numpy(colours[i])) for c, i in
-                                   zip(codes, ix)]), COPY_GROW)
+        part = copy_pixels(dl.decode((xb,))[0].as_subclass(Tensor).cpu(), [colours[i] for i in ix])
         xb, shifted = xb.as_subclass(Tensor), elsewhere(part, seed=seed + done)
         part, shifted = part.to(xb.device), shifted.to(xb.device)
         rec = pool_x[receivers[ix, 0]]  # an image of another class for each

@@ -254,6 +254,18 @@ def colour_codes(pictures: Tensor, bits: int = COPY_BITS) -> Tensor:
     return code
 
 
+def copy_pixels(pictures: Tensor, colours: Sequence[np.ndarray]) -> Tensor:
+    """Where each picture holds its copied `colours` (`colour_codes`; one array per picture),
+    grown by `COPY_GROW` (a copy's blended edge, a JPEG's stray pixels): (N, H, W) bool.
+
+    Args:
+        pictures: (N, C, H, W) the images as shown (see `colour_codes`).
+    """
+    found = [torch.isin(code, torch.from_numpy(np.asarray(c, np.int64)))
+             for code, c in zip(colour_codes(pictures), colours)]
+    return dilate(torch.stack(found), COPY_GROW)
+
+
 def copied_colours(near: Sequence[np.ndarray], held: Sequence[np.ndarray],
                    groups: Sequence | np.ndarray) -> list[np.ndarray]:
     """For each image, by how much more often its group's other images than other groups'
