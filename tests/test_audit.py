@@ -345,28 +345,43 @@ def test_audit_writes_one_row_per_image(audited, tiny_learner):
     assert (table["flagged"] <= table.set_index(["class", "cluster"]).index.map(flagged)).all()
     tested = result.images.dropna(subset=["moved"])  # every map that points somewhere
     assert len(tested) == (result.images["empty"] == 0).sum() and set(tested["moved"]) <= {0, 1}
+    assert result.images.loc[result.images["empty"] == 1, "copied"].isna().all()  # no peak
     controls = tested.dropna(subset=["moved_control"])  # every second image of each class
     assert abs(len(controls) - len(tested) / 2) <= 9  # rounding, and empty maps
     assert set(result.seconds) == {"explain", "cluster", "interventions", "report"}
 
 
-def test_the_explain_pass_keeps_the_small_copies_the_fixed_parts_compare(tiny_learner,
-                                                                          mini_root):
-    """The audit decodes every image once: `explain_maps(small=...)` keeps each input as the
-    network saw it, averaged down, equal to a second pass over the same files."""
+def test_the_explain_pass_keeps_what_the_interventions_need(tiny_learner, mini_root):
+    """The audit decodes every image once: `explain_maps(keep=...)` keeps each input averaged
+    down, and its colours near its map's peak and anywhere, equal to a second pass over the
+    same files."""
     import torch.nn.functional as F
 
     from gradcam_tut.cam import resolve_layers
-    from gradcam_tut.tool.explaining import INPUTS, explain_maps
+    from gradcam_tut.metrics import peak_points
+    from gradcam_tut.tool.auditing import HELD, NEAR, SMALL_INPUTS, _Kept, _small
+    from gradcam_tut.tool.explaining import explain_maps
+    from gradcam_tut.tool.interventions import colour_codes
 
     files = sorted((mini_root / "Trout" / "Trout").iterdir())[:5]
     named = resolve_layers(tiny_learner.model, "layer2")
-    _, maps = explain_maps(tiny_learner, files, named, bs=2, small=(8, 8))
-    again = torch.cat([F.adaptive_avg_pool2d(xb.as_subclass(torch.Tensor).float(), (8, 8))
-                       for (xb,) in tiny_learner.dls.test_dl(files, bs=3)])
-    assert set(maps) == {"layer2", INPUTS} and maps[INPUTS].shape == (5, 3, 8, 8)
-    np.testing.assert_allclose(maps[INPUTS], again.numpy(), atol=1e-6)
-    assert INPUTS not in explain_maps(tiny_learner, files, named, bs=2)[1]
+    dl = tiny_learner.dls.test_dl(files, bs=3)
+    again = torch.cat([xb.as_subclass(torch.Tensor) for (xb,) in dl])
+    size = tuple(again.shape[-2:])
+    keep = _Kept(size, None)  # no centres: plain interpolation
+    _, maps = explain_maps(tiny_learner, files, named, bs=2, keep=keep)
+    assert set(maps) == {"layer2", SMALL_INPUTS, NEAR, HELD} and keep.seconds > 0
+    np.testing.assert_allclose(maps[SMALL_INPUTS],
+                               F.adaptive_avg_pool2d(again, _small(size)).numpy(), atol=1e-6)
+    codes = colour_codes(dl.decode((again,))[0].as_subclass(torch.Tensor))
+    heat = F.interpolate(torch.from_numpy(maps["layer2"])[:, None], size=size,
+                         mode="bilinear", align_corners=False)[:, 0]
+    radius = round(size[0] / maps["layer2"].shape[-2])  # a cell
+    for k, (y, x) in enumerate(torch.stack(peak_points(heat), dim=1).long().tolist()):
+        assert np.array_equal(maps[HELD][k], np.unique(codes[k].numpy()))
+        near = codes[k, max(0, y - radius):y + radius + 1, max(0, x - radius):x + radius + 1]
+        assert np.array_equal(maps[NEAR][k], np.unique(near.numpy()))
+    assert set(explain_maps(tiny_learner, files, named, bs=2)[1]) == {"layer2"}
 
 
 def test_unlabelled_images_are_grouped_by_prediction(tiny_learner, mini_root, tmp_path):

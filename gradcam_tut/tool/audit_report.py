@@ -101,7 +101,8 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
     outlined; then, where one of its images' copies was moved (`copies`: each image's copied
     colours, `auditing.evidence`), the one whose copies turned most images, its copies
     outlined, taken away, and alone moved into the same image of another class. Each
-    captioned with the network's prediction and its probability."""
+    captioned with the network's prediction and its probability (the example and the image
+    of another class as `images` has them, from the explain pass)."""
     vocab, examples = list(learn.dls.vocab), {}
     model, training = learn.model, learn.model.training
     try:
@@ -141,7 +142,12 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                 parts.append(changed)
                 names.append(f"{other}'s content")
             batch = torch.cat(parts)
-            probs = probabilities(model, batch)
+            asked = [n for n in range(len(parts)) if n not in (0, 2)]  # 0, 2: as explained
+            probs = probabilities(model, batch[asked])
+            said = {n: f"{vocab[int(q.argmax())]} {float(q.max()):.2f}"
+                    for n, q in zip(asked, probs)}
+            said |= {n: f"{images['predicted'][m]} {images['confidence'][m]:.2f}"
+                     for n, m in ((0, i), (2, j))}
             shown = [image_hwc(t) for t in dl.decode((batch,))[0]]
             shown[0] = _outlined(shown[0], region[0].cpu())
             if f is not None:
@@ -151,8 +157,8 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                 shown[at] = _outlined(shown[at], copy[0])
             if swapped is not None:
                 shown[-1] = _outlined(shown[-1], swapped[0].cpu())
-            examples[k] = [(pic, f"{name}: {vocab[int(q.argmax())]} {float(q.max()):.2f}")
-                           for name, pic, q in zip(names, shown, probs)]
+            examples[k] = [(pic, f"{name}: {said[n]}")
+                           for n, (name, pic) in enumerate(zip(names, shown))]
     finally:
         model.train(training)
     return examples

@@ -15,7 +15,7 @@ without being its object.
    four of its class's images hold at that place (up to mirrors) and other classes' do not,
    is moved alone. And what its class holds at each place (a backdrop, a caption, a
    watermark: the median of its images, objects lying anywhere) is *swapped* for another
-   class's, where the image holds it, the rest kept. Its *copies*, the colours near its peak
+   class's, where its class holds it, the rest kept. Its *copies*, the colours near its peak
    that its class's other images hold somewhere, pixel for pixel, and other classes' do not,
    are taken away and moved alone. Forward passes only.
 4. **Flags** (`apply_rule`): a map says where; only an intervention says why. An object's
@@ -73,7 +73,6 @@ from ..metrics import peak_points
 from ..receptive_field import CellCentres, cell_centres, place
 from .audit_report import example_thumbnails, intervention_examples, report_html
 from .explaining import (
-    INPUTS,
     csv_safe,
     explain_maps,
     gathered,
@@ -82,6 +81,7 @@ from .explaining import (
     process_group,
 )
 from .interventions import (
+    COPY_BITS,
     colour_codes,
     copied_colours,
     copy_pixels,
@@ -126,13 +126,15 @@ SWAP_LEVEL = 0.1  # the pixels whose content is swapped: fixed_content at least 
 TESTED_SWAP = 32  # the content is swapped on up to this many images of each class,
 SWAPS = 1  # each time with this many other classes' content
 MEDIAN_POOL = 16  # what a class holds at each place: the median of this many of its images
+HOLDS_SHARE = 0.5  # its content is swapped where at least this share of its class holds it
 CHANGED = 0.5  # a map on swapped content: near a pixel changed this share of the most
 COPY_LEVEL = 0.5  # a copy: a colour held by this share more of its class than of the others
 COPY_CONFIDENCE = 0.95  # what taking copies away costs: its lower bound at this confidence
+SMALL_INPUTS, NEAR, HELD = "<small>", "<near>", "<held>"  # what `_Kept` keeps, beside the maps
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
 # four signs flags at most a fifth of 10% of their images on every kind's fish, a fifth of the
 # budget kept for networks unlike those (`benchmarks/bench_audit.py`, `calibrated_rule`)
-RULE = {"fixed": 0.31, "everywhere": 0.51, "content": 0.42, "copies": 0.01}
+RULE = {"fixed": 0.34, "everywhere": 0.59, "content": 0.40, "copies": 0.01}
 
 
 @dataclass
@@ -308,24 +310,25 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
     layer = default_layer(learn, x) if layer is None else layer
     named = resolve_layers(learn.model, layer)
     name, module = next(iter(named.items()))
-    table, ours, small = _explain_all(learn, files[rank::world], named, method, bs, _small(size))
-    table, gathered_maps = gathered(table, {name: ours, INPUTS: small}, world)
-    maps = gathered_maps[name]
-    seconds = {"explain": time.perf_counter() - start}
+    centres = cell_centres(learn.model, [module], size)[name]
+    keep = _Kept(size, centres)
+    table, ours = _explain_all(learn, files[rank::world], named, method, bs, keep)
+    table, kept = gathered(table, ours, world)
+    maps = kept[name]
+    seconds = {"explain": time.perf_counter() - start - keep.seconds}  # an audit without tests
 
     start = time.perf_counter()
-    centres = cell_centres(learn.model, [module], size)[name]
     features = on_grid(maps, size, centres, grid)
     images, members = _clusters(table, features, max_clusters)
     seconds["cluster"] = time.perf_counter() - start
     if rank != 0:  # the first process tests, flags and writes
         return Audit(images, pd.DataFrame(), features, maps, name, seconds)
 
-    start = time.perf_counter()
+    start = time.perf_counter() - keep.seconds  # what the explain pass kept for them
     tested, fixed, swap, copies = evidence(
         learn, [Path(f) for f in images["file"]], images["class"], images["predicted"], maps,
-        centres, size, torch.from_numpy(gathered_maps[INPUTS]), groups=images["cluster"],
-        seed=seed)
+        centres, size, torch.from_numpy(kept[SMALL_INPUTS]), (kept[NEAR], kept[HELD]),
+        groups=images["cluster"], seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
                                   grow=round(_cell(centres, size, maps) / 2), fixed=fixed,
@@ -347,8 +350,9 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
 
 def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
-             size: tuple[int, int], small: Tensor, groups: Sequence | None = None,
-             bs: int = 64, seed: int = 0
+             size: tuple[int, int], small: Tensor,
+             listed: tuple[np.ndarray, np.ndarray],
+             groups: Sequence | None = None, bs: int = 64, seed: int = 0
              ) -> tuple[pd.DataFrame, Tensor, Swap | None, list[np.ndarray] | None]:
     """What the network does when what a map points at is taken away, or moved into images
     of other classes, one row per image in the order of `files` (columns `EVIDENCE`), each
@@ -358,7 +362,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
 
     - The map's region (`interventions.map_regions`: the map placed at its cells' receptive
       fields, where it reaches half its maximum, grown by half a cell), on up to `TESTED`
-      images of each group (`groups`, e.g. the clusters; default the classes), drawn with
+      images of each group (`groups`, e.g. the clusters; default the classes) whose maps
+      are not all zero, drawn with
       `seed`: taken away (`removed_*`) and moved into an image of another class (`moved*`);
       the same for the region's shape moved elsewhere in the image (`*_control`) on every
       second of them.
@@ -377,10 +382,10 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     - `same_place`: how much more often than by chance its class's maps peak where its map
       peaks (`interventions.same_place`), maps alone.
     - `swapped`, `swapped_chance` (`_swap_tests`), on up to `TESTED_SWAP` images of each
-      class: where the image holds its class's content (`fixed_content` >= `SWAP_LEVEL`),
-      that content exchanged for `SWAPS` other classes' (the median of `MEDIAN_POOL` images
-      of each), the rest kept: the share of swaps predicted as the other class, beside
-      chance.
+      class: where `HOLDS_SHARE` of its class's images hold its content (`fixed_content` >=
+      `SWAP_LEVEL`), over its object too, that content exchanged for `SWAPS` other classes'
+      (the median of `MEDIAN_POOL` images of each), the rest kept: the share of swaps
+      predicted as the other class, beside chance.
     - `copied` (`_copies`), on every image: the most by which its class's other images hold
       a colour within a cell of its map's peak, anywhere, more often than other classes'
       images do (`interventions.copied_colours`): near 1 on a copy (a tag, a logo, a
@@ -394,8 +399,10 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       (`copy_moved_p`, `copy_control_p`).
 
     NaN where a test did not run. The images regions are moved into are drawn from up to
-    `POOL` images of each other class. `small`: every image as the network saw it, averaged
-    down to `_small(size)` (N, C, h, w), taken in the explain pass. Forward passes only.
+    `POOL` images of each other class. `small` (every image as the network saw it, averaged
+    down to `_small(size)`, (N, C, h, w)) and `listed` (each image's colours near its map's
+    peak and anywhere, `_colours`) are taken in the explain pass (`_Kept`). Forward passes
+    only.
     """
     vocab = list(learn.dls.vocab)
     label = np.asarray(classes)
@@ -420,7 +427,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     target = torch.tensor([vocab.index(c) for c in classes])
     before = np.array([vocab.index(p) for p in predicted])
     group = pd.Series(label if groups is None else list(zip(label, groups)))
-    tested = np.sort(np.concatenate([rng.permutation(np.asarray(ix))[:TESTED]
+    points = maps.reshape(N, -1).max(1) > 0  # an all-zero map points nowhere: no test
+    tested = np.sort(np.concatenate([rng.permutation(np.asarray(ix)[points[ix]])[:TESTED]
                                      for ix in group.groupby(group).indices.values()]))
     with_control = np.zeros(N, bool)
     with_control[tested] = group[tested].groupby(group[tested]).cumcount().to_numpy() % 2 == 0
@@ -442,7 +450,8 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         table.loc[moved.index, moved.columns] = moved
         swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, bs, seed)
         table.loc[swapped.index, swapped.columns] = swapped
-        table["copied"], colours = _copies(learn, files, label, peaks, round(cell), bs)
+        table["copied"], colours = _copies(*listed, label)
+        table.loc[~points, "copied"] = np.nan  # no peak to be near
         candidates = _drawn(rng, (table["copied"] >= COPY_LEVEL).to_numpy(), label,
                             TESTED_FIXED)
         copies = _copy_tests(learn, files, candidates, target, colours, pool_x, receivers, bs,
@@ -450,8 +459,6 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         table.loc[copies.index, copies.columns] = copies
     finally:
         model.train(training)
-    empty = table["region_area"] == 0  # an all-zero map points nowhere
-    table.loc[empty, columns] = np.nan
     return table, fixed, swap, colours
 
 
@@ -490,7 +497,7 @@ def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
 @dataclass
 class Swap:
     """What `_swap_tests` exchanges: each class's content, {class: (C, H, W)}, and where each
-    image holds its class's, (N, h, w) bool, small."""
+    image's class holds it, (N, h, w) bool, small."""
 
     held: dict[str, Tensor]
     holds: Tensor
@@ -509,14 +516,16 @@ class Swap:
 def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds: Tensor,
                 near: Tensor, bs: int, seed: int) -> tuple[pd.DataFrame, Swap | None]:
     """On up to `TESTED_SWAP` images of each class, the content its class holds at each place
-    exchanged, where the image holds it (`holds`: (N, h, w) bool, small), for `SWAPS` other
-    classes' (`interventions.swap_content`; what a class holds: the median of `MEDIAN_POOL`
-    of its images); the rest is kept. `swapped`: the share of its swaps predicted
+    exchanged, where `HOLDS_SHARE` of its images hold it (`holds`: (N, h, w) bool, small,
+    where each does), for `SWAPS` other classes' (`interventions.swap_content`; what a class
+    holds: the median of `MEDIAN_POOL` of its images); the rest is kept. Where its class
+    holds it, not where the image does: a watermark over the object, or a mark the object
+    covers in part, is swapped whole. `swapped`: the share of its swaps predicted
     as the other class; `swapped_chance`: for the same classes, the share of all swaps not
     of their content predicted as them (what a picture changed that much is called anyway).
-    NaN where an image holds nothing of its class's (no pixel to swap). On every image,
+    NaN where its class holds nothing (no pixel to swap: not tested). On every image,
     `swapped_at_peak`: 1 where its map peaks within a cell (`near`, (N, h, w) bool, small)
-    of a pixel the swap changes much (where it holds its class's content, and that content
+    of a pixel the swap changes much (where its class holds its content, and that content
     differs from other classes' by at least `CHANGED` of the most it differs anywhere)."""
     vocab, classes = list(learn.dls.vocab), np.unique(label)
     out = pd.DataFrame(np.nan, index=range(len(files)),
@@ -525,6 +534,9 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
         return out, None
     rng = np.random.default_rng(seed + 1)  # apart from `evidence`'s draws
     drawn = {c: rng.permutation(np.flatnonzero(label == c)) for c in classes}
+    by_class = {c: holds[torch.from_numpy(label == c)].float().mean(0) >= HOLDS_SHARE
+                for c in classes}
+    holds = torch.stack([by_class[c] for c in label])
     held = {c: _decoded(learn, [files[i] for i in drawn[c][:MEDIAN_POOL]], bs).median(0).values
             for c in classes}
     swap = Swap(held, holds)
@@ -535,7 +547,10 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
         changed[c] = spread >= CHANGED * spread.max()
     where_changed = holds & torch.stack([changed[c] for c in label])
     out["swapped_at_peak"] = (where_changed & near).flatten(1).any(1).float().numpy()
-    tested = np.sort(np.concatenate([d[:TESTED_SWAP] for d in drawn.values()]))
+    tested = np.sort(np.concatenate([[], *(d[:TESTED_SWAP] for c, d in drawn.items()
+                                            if by_class[c].any())]).astype(int))
+    if not len(tested):  # no class holds anything: nothing to swap
+        return out, swap
     contents = {i: rng.permutation(classes[classes != label[i]])[:SWAPS] for i in tested}
     swaps = [(i, d) for i in tested for d in contents[i]]
     preds, done, model = [], 0, learn.model
@@ -547,9 +562,7 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
         preds.append(probabilities(model, batch, bs).argmax(1))
         done += len(xb)
     found = pd.DataFrame(swaps, columns=["image", "content"]).assign(
-        said=[vocab[p] for p in torch.cat(preds).tolist()],
-        empty=[not holds[i].any() for i, _ in swaps])
-    found = found[~found["empty"]]
+        said=[vocab[p] for p in torch.cat(preds).tolist()])
     receiver = label[found["image"].to_numpy()]
     called = {c: (found["said"][(found["content"] != c) & (receiver != c)] == c).mean()
               for c in classes}
@@ -571,6 +584,8 @@ def _region_tests(learn, files, tested, with_control, target, before, maps, cent
     """The map's region taken away and moved into `receiver`'s image, on the `tested` images,
     and its control on those `with_control` (see `evidence`)."""
     rows, done, model = [], 0, learn.model
+    if not len(tested):  # every map all zero; fastai's test_dl cannot be empty
+        return pd.DataFrame(columns=["region_area"])
     for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
         xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
         regions = map_regions(_placed(maps[ix], size, centres), grow=grow)
@@ -630,20 +645,49 @@ def _drawn(rng: np.random.Generator, where: np.ndarray, label: np.ndarray, k: in
                                    for c in np.unique(label)])).astype(int)
 
 
-def _copies(learn: Learner, files: Sequence[Path], label: np.ndarray, peaks: Tensor,
-            radius: int, bs: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _colours(shown: Tensor, peaks: Tensor, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's colours (`colour_codes` of `shown`, (N, C, H, W) as decoded) within
+    `radius` px of its map's peak (`peaks`: (N, 2) pixels) and anywhere, unique: two (N,)
+    arrays of arrays."""
+    codes, bits = colour_codes(shown), 3 * COPY_BITS
+    near, held = np.empty(len(shown), object), np.empty(len(shown), object)
+    for k, (code, (y, x)) in enumerate(zip(codes, peaks.long().tolist())):
+        near[k] = np.unique(code[max(0, y - radius):y + radius + 1,
+                                 max(0, x - radius):x + radius + 1].numpy())
+    numbered = torch.unique(torch.arange(len(codes))[:, None, None] << bits | codes)  # one sort
+    per_image = torch.bincount(numbered >> bits, minlength=len(codes)).tolist()
+    for k, part in enumerate((numbered & ((1 << bits) - 1)).split(per_image)):
+        held[k] = part.numpy()
+    return near, held
+
+
+@dataclass
+class _Kept:
+    """What the audit keeps of each batch of the explain pass (`explain_maps(keep=)`) for its
+    interventions: the inputs averaged down to `_small(size)` (`SMALL_INPUTS`) and each
+    image's colours near its map's peak and anywhere (`NEAR`, `HELD`: `_colours`), and the
+    `seconds` that took (the interventions' time, not the explain pass's)."""
+
+    size: tuple[int, int]
+    centres: CellCentres | None
+    seconds: float = 0.0
+
+    def __call__(self, batch: Tensor, shown: Tensor, maps: list[Tensor]
+                 ) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        heat = maps[0].float().cpu().numpy()
+        peaks = torch.stack(peak_points(_placed(heat, self.size, self.centres)), dim=1)
+        near, held = _colours(shown.cpu(), peaks, round(_cell(self.centres, self.size, heat)))
+        small = F.adaptive_avg_pool2d(batch.float(), _small(self.size)).cpu().numpy()
+        self.seconds += time.perf_counter() - start
+        return {SMALL_INPUTS: small, NEAR: near, HELD: held}
+
+
+def _copies(near: np.ndarray, held: np.ndarray, label: np.ndarray
+            ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Each image's `copied` (see `evidence`; NaN where its class or the rest has no other
-    image) and its colours within `radius` px of its map's peak (`peaks`: (N, 2) pixels)
-    that are copies (`copied_colours` >= `COPY_LEVEL`), one pass over the images as shown."""
-    dl = learn.dls.test_dl(files, bs=bs)
-    near: list[np.ndarray] = []
-    held: list[np.ndarray] = []
-    for (xb,) in dl:
-        for code in colour_codes(dl.decode((xb,))[0].as_subclass(Tensor).cpu()):
-            y, x = peaks[len(held)].long().tolist()
-            near.append(np.unique(code[max(0, y - radius):y + radius + 1,
-                                       max(0, x - radius):x + radius + 1].numpy()))
-            held.append(np.unique(code.numpy()))
+    image) and its colours `near` its map's peak that are copies (`copied_colours` >=
+    `COPY_LEVEL`); `held`: its colours anywhere (`_colours`)."""
     lifts = copied_colours(near, held, label)
     copied = np.array([np.nan if np.isnan(lift).all() else np.nanmax(lift) for lift in lifts])
     return copied, [c[lift >= COPY_LEVEL] for c, lift in zip(near, lifts)]
@@ -696,25 +740,23 @@ def _control(name: str) -> str:
 
 
 def _explain_all(learn: Learner, files: list[Path], named: dict, method: str, bs: int,
-                 small: tuple[int, int]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+                 keep: _Kept) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """`explain`'s batches over `files`, the true class's map for the labelled ones (one call
-    per class) and the prediction's for the rest: the table with a `label` column, the maps
-    (N, h, w) at the one layer, and the inputs averaged down to `small` (N, C, *small), all
-    in the order of `files`."""
+    per class) and the prediction's for the rest: the table with a `label` column, and the
+    maps (N, h, w) at the one layer beside what `keep` kept, all in the order of `files`."""
     vocab = list(learn.dls.vocab)
     labels = [class_name(f) if class_name(f) in vocab else "" for f in files]
-    tables, maps, inputs, order = [], [], [], []
+    tables, parts, order = [], [], []
     for label in sorted(set(labels)):
         pos = [i for i, lab in enumerate(labels) if lab == label]
         cls = vocab.index(label) if label else None
-        t, m = explain_maps(learn, [files[i] for i in pos], named, cls, method, bs, small=small)
+        t, m = explain_maps(learn, [files[i] for i in pos], named, cls, method, bs, keep=keep)
         tables.append(t.assign(label=label))
-        inputs.append(m.pop(INPUTS))
-        maps.append(next(iter(m.values())))
+        parts.append(m)
         order += pos
     back = np.argsort(order)
     table = pd.concat(tables, ignore_index=True).iloc[back].reset_index(drop=True)
-    return table, np.concatenate(maps)[back], np.concatenate(inputs)[back]
+    return table, {k: np.concatenate([m[k] for m in parts])[back] for k in parts[0]}
 
 
 def _clusters(table: pd.DataFrame, features: np.ndarray, max_clusters: int

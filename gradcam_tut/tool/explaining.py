@@ -10,7 +10,7 @@ process says it in one line, and nothing is left behind.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
@@ -38,8 +37,6 @@ from .results import (
     holding,
     written_whole,
 )
-
-INPUTS = "<inputs>"  # `explain_maps(small=...)`: the small copies, beside the layers' maps
 
 RESULTS = ("explain.csv", "maps.npz", "grids")
 
@@ -264,8 +261,8 @@ def grid_name(number: int, image: Path, limit: int = 255) -> str:
 def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module],
                  target: int | None = None, method: str = "gradcam", bs: int = 16,
                  grids: Path | None = None, numbers: Sequence[int] | None = None,
-                 small: tuple[int, int] | None = None
-                 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+                 keep: Callable[[Tensor, Tensor, list[Tensor]], dict[str, np.ndarray]]
+                 | None = None) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The model pass of `explain`, on one process, writing nothing but `grids`.
 
     Args:
@@ -273,8 +270,10 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
         target: a class index for every image; None: each image's prediction.
         grids: a folder for a grid PNG per image, `<number>_<image>.png`.
         numbers: the images' numbers in those names; default 0, 1, ...
-        small: also keep each input as the network saw it, averaged down to this (h, w), under
-            `INPUTS` in the maps (what the audit compares, without decoding every image twice).
+        keep: also keep, for each batch, what `keep(batch, shown, maps)` returns (the inputs as
+            the network saw them, as decoded, and the layers' maps): {name: (b, ...) array},
+            beside the layers' maps under each name (what the audit needs of every image,
+            without decoding it twice).
 
     Returns:
         The table (file, predicted, confidence, target, each layer's map max) and each
@@ -285,12 +284,9 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
     dl = learn.dls.test_dl(files, bs=bs)
     rows: list[dict[str, Any]] = []
     maps: dict[str, list[np.ndarray]] = {name: [] for name in named}
-    inputs: list[np.ndarray] = []
+    kept: dict[str, list[np.ndarray]] = {}
     done = 0
     for (xb,) in progress_bar(dl, leave=False):
-        if small is not None:
-            inputs.append(F.adaptive_avg_pool2d(xb.as_subclass(Tensor).float(), small).cpu()
-                          .numpy())
         batch, logits = cast(tuple[list[Tensor], Tensor], grad_cam(
             learn.model, xb, list(named.values()), target, method=method,
             return_logits=True))  # the predictions of the same pass
@@ -303,6 +299,10 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
                          **{f"max_{n}": float(m[i].max()) for n, m in zip(named, batch)}})
         for name, m in zip(named, batch):
             maps[name].append(m.cpu().numpy())
+        if keep is not None:
+            shown = dl.decode((xb,))[0].as_subclass(Tensor)
+            for name, part in keep(xb.as_subclass(Tensor), shown, batch).items():
+                kept.setdefault(name, []).append(part)
         if grids is not None:
             grids.mkdir(exist_ok=True)
             for i, image in enumerate(dl.decode((xb,))[0]):
@@ -312,5 +312,5 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
                                          f"{method} map for {row['target']}",
                                 save=grids / grid_name(numbers[done + i], files[done + i]))
         done += len(xb)
-    out = {name: np.concatenate(m) for name, m in maps.items()}
-    return pd.DataFrame(rows), out | ({INPUTS: np.concatenate(inputs)} if inputs else {})
+    out = {name: np.concatenate(m) for name, m in (maps | kept).items()}
+    return pd.DataFrame(rows), out

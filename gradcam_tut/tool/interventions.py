@@ -266,8 +266,9 @@ def copy_pixels(pictures: Tensor, colours: Sequence[np.ndarray]) -> Tensor:
     return dilate(torch.stack(found), COPY_GROW)
 
 
-def copied_colours(near: Sequence[np.ndarray], held: Sequence[np.ndarray],
-                   groups: Sequence | np.ndarray) -> list[np.ndarray]:
+def copied_colours(near: Sequence[np.ndarray] | np.ndarray,
+                   held: Sequence[np.ndarray] | np.ndarray, groups: Sequence | np.ndarray
+                   ) -> list[np.ndarray]:
     """For each image, by how much more often its group's other images than other groups'
     images hold each of its colours `near` (its map's peak) anywhere: 1 for a colour every
     image of its group holds and no other does, pixel for pixel (a copy: a tag, a logo, a
