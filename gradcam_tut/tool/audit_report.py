@@ -98,12 +98,16 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
     one whose part turned most images, with its part outlined, and the same image of another
     class with that part alone moved in; then, with `swap` (`auditing.Swap`), the example
     with its class's content swapped for the other image's class's, the pixels swapped
-    outlined; then, where one of its images' copies was moved (`copies`: each image's copied
-    colours, `auditing.evidence`), the one whose copies turned most images, its copies
-    outlined, taken away, and alone moved into the same image of another class. Each
+    outlined; then, where one of its images' copies was tested (`copies`: each image's copied
+    colours, `auditing.evidence`), the one whose class's probability fell most more than its
+    control's when they were taken away (what the flag asks), its copies outlined, taken away,
+    and alone moved into the same image of another class. Each
     captioned with the network's prediction and its probability (the example and the image
     of another class as `images` has them, from the explain pass)."""
     vocab, examples = list(learn.dls.vocab), {}
+    if {"copy_removed_p", "copy_removed_control_p"} <= set(images):  # what decides its flag
+        images = images.assign(copy_fall=images["copy_removed_control_p"]
+                               - images["copy_removed_p"])
     model, training = learn.model, learn.model.training
     try:
         model.eval()
@@ -115,7 +119,7 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
             j = int(others[i % len(others)])
             f = _tested_example(images, row.members, "fixed_moved", "fixed_area",
                                 None if fixed is None else fixed.flatten(1).any(1))
-            c = _tested_example(images, row.members, "copy_moved", "copied",
+            c = _tested_example(images, row.members, "copy_fall", "copied",
                                 None if copies is None else [len(cs) > 0 for cs in copies])
             extra = [n for n in (f, c) if n is not None]
             dl = learn.dls.test_dl([Path(images["file"][n]) for n in [i, j, *extra]])
@@ -166,8 +170,8 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
 
 def _tested_example(images, members: np.ndarray, moved: str, size: str, has) -> int | None:
     """Of a cluster's `members`, the image whose part (`has`: per image, whether it has one)
-    moved alone turned the most images of other classes (column `moved`; the largest part
-    among equals, column `size`), or None when none has a tested part."""
+    did most in its test (column `moved`; the largest part among equals, column `size`), or
+    None when none has a tested part."""
     if has is None or moved not in images:
         return None
     tested = [m for m in members if not np.isnan(images[moved][m]) and has[m]]
