@@ -2,16 +2,16 @@
 
 (1) `--only kinds`: for each kind of planted shortcut (`mini_fish.SHORTCUT_KINDS`: a corner
 square, a strip along the bottom edge, a tag beside the fish, a tinted backdrop, a faint
-watermark band) trains (or reuses) a network with notebook 06's recipe on mini fish carrying
-it, and three networks without any shortcut (seeds 42, 43, 44). Audits each shortcut network
-on new fish with its shortcut, and each clean network on new fish with every kind, no mask
-given; where each map really lies is measured apart from the audit with the shortcut's own
-mask (`mini_fish.mark_mask`: the map's peak within one cell of it). Then leave one kind
-out: the flag's five thresholds (`audit.RULE`) are chosen on the other kinds (the best mean
-F1 with at most 10% of the clean networks' images flagged) and reported on the kind left out;
-then the shipped rule's own calibration (clean networks alone) and that calibration with each
-kind left out. Rows in `results/audit_kinds.csv`, the tables in `results/audit_loko.csv`,
-`audit_calibrated.csv` and `audit_loko_calibrated.csv`.
+watermark band, a label a third of the picture high) trains (or reuses) a network with notebook
+06's recipe on mini fish carrying it, and three networks without any shortcut (seeds 42, 43,
+44). Audits each shortcut network on new fish with its shortcut, and each clean network on new
+fish with every kind, no mask given; where each map really lies is measured apart from the
+audit with the shortcut's own mask (`mini_fish.mark_mask`: the map's peak within one cell of
+it). Then leave one kind out: the flag's four thresholds (`audit.RULE`) are chosen on the other
+kinds (the best mean F1 with at most 10% of the clean networks' images flagged) and reported on
+the kind left out; then the shipped rule's own calibration (clean networks alone) and that
+calibration with each kind left out. Rows in `results/audit_kinds.csv`, the tables in
+`results/audit_loko.csv`, `audit_calibrated.csv` and `audit_loko_calibrated.csv`.
 (2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
 explain, clustering, interventions and the report, per 1,000 images.
 (3) `--only scaling`: `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, dense and sparse.
@@ -433,8 +433,8 @@ def canvas_rows() -> None:
         per_class = pd.concat(list(pool.map(canvas_one, jobs)), ignore_index=True)
     per_class.to_csv(RESULTS / "audit_canvas.csv", index=False, float_format="%.4g")
     clean = per_class["model"].str.startswith("clean")
-    print("\n== (6) per class, each sign less other classes' share (clean: max over the 135 "
-          "classes of 3 networks x 5 kinds of fish)")
+    print("\n== (6) per class, each sign less other classes' share (clean: max over the "
+          f"{clean.sum()} classes of 3 networks x {len(SHORTCUT_KINDS)} kinds of fish)")
     for sign in ("canvas", "persists"):
         print(f"{sign}: clean max {per_class.loc[clean, sign].max():.2f}; " + ", ".join(
             f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])

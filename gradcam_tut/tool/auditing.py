@@ -36,7 +36,7 @@ without being its object.
      lies. (Moved alone, a copy also turns other images; but a network that reads a red
      label on red fish as the fish's colour does that too, and does not need the label.)
    The thresholds come from networks trained without any shortcut alone;
-   `benchmarks/bench_audit.py` scores them on five kinds of shortcut, and with each kind
+   `benchmarks/bench_audit.py` scores them on six kinds of shortcut, and with each kind
    left out in turn. Where maps peak (`same_place`) is reported, no sign: a cluster of maps on
    an object peaks at one place by chance too (a network trained without any shortcut had up
    to 17% of its images flagged that way), and a mark at one place is a fixed part and a copy.
@@ -150,8 +150,8 @@ class Audit:
             all-zero map), in the order of `images`.
         maps: (N, h, w) float32, the maps as `grad_cam` gives them, in the same order.
         layer: the layer the maps are from.
-        seconds: wall time of "explain" (the model pass), "cluster", "interventions" and
-            "report".
+        seconds: wall time of "explain" (the model pass), "cluster", "interventions" (with
+            what the explain pass keeps for them, `_Kept`) and "report".
         examples: {row of `clusters`: (image (H, W, 3), caption) pairs}: its example image
             with its region outlined, the region taken away, an image of another class, and
             that image with the region moved in; then, where the cluster has a fixed part, the
