@@ -500,7 +500,7 @@ def test_report_sorts_and_marks_flagged_clusters(families, page, tmp_path):
     assert flagged.count() == 1 and flagged.locator(".flag").is_visible()
     assert "such parts made 90% of them Trout" in flagged.inner_text()
     assert "Look at that place" in flagged.inner_text()
-    assert "1 flagged: Trout 1 (20 images)" in page.inner_text("p.note")
+    assert "1 flagged: Trout 1 (20 of its 20 images)" in page.inner_text("p.note")
     notes = page.locator("p.note").all_inner_texts()  # what an unflagged class does not prove
     assert any(n.startswith("No flag is no clean bill") and "backdrop" in n for n in notes)
     assert flagged.evaluate("e => getComputedStyle(e).borderTopColor") == "rgb(221, 34, 34)"

@@ -208,6 +208,7 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                      for i in row.members if i in thumbs]
             cards.append({
                 "cls": cls, "cluster": row.cluster, "size": row.size, "flagged": row.flagged,
+                "flagged_images": int(images["flagged"].to_numpy()[row.members].sum()),
                 "anchor": f"{cls}-{row.cluster}", "share": f"{row.size / n:.0%}",
                 "accuracy_value": f"{row.accuracy:.4f}" if accurate else "",
                 "accuracy_text": (f"accuracy {row.accuracy:.2f} ({row.labelled} labelled)"
