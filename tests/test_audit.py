@@ -139,6 +139,23 @@ def test_images_are_flagged_when_their_class_s_fixed_parts_alone_move_other_imag
                           RULE | {"fixed": np.inf})[0]["flagged"].any()
 
 
+def test_a_cluster_says_how_many_of_its_images_each_sign_flagged():
+    rows = {"class": ["Trout"] * 4 + ["Shrimp"] * 2, "cluster": [0] * 6, "file": list("abcdef"),
+            "fixed_area": [0.04, 0.04, 0.0, 0.02, 0.05, 0.05],
+            "fixed_at_peak": [0.9, 0.7, 0.2, 0.5, 0.8, 0.9],
+            "fixed_moved": [1.0, 0.0, np.nan, 0.67, 0.33, 0.0],
+            "fixed_control": [0.0, np.nan, np.nan, 0.0, 0.33, np.nan],
+            "swapped": [1.0] * 4 + [np.nan] * 2, "swapped_chance": [0.0] * 4 + [np.nan] * 2,
+            "swapped_at_peak": [0, 0, 1, 0, 0, 0], "moved": [0.5] * 6, "moved_control": [0.0] * 6,
+            "correct": [1] * 6}
+    images = pd.DataFrame(rows)
+    flagged, clusters = apply_rule(images, cluster_numbers(images), RULE | {"fixed": 0.3})
+    assert flagged["flagged"].tolist() == [1, 1, 1, 1, 0, 0]
+    assert clusters["why"][1].startswith("3 of its 4 images: Its map peaks on what Trout images "
+                                         "hold at that place")
+    assert "1 of its 4 images: Its map peaks on what Trout images hold there" in clusters["why"][1]
+
+
 def test_images_are_flagged_when_their_class_s_content_swapped_makes_them_another_class():
     """A class whose content, exchanged for other classes' where its images hold it, makes
     them those classes beyond chance flags its images whose maps peak on what it holds
@@ -154,7 +171,8 @@ def test_images_are_flagged_when_their_class_s_content_swapped_makes_them_anothe
     assert flagged["flagged"].tolist() == [1, 1, 0, 0, 0, 0]  # lift 0.65; Shrimp: 0.07
     assert flagged["why"][0] == (
         "Its map peaks on what Trout images hold there and other classes' do not; exchanged for "
-        "another class's content where they hold it, the rest kept as it was, Trout images "
+        "another class's content where at least half the Trout images hold it, the rest kept "
+        "as it was, Trout images "
         "became that class 75% of the time (chance: 10%).")
     assert clusters["flagged"].tolist() == [0, 1]
     assert clusters["why"][1].startswith("2 of its 3 images: Its map peaks on what Trout")

@@ -876,9 +876,10 @@ def content_reason(images: pd.DataFrame, cls: str) -> str:
     """Why the images of `cls` are flagged by `content_sign`."""
     own = images.reindex(columns=["swapped", "swapped_chance"])[images["class"] == cls]
     return (f"Its map peaks on what {cls} images hold there and other classes' do not; "
-            f"exchanged for another class's content where they hold it, the rest kept as it "
-            f"was, {cls} images became that class {_percent(own['swapped'].mean())} of the "
-            f"time (chance: {_percent(own['swapped_chance'].mean())}).")
+            f"exchanged for another class's content where at least half the {cls} images hold "
+            f"it, the rest kept as it was, {cls} images became that class "
+            f"{_percent(own['swapped'].mean())} of the time (chance: "
+            f"{_percent(own['swapped_chance'].mean())}).")
 
 
 def fixed_reason(images: pd.DataFrame, cls: str) -> str:
@@ -912,10 +913,10 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
     images whose maps peak on a fixed part, of a class whose fixed parts alone turn images of
     other classes into it (`fixed_sign`), or on what their class holds there, of a class
     whose content exchanged for others' makes its images those classes (`content_sign`), or
-    on a copy, of a class whose copies alone turn images of other classes into it
-    (`copy_sign`); all the images of a cluster flagged because its class is all over the
-    picture (`flag_reason`). A cluster is flagged when its numbers are, or any of its images
-    is."""
+    on a copy, of a class that needs its copies (taken away, its probability falls beyond
+    their controls: `copy_sign`); all the images of a cluster flagged because its class is all
+    over the picture (`flag_reason`). A cluster is flagged when its numbers are, or any of its
+    images is; its `why` gives how many of its images each reason flagged."""
     images, clusters = images.copy(), clusters.copy()
     signs = {"fixed": fixed_sign(images, rule), "content": content_sign(images, rule),
              "copies": copy_sign(images, rule)}
@@ -930,9 +931,9 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
         if row["why"]:
             images.loc[own & (images["flagged"] == 0), ["flagged", "why"]] = 1, row["why"]
         elif (own & (images["flagged"] == 1)).any():
-            n = int((own & (images["flagged"] == 1)).sum())
-            first = images["why"][own & (images["flagged"] == 1)].iloc[0]
-            clusters.loc[k, "why"] = f"{n} of its {row['size']} images: {first}"
+            whys = images["why"][own & (images["flagged"] == 1)].value_counts()  # by sign
+            clusters.loc[k, "why"] = " ".join(f"{n} of its {row['size']} images: {why}"
+                                              for why, n in whys.items())
             clusters.loc[k, "look_for"] = (
                 f"Look at that place in its flagged images: is it the {row['class']} itself, "
                 f"or something every {row['class']} photo has there (a mark, a caption, a "

@@ -8,13 +8,13 @@ Two counterfactual images per region ask the network itself:
                  prediction change?
     moved        the region pasted, at the same place, into an image of another class: is that
                  image now predicted as the region's class?
-    swapped      where an image holds what its class holds at that place (`fixed_content`),
+    swapped      where a class's images hold what it holds at that place (`fixed_content`),
                  that content exchanged for another class's (`swap_content`), the rest
                  kept: is it now predicted as the other class?
     copied       the pixels near a map's peak whose colours its class's other images hold
                  somewhere and other classes' do not (`copied_colours`: a tag, a logo, a
                  caption pasted into every photo; no two photographs of an object agree so
-                 closely), moved alone into images of other classes.
+                 closely), taken away, and moved alone into images of other classes.
 
 Each beside its control: the same intervention on a region of the same size and shape
 elsewhere in the same image (`elsewhere`), so that a number says what the region does beyond
