@@ -371,13 +371,13 @@ def test_audit_writes_one_row_per_image(audited, tiny_learner):
 
 def test_the_explain_pass_keeps_what_the_interventions_need(tiny_learner, mini_root):
     """The audit decodes every image once: `explain_maps(keep=...)` keeps each input averaged
-    down, and its colours near its map's peak and anywhere, equal to a second pass over the
-    same files."""
+    down, its map's peak, and its colours near that peak and anywhere, equal to a second pass
+    over the same files."""
     import torch.nn.functional as F
 
     from gradcam_tut.cam import resolve_layers
     from gradcam_tut.metrics import peak_points
-    from gradcam_tut.tool.auditing import HELD, NEAR, SMALL_INPUTS, _Kept, _small
+    from gradcam_tut.tool.auditing import HELD, NEAR, PEAKS, SMALL_INPUTS, _Kept, _small
     from gradcam_tut.tool.explaining import explain_maps
     from gradcam_tut.tool.interventions import colour_codes
 
@@ -388,14 +388,16 @@ def test_the_explain_pass_keeps_what_the_interventions_need(tiny_learner, mini_r
     size = tuple(again.shape[-2:])
     keep = _Kept(size, None)  # no centres: plain interpolation
     _, maps = explain_maps(tiny_learner, files, named, bs=2, keep=keep)
-    assert set(maps) == {"layer2", SMALL_INPUTS, NEAR, HELD} and keep.seconds > 0
+    assert set(maps) == {"layer2", SMALL_INPUTS, PEAKS, NEAR, HELD} and keep.seconds > 0
     np.testing.assert_allclose(maps[SMALL_INPUTS],
                                F.adaptive_avg_pool2d(again, _small(size)).numpy(), atol=1e-6)
     codes = colour_codes(dl.decode((again,))[0].as_subclass(torch.Tensor))
     heat = F.interpolate(torch.from_numpy(maps["layer2"])[:, None], size=size,
                          mode="bilinear", align_corners=False)[:, 0]
     radius = round(size[0] / maps["layer2"].shape[-2])  # a cell
-    for k, (y, x) in enumerate(torch.stack(peak_points(heat), dim=1).long().tolist()):
+    peaks = torch.stack(peak_points(heat), dim=1)
+    np.testing.assert_allclose(maps[PEAKS], peaks.numpy())
+    for k, (y, x) in enumerate(peaks.long().tolist()):
         assert np.array_equal(maps[HELD][k], np.unique(codes[k].numpy()))
         near = codes[k, max(0, y - radius):y + radius + 1, max(0, x - radius):x + radius + 1]
         assert np.array_equal(maps[NEAR][k], np.unique(near.numpy()))

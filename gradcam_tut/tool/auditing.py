@@ -130,7 +130,8 @@ HOLDS_SHARE = 0.5  # its content is swapped where at least this share of its cla
 CHANGED = 0.5  # a map on swapped content: near a pixel changed this share of the most
 COPY_LEVEL = 0.5  # a copy: a colour held by this share more of its class than of the others
 COPY_CONFIDENCE = 0.95  # what taking copies away costs: its lower bound at this confidence
-SMALL_INPUTS, NEAR, HELD = "<small>", "<near>", "<held>"  # what `_Kept` keeps, beside the maps
+# what `_Kept` keeps of the explain pass, beside the maps
+SMALL_INPUTS, PEAKS, NEAR, HELD = "<small>", "<peaks>", "<near>", "<held>"
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
 # four signs flags at most a fifth of 10% of their images on every kind's fish, a fifth of the
 # budget kept for networks unlike those (`benchmarks/bench_audit.py`, `calibrated_rule`)
@@ -327,8 +328,7 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
     start = time.perf_counter() - keep.seconds  # what the explain pass kept for them
     tested, fixed, swap, copies = evidence(
         learn, [Path(f) for f in images["file"]], images["class"], images["predicted"], maps,
-        centres, size, torch.from_numpy(kept[SMALL_INPUTS]), (kept[NEAR], kept[HELD]),
-        groups=images["cluster"], seed=seed)
+        centres, size, kept, groups=images["cluster"], seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
                                   grow=round(_cell(centres, size, maps) / 2), fixed=fixed,
@@ -350,8 +350,7 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
 
 def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
-             size: tuple[int, int], small: Tensor,
-             listed: tuple[np.ndarray, np.ndarray],
+             size: tuple[int, int], kept: dict[str, np.ndarray],
              groups: Sequence | None = None, bs: int = 64, seed: int = 0
              ) -> tuple[pd.DataFrame, Tensor, Swap | None, list[np.ndarray] | None]:
     """What the network does when what a map points at is taken away, or moved into images
@@ -399,10 +398,9 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       (`copy_moved_p`, `copy_control_p`).
 
     NaN where a test did not run. The images regions are moved into are drawn from up to
-    `POOL` images of each other class. `small` (every image as the network saw it, averaged
-    down to `_small(size)`, (N, C, h, w)) and `listed` (each image's colours near its map's
-    peak and anywhere, `_colours`) are taken in the explain pass (`_Kept`). Forward passes
-    only.
+    `POOL` images of each other class. `kept`: what the explain pass kept of every image
+    (`_Kept`): as the network saw it, averaged down to `_small(size)`, its map's peak, and
+    its colours near that peak and anywhere. Forward passes only.
     """
     vocab = list(learn.dls.vocab)
     label = np.asarray(classes)
@@ -410,8 +408,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     cell = _cell(centres, size, maps)
     grow = round(cell / 2)
     table = pd.DataFrame(np.nan, index=range(N), columns=list(EVIDENCE))
-    peaks = torch.cat([torch.stack(peak_points(_placed(m, size, centres)), dim=1)
-                       for m in np.array_split(maps, max(1, -(-N // 256)))])
+    peaks = torch.from_numpy(kept[PEAKS])
     table["same_place"] = same_place(peaks, classes, size, cell / 2).numpy()
     rng = np.random.default_rng(seed)
     pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
@@ -435,6 +432,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     model, training = learn.model, learn.model.training
     try:
         model.eval()
+        small = torch.from_numpy(kept[SMALL_INPUTS])
         fixed, at_peak, held, near = _fixed_parts(small, label, maps, centres, size,
                                                   round(cell), seed)
         table["fixed_area"] = fixed.flatten(1).float().mean(1).numpy()
@@ -450,7 +448,7 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
         table.loc[moved.index, moved.columns] = moved
         swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, bs, seed)
         table.loc[swapped.index, swapped.columns] = swapped
-        table["copied"], colours = _copies(*listed, label)
+        table["copied"], colours = _copies(kept[NEAR], kept[HELD], label)
         table.loc[~points, "copied"] = np.nan  # no peak to be near
         candidates = _drawn(rng, (table["copied"] >= COPY_LEVEL).to_numpy(), label,
                             TESTED_FIXED)
@@ -482,7 +480,7 @@ def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
     pixels within a cell of its map's peak, (N, h, w) bool."""
     h, w = small.shape[-2:]
     regions, near = [], []
-    for chunk in np.array_split(maps, max(1, -(-len(maps) // 256))):  # as `evidence`'s peaks
+    for chunk in np.array_split(maps, max(1, -(-len(maps) // 256))):  # 256 maps at a time
         heat = _placed(chunk, size, centres)
         region = map_regions(heat, grow=grow)[:, None].float()
         peak = map_regions(heat, level=1.0, grow=grow)[:, None].float()  # a cell round the peak
@@ -664,8 +662,9 @@ def _colours(shown: Tensor, peaks: Tensor, radius: int) -> tuple[np.ndarray, np.
 @dataclass
 class _Kept:
     """What the audit keeps of each batch of the explain pass (`explain_maps(keep=)`) for its
-    interventions: the inputs averaged down to `_small(size)` (`SMALL_INPUTS`) and each
-    image's colours near its map's peak and anywhere (`NEAR`, `HELD`: `_colours`), and the
+    interventions: the inputs averaged down to `_small(size)` (`SMALL_INPUTS`), each map's
+    peak in pixels (`PEAKS`, (b, 2)) and each image's colours near it and anywhere (`NEAR`,
+    `HELD`: `_colours`), and the
     `seconds` that took (the interventions' time, not the explain pass's)."""
 
     size: tuple[int, int]
@@ -680,7 +679,7 @@ class _Kept:
         near, held = _colours(shown.cpu(), peaks, round(_cell(self.centres, self.size, heat)))
         small = F.adaptive_avg_pool2d(batch.float(), _small(self.size)).cpu().numpy()
         self.seconds += time.perf_counter() - start
-        return {SMALL_INPUTS: small, NEAR: near, HELD: held}
+        return {SMALL_INPUTS: small, PEAKS: peaks.numpy(), NEAR: near, HELD: held}
 
 
 def _copies(near: np.ndarray, held: np.ndarray, label: np.ndarray
