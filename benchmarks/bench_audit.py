@@ -519,7 +519,10 @@ def corelay_rows() -> None:
     print(table.round(3).to_string())
 
 
-def time_rows(data: Path, per_class: int = 112) -> None:
+def time_rows(data: Path, per_class: int = 112, kind: str | None = None) -> None:
+    """(2): the audit's time per 1,000 images at 128 px by stage, on clean fish, or on fish
+    that all carry their class's shortcut of `kind` (a backdrop: every class holds content
+    everywhere, the content swap's most)."""
     import torch
     from torchvision.models import resnet34
 
@@ -529,7 +532,9 @@ def time_rows(data: Path, per_class: int = 112) -> None:
     from gradcam_tut.tool.train import fish_learner
 
     torch.manual_seed(0)
-    root = make_mini_fish(data / f"time-{per_class}", MiniFishSpec(per_class=per_class, seed=3),
+    marks = {"mark": 1.0, "mark_kind": kind} if kind else {}
+    root = make_mini_fish(data / (f"time-{per_class}" + (f"-{kind}" if kind else "")),
+                          MiniFishSpec(per_class=per_class, seed=3, **marks),
                           progress=False)  # .../Fish_Dataset/Fish_Dataset
     learn = fish_learner(fish_dataloaders(root, size=128, bs=16), resnet34, pretrained=False)[0]
     start = time.perf_counter()
@@ -541,7 +546,8 @@ def time_rows(data: Path, per_class: int = 112) -> None:
           f"{torch.get_num_threads()} threads: {total:.1f} s")
     print("per 1,000 images: " + ", ".join(f"{k} {v:.1f} s" for k, v in per_1000.items())
           + f", total {total * 1000 / n:.1f} s; copies tested on "
-          f"{result.images['copy_moved'].notna().sum()} images")
+          f"{result.images['copy_moved'].notna().sum()} images, content swapped on "
+          f"{result.images['swapped'].notna().sum()}")
 
 
 def process_rows(data: Path, per_class: int = 112) -> None:
@@ -658,6 +664,7 @@ def main() -> None:
     p.add_argument("--only", choices=["kinds", "loko", "heldout", "time", "scaling",
                                       "processes", "corelay", "canvas"])
     p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--kind", help="--only time: on fish carrying this kind of shortcut")
     p.add_argument("--scale-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
@@ -675,7 +682,7 @@ def main() -> None:
 
         report_rules(pd.read_csv(RESULTS / "audit_kinds.csv"))
     if args.only in (None, "time"):
-        time_rows(args.data)
+        time_rows(args.data, kind=args.kind)
     if args.only in (None, "scaling"):
         scaling_rows()
     if args.only in (None, "processes"):
