@@ -268,7 +268,9 @@ def plot_interventions(examples: dict[int, list[tuple[np.ndarray, str]]], titles
     name each row's cluster."""
     rows = [k for k in titles if k in examples]
     columns = max([len(examples[k]) for k in rows], default=4)
-    fig = new_figure(figsize=(2.1 * columns, 2.3 * max(1, len(rows))))
+    h, w = examples[rows[0]][0][0].shape[:2] if rows else (3, 4)
+    # each row: an image 2 in wide, and two lines of caption above it
+    fig = new_figure(figsize=(2.1 * columns, (2 * h / w + 0.6) * max(1, len(rows))))
     axs = fig.subplots(max(1, len(rows)), columns, squeeze=False)
     for ax_row, k in zip(axs, rows):
         for ax in ax_row[len(examples[k]):]:
