@@ -299,13 +299,15 @@ def explain_maps(learn: Learner, files: Sequence[Path], named: dict[str, Module]
                          **{f"max_{n}": float(m[i].max()) for n, m in zip(named, batch)}})
         for name, m in zip(named, batch):
             maps[name].append(m.cpu().numpy())
+        if keep is not None or grids is not None:
+            shown = dl.decode((xb,))[0]  # the pictures as decoded, once for both
         if keep is not None:
-            shown = dl.decode((xb,))[0].as_subclass(Tensor)
-            for name, part in keep(xb.as_subclass(Tensor), shown, batch).items():
+            for name, part in keep(xb.as_subclass(Tensor), shown.as_subclass(Tensor),
+                                   batch).items():
                 kept.setdefault(name, []).append(part)
         if grids is not None:
             grids.mkdir(exist_ok=True)
-            for i, image in enumerate(dl.decode((xb,))[0]):
+            for i, image in enumerate(shown):
                 row = rows[done + i]
                 plot_layer_grid(image, [m[i] for m in batch], titles=list(named),
                                 suptitle=f"{row['predicted']} ({row['confidence']:.2f}) · "
