@@ -28,6 +28,7 @@ from ..receptive_field import CellCentres, place
 from .interventions import REGION_LEVEL, copy_pixels, fill, map_regions, paste, probabilities
 
 THUMB = 96  # pixels a side of a mean map; examples are 3/4 of it
+CHUNK = 16  # clusters whose examples are made at a time (one decode, one forward pass)
 ENV = Environment(loader=PackageLoader("gradcam_tut.tool", "templates"), autoescape=True,
                   trim_blocks=True, lstrip_blocks=True)
 
@@ -104,67 +105,84 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
     and alone moved into the same image of another class. Each
     captioned with the network's prediction and its probability (the example and the image
     of another class as `images` has them, from the explain pass)."""
-    vocab, examples = list(learn.dls.vocab), {}
     if {"copy_removed_p", "copy_removed_control_p"} <= set(images):  # what decides its flag
         images = images.assign(copy_fall=images["copy_removed_control_p"]
                                - images["copy_removed_p"])
+    has_fixed = None if fixed is None else fixed.flatten(1).any(1)
+    has_copies = None if copies is None else [len(cs) > 0 for cs in copies]
+    chosen = {}  # cluster row: (its example, an image of another class, fixed, copies)
+    for k, row in enumerate(clusters.itertuples()):
+        i = int(row.example)
+        others = np.flatnonzero(images["class"].to_numpy() != clusters["class"].iloc[k])
+        if len(others):
+            chosen[k] = (i, int(others[i % len(others)]),
+                         _tested_example(images, row.members, "fixed_moved", "fixed_area",
+                                         has_fixed),
+                         _tested_example(images, row.members, "copy_fall", "copied",
+                                         has_copies))
+    examples: dict[int, list[tuple[np.ndarray, str]]] = {}
+    keys = list(chosen)
     model, training = learn.model, learn.model.training
     try:
         model.eval()
-        for k, row in enumerate(clusters.itertuples()):
-            i = int(row.example)
-            others = np.flatnonzero(images["class"].to_numpy() != clusters["class"].iloc[k])
-            if not len(others):
-                continue
-            j = int(others[i % len(others)])
-            f = _tested_example(images, row.members, "fixed_moved", "fixed_area",
-                                None if fixed is None else fixed.flatten(1).any(1))
-            c = _tested_example(images, row.members, "copy_fall", "copied",
-                                None if copies is None else [len(cs) > 0 for cs in copies])
-            extra = [n for n in (f, c) if n is not None]
-            dl = learn.dls.test_dl([Path(images["file"][n]) for n in [i, j, *extra]])
-            x = dl.one_batch()[0].as_subclass(Tensor)
-            heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
-            region = map_regions(heat, grow=grow).to(x.device)
-            if not region.any():
-                continue
-            parts = [x[:1], fill(x[:1], region), x[1:2], paste(x[1:2], x[:1], region)]
-            names = ["its region", "taken away", "another class", "region moved in"]
-            if f is not None and fixed is not None:
-                part = F.interpolate(fixed[f][None, None].float(), size=size)[0].bool()
-                parts += [x[2:3], paste(x[1:2], x[2:3], part.to(x.device))]
-                names += ["its fixed part", "fixed part moved in"]
-            if c is not None and copies is not None:
-                xc = x[2 + extra.index(c)][None]
-                copy = copy_pixels(dl.decode((xc,))[0].as_subclass(Tensor).cpu(), [copies[c]])
-                parts += [xc, fill(xc, copy.to(x.device)), paste(x[1:2], xc, copy.to(x.device))]
-                names += ["its copies", "copies taken away", "copies moved in"]
-            swapped = None
-            if swap is not None and swap.holds[i].any():
-                other = images["class"][j]
-                changed, swapped = swap(x[:1], [i], [images["class"][i]], [other])
-                parts.append(changed)
-                names.append(f"{other}'s content")
-            batch = torch.cat(parts)
-            asked = [n for n in range(len(parts)) if n not in (0, 2)]  # 0, 2: as explained
-            probs = probabilities(model, batch[asked])
-            said = {n: f"{vocab[int(q.argmax())]} {float(q.max()):.2f}"
-                    for n, q in zip(asked, probs)}
-            said |= {n: f"{images['predicted'][m]} {images['confidence'][m]:.2f}"
-                     for n, m in ((0, i), (2, j))}
-            shown = [image_hwc(t) for t in dl.decode((batch,))[0]]
-            shown[0] = _outlined(shown[0], region[0].cpu())
-            if f is not None:
-                shown[4] = _outlined(shown[4], part[0].cpu())
-            if c is not None and copies is not None:
-                at = names.index("its copies")
-                shown[at] = _outlined(shown[at], copy[0])
-            if swapped is not None:
-                shown[-1] = _outlined(shown[-1], swapped[0].cpu())
-            examples[k] = [(pic, f"{name}: {said[n]}")
-                           for n, (name, pic) in enumerate(zip(names, shown))]
+        for start in range(0, len(keys), CHUNK):  # a few clusters at a time: one decode, one pass
+            examples |= _examples(learn, images, {k: chosen[k] for k in keys[start:start + CHUNK]},
+                                  maps, centres, size, grow, fixed, swap, copies)
     finally:
         model.train(training)
+    return examples
+
+
+def _examples(learn, images, chosen, maps, centres, size, grow, fixed, swap, copies):
+    """`intervention_examples` for the clusters `chosen` ({cluster row: (its example, an image
+    of another class, its image with a fixed part, with copies)}), the model in eval mode."""
+    vocab = list(learn.dls.vocab)
+    needed = sorted({n for ns in chosen.values() for n in ns if n is not None})
+    dl = learn.dls.test_dl([Path(images["file"][n]) for n in needed])
+    x = dict(zip(needed, torch.cat([xb.as_subclass(Tensor) for (xb,) in dl])[:, None]))
+    shows = {}  # cluster row: (panels (n, C, H, W), names, outlines {panel: region})
+    for k, (i, j, f, c) in chosen.items():
+        heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
+        region = map_regions(heat, grow=grow).to(x[i].device)
+        if not region.any():
+            continue
+        parts = [x[i], fill(x[i], region), x[j], paste(x[j], x[i], region)]
+        names = ["its region", "taken away", "another class", "region moved in"]
+        outlines = {0: region[0]}
+        if f is not None and fixed is not None:
+            part = F.interpolate(fixed[f][None, None].float(), size=size)[0].bool()
+            outlines[len(parts)] = part[0]
+            parts += [x[f], paste(x[j], x[f], part.to(x[f].device))]
+            names += ["its fixed part", "fixed part moved in"]
+        if c is not None and copies is not None:
+            copy = copy_pixels(dl.decode((x[c],))[0].as_subclass(Tensor).cpu(), [copies[c]])
+            outlines[len(parts)] = copy[0]
+            copy = copy.to(x[c].device)
+            parts += [x[c], fill(x[c], copy), paste(x[j], x[c], copy)]
+            names += ["its copies", "copies taken away", "copies moved in"]
+        if swap is not None and swap.holds[i].any():
+            other = images["class"][j]
+            changed, swapped = swap(x[i], [i], [images["class"][i]], [other])
+            outlines[len(parts)] = swapped[0]
+            parts.append(changed)
+            names.append(f"{other}'s content")
+        shows[k] = (torch.cat(parts), names, outlines)
+    asked = [(k, n) for k, (parts, *_) in shows.items() for n in range(len(parts))
+             if n not in (0, 2)]  # 0, 2: as explained
+    if not asked:
+        return {}
+    probs = probabilities(learn.model, torch.cat([shows[k][0][n:n + 1] for k, n in asked]))
+    said = {key: f"{vocab[int(q.argmax())]} {float(q.max()):.2f}" for key, q in zip(asked, probs)}
+    examples: dict[int, list[tuple[np.ndarray, str]]] = {}
+    for k, (parts, names, outlines) in shows.items():
+        i, j = chosen[k][:2]
+        said |= {(k, n): f"{images['predicted'][m]} {images['confidence'][m]:.2f}"
+                 for n, m in ((0, i), (2, j))}
+        shown = [image_hwc(t) for t in dl.decode((parts,))[0]]
+        for n, region in outlines.items():
+            shown[n] = _outlined(shown[n], region.cpu())
+        examples[k] = [(pic, f"{name}: {said[k, n]}")
+                       for n, (name, pic) in enumerate(zip(names, shown))]
     return examples
 
 
