@@ -133,9 +133,10 @@ COPY_CONFIDENCE = 0.95  # what taking copies away costs: its lower bound at this
 # what `_Kept` keeps of the explain pass, beside the maps
 SMALL_INPUTS, PEAKS, NEAR, HELD = "<small>", "<peaks>", "<near>", "<held>"
 # The flag's thresholds (module), from networks trained without any shortcut alone: each of the
-# four signs flags at most a fifth of 10% of their images on every kind's fish, a fifth of the
-# budget kept for networks unlike those (`benchmarks/bench_audit.py`, `calibrated_rule`)
-RULE = {"fixed": 0.34, "everywhere": 0.59, "content": 0.34, "copies": 0.01}
+# four signs flags at most a fifth of 10% of their images on every kind's fish, under each of
+# three draws of the tests (`seed`), a fifth of the budget kept for networks unlike those
+# (`benchmarks/bench_audit.py`, `calibrated_rule`)
+RULE = {"fixed": 0.37, "everywhere": 0.67, "content": 0.34, "copies": 0.02}
 
 
 @dataclass
