@@ -110,9 +110,7 @@ def audit_one(job: tuple[str, str, int]):
 
 CLEAN_SEEDS = (42, 43, 44)
 DRAWS = (0, 1, 2)  # each network audited with each of these `audit(seed=)`s: its tests' draws
-GRID = {"fixed": [0.1, 0.2, 0.3, 0.4, 0.5, np.inf],
-        "everywhere": [0.1, 0.15, 0.2, 0.3, 0.4, 0.5, np.inf],
-        "content": [*np.round(np.arange(0.1, 0.65, 0.05), 2), np.inf],
+GRID = {"content": [*np.round(np.arange(0.1, 0.65, 0.05), 2), np.inf],
         "copies": [0.0, 0.01, 0.02, 0.05, 0.1, np.inf]}
 
 
@@ -120,20 +118,13 @@ AUDITED = ["model", "kind", "draw"]  # one audit
 
 
 def with_cluster_numbers(rows):
-    """Each image's row with its cluster's numbers (`audit.cluster_numbers`), prefixed c_."""
-    from gradcam_tut.tool.auditing import cluster_numbers, copy_lift
+    """Each image's row with its class's lifts, the numbers the signs compare with `RULE`:
+    `c_content` (`audit.content_sign`'s) and `c_copies` (`audit.copy_sign`'s)."""
+    from gradcam_tut.tool.auditing import copy_lift
 
     if "draw" not in rows:  # rows of before the draws: the audit's default seed
         rows = rows.assign(draw=0)
-    key = ["model", "kind", "draw", "class", "cluster"]
-    numbers = rows.groupby(AUDITED, sort=False, group_keys=False).apply(
-        lambda part: cluster_numbers(part).assign(**dict(zip(AUDITED, part.name))))
-    numbers = numbers[key + ["class_control"]]
-    numbers = numbers.add_prefix("c_")
-    rows = rows.merge(numbers.rename(columns={f"c_{k}": k for k in key}), on=key, how="left")
-    by_class = rows.groupby([*AUDITED, "class"])  # `audit.fixed_sign`'s lift
-    rows["c_fixed"] = (by_class["fixed_moved"].transform("mean")
-                       - by_class["fixed_control"].transform("mean").fillna(0))
+    by_class = rows.groupby([*AUDITED, "class"])
     rows["c_content"] = (by_class["swapped"].transform("mean")  # `audit.content_sign`'s lift
                          - by_class["swapped_chance"].transform("mean").fillna(0))
     rows["c_copies"] = rows.groupby(AUDITED, group_keys=False)[rows.columns].apply(
@@ -144,15 +135,12 @@ def with_cluster_numbers(rows):
 def flags(rows, rule: dict) -> np.ndarray:
     """`audit.apply_rule` on every image at once (rows from `with_cluster_numbers`); checked
     equal to it in `loko_table`."""
-    from gradcam_tut.tool.auditing import COPY_LEVEL, FIXED_LEVEL
+    from gradcam_tut.tool.auditing import COPY_LEVEL
 
-    everywhere = (rows["c_class_control"] >= rule["everywhere"]).to_numpy()
-    fixed = ((rows["c_fixed"] >= rule["fixed"])
-             & (rows["fixed_at_peak"] >= FIXED_LEVEL)).to_numpy()
     content = ((rows["c_content"] >= rule["content"])
                & (rows["swapped_at_peak"] == 1)).to_numpy()
     copies = ((rows["c_copies"] >= rule["copies"]) & (rows["copied"] >= COPY_LEVEL)).to_numpy()
-    return fixed | content | copies | everywhere
+    return content | copies
 
 
 def scores(rows, rule: dict) -> dict:
@@ -194,45 +182,36 @@ def what_it_does(rows) -> dict:
 
 def choose_rule(rows) -> dict:
     """The thresholds with the best mean F1 over the kinds in `rows`, among those that flag at
-    most 10% of the clean networks' images (`flags` over `GRID`, the signs' arrays computed
-    once and combined)."""
+    most 10% of the clean networks' images (`flags` over `GRID`)."""
     import itertools
 
     kinds = rows["kind"].unique()
     short, truth = rows["shortcut"].to_numpy(), (rows["near mark"] == 1).to_numpy()
     parts = [short & (rows["kind"] == k).to_numpy() for k in kinds]
     clean, n_truth = ~short, [max((truth & part).sum(), 1) for part in parts]
-    names, values = list(GRID), list(GRID.values())
-    base = {}  # the signs but `content` and `copies`, for each of their thresholds
-    for f, e in itertools.product(*values[:2]):
-        base[f, e] = flags(rows, dict.fromkeys(names, np.inf) | {"fixed": f, "everywhere": e})
-    content = {(c, k): flags(rows, dict.fromkeys(names, np.inf) | {"content": c, "copies": k})
-               for c, k in itertools.product(*values[2:])}
     best = None
-    for (key, b), (ch, c) in itertools.product(base.items(), content.items()):
-        flagged = b | c
+    for values in itertools.product(*GRID.values()):
+        rule = dict(zip(GRID, values))
+        flagged = flags(rows, rule)
         if flagged[clean].mean() > 0.10:
             continue
-        f1 = []
-        for part, n in zip(parts, n_truth):
-            tp, said = (flagged & truth & part).sum(), (flagged & part).sum()
-            f1.append(2 * tp / max(said + n, 1))  # 2PR / (P + R)
+        f1 = [2 * (flagged & truth & part).sum() / max((flagged & part).sum() + n, 1)
+              for part, n in zip(parts, n_truth)]  # 2PR / (P + R)
         if best is None or np.mean(f1) > best[0]:
-            best = (np.mean(f1), (*key, *ch))
-    return {n: float(v) for n, v in zip(names, best[1])}
+            best = (np.mean(f1), rule)
+    return {n: float(v) for n, v in best[1].items()}
 
 
-SIGNS = {"fixed": "c_fixed", "everywhere": "c_class_control", "content": "c_content",
-         "copies": "c_copies"}
+SIGNS = {"content": "c_content", "copies": "c_copies"}
 
 
 def calibrated_rule(clean, budget: float = 0.10, share: float = 0.2) -> dict:
     """Thresholds from networks without any shortcut alone: for each sign on its own
     (`SIGNS`), the lowest threshold at which it flags at most `share` of the `budget` of
     their images on every kind's fish, under every draw of the tests (the issue's false-alarm
-    budget, which holds for each kind and each audit: a fifth to each of the four signs, a
-    fifth kept for networks unlike these; pooled over the kinds, a kind where a sign never
-    fires would make room for it on another)."""
+    budget, which holds for each kind and each audit: a fifth to each sign, as when there were
+    four, the rest kept for networks unlike these; pooled over the kinds, a kind where a sign
+    never fires would make room for it on another)."""
     off = {sign: np.inf for sign in SIGNS}
     rule = dict(off)
     for sign, column in SIGNS.items():
@@ -437,8 +416,7 @@ def by_kind(rows, flagged: np.ndarray, kinds) -> list[dict]:
 
 def canvas_rows() -> None:
     """(6): both signs per class on every network of (1), then the flags of `auditing.RULE`
-    with *everywhere* replaced by the canvas sign (on classes without the fixed sign), scored
-    as (1) scores them."""
+    with the canvas sign added, scored as (1) scores them (its first draw)."""
     import pandas as pd
 
     from gradcam_tut.tool.auditing import RULE
@@ -458,15 +436,15 @@ def canvas_rows() -> None:
             f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])
             for m, part in per_class[~clean].groupby("model")))
     rows = with_cluster_numbers(pd.read_csv(RESULTS / "audit_kinds.csv"))
-    rows = rows.merge(per_class[["model", "kind", "class", "canvas"]], how="left")
-    base = flags(rows, RULE | {"everywhere": np.inf, "content": np.inf})  # the signs before
+    rows = rows[rows["draw"] == DRAWS[0]].merge(per_class[["model", "kind", "class", "canvas"]],
+                                                how="left")
+    base = flags(rows, RULE)
     table = []
     for t in (0.3, 0.4, 0.5, 0.6, 0.7):
-        written = (rows["canvas"] >= t).to_numpy() & ~(rows["c_fixed"] >= RULE["fixed"]).to_numpy()
-        flagged = base | written
+        flagged = base | (rows["canvas"] >= t).to_numpy()
         table += [{"canvas >=": t, **row} for row in by_kind(rows, flagged, SHORTCUT_KINDS)]
-    print("\n== RULE with the canvas sign in place of everywhere (flagged clean: all three "
-          "clean networks on that kind's fish)")
+    print("\n== RULE with the canvas sign added (flagged clean: all three clean networks on "
+          "that kind's fish)")
     print(pd.DataFrame(table).round(3).to_string(index=False))
 
 
@@ -564,7 +542,7 @@ def time_rows(data: Path, per_class: int = 112, kind: str | None = None) -> None
           f"{torch.get_num_threads()} threads: {total:.1f} s")
     print("per 1,000 images: " + ", ".join(f"{k} {v:.1f} s" for k, v in per_1000.items())
           + f", total {total * 1000 / n:.1f} s; copies tested on "
-          f"{result.images['copy_moved'].notna().sum()} images, content swapped on "
+          f"{result.images['copy_removed_p'].notna().sum()} images, content swapped on "
           f"{result.images['swapped'].notna().sum()}")
 
 

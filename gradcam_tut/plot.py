@@ -260,12 +260,9 @@ def plot_interventions(examples: dict[int, list[tuple[np.ndarray, str]]], titles
                        save: str | Path | None = None) -> Figure:
     """One row per cluster: the images of `Audit.examples` (the image with its region
     outlined, the region taken away, an image of another class, the region moved into it;
-    where the cluster has one, an image with its fixed part outlined and that part alone
-    moved into the same image of another class; an image's copies outlined, taken away and
-    alone moved in; last,
-    the image with its class's content swapped for another class's), each captioned with the
-    network's prediction; `titles`
-    name each row's cluster."""
+    where tested, an image's copies outlined, taken away and alone moved in; last, the image
+    with its class's content swapped for another class's), each captioned with the network's
+    prediction; `titles` name each row's cluster."""
     rows = [k for k in titles if k in examples]
     columns = max([len(examples[k]) for k in rows], default=4)
     h, w = examples[rows[0]][0][0].shape[:2] if rows else (3, 4)

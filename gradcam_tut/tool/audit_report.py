@@ -89,35 +89,28 @@ def _outlined(rgb: np.ndarray, region: Tensor) -> np.ndarray:
 
 def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
                           centres: CellCentres | None, size: tuple[int, int], grow: int = 0,
-                          fixed: Tensor | None = None, swap=None,
-                          copies: Sequence[np.ndarray] | None = None
+                          swap=None, copies: Sequence[np.ndarray] | None = None
                           ) -> dict[int, list[tuple[np.ndarray, str]]]:
     """{cluster row: (image (H, W, 3) in 0..1, caption) pairs} for each cluster's example (its
     image nearest the mean map): the image with its region outlined, the region taken away,
     an image of another class, and that image with the region moved in; then, where one of
-    the cluster's images has a fixed part (`fixed`, (N, h, w) bool: `auditing.evidence`), the
-    one whose part turned most images, with its part outlined, and the same image of another
-    class with that part alone moved in; then, with `swap` (`auditing.Swap`), the example
-    with its class's content swapped for the other image's class's, the pixels swapped
-    outlined; then, where one of its images' copies was tested (`copies`: each image's copied
-    colours, `auditing.evidence`), the one whose class's probability fell most more than its
-    control's when they were taken away (what the flag asks), its copies outlined, taken away,
-    and alone moved into the same image of another class. Each
+    its images' copies was tested (`copies`: each image's copied colours, `auditing.evidence`),
+    the one whose class's probability fell most more than its control's when they were taken
+    away (what the flag asks), its copies outlined, taken away, and alone moved into the same
+    image of another class; then, with `swap` (`auditing.Swap`), the example with its class's
+    content swapped for the other image's class's, the pixels swapped outlined. Each
     captioned with the network's prediction and its probability (the example and the image
     of another class as `images` has them, from the explain pass)."""
     if {"copy_removed_p", "copy_removed_control_p"} <= set(images):  # what decides its flag
         images = images.assign(copy_fall=images["copy_removed_control_p"]
                                - images["copy_removed_p"])
-    has_fixed = None if fixed is None else fixed.flatten(1).any(1)
     has_copies = None if copies is None else [len(cs) > 0 for cs in copies]
-    chosen = {}  # cluster row: (its example, an image of another class, fixed, copies)
+    chosen = {}  # cluster row: (its example, an image of another class, its copies' image)
     for k, row in enumerate(clusters.itertuples()):
         i = int(row.example)
         others = np.flatnonzero(images["class"].to_numpy() != clusters["class"].iloc[k])
         if len(others):
             chosen[k] = (i, int(others[i % len(others)]),
-                         _tested_example(images, row.members, "fixed_moved", "fixed_area",
-                                         has_fixed),
                          _tested_example(images, row.members, "copy_fall", "copied",
                                          has_copies))
     examples: dict[int, list[tuple[np.ndarray, str]]] = {}
@@ -127,21 +120,21 @@ def intervention_examples(learn: Learner, images, clusters, maps: np.ndarray,
         model.eval()
         for start in range(0, len(keys), CHUNK):  # a few clusters at a time: one decode, one pass
             examples |= _examples(learn, images, {k: chosen[k] for k in keys[start:start + CHUNK]},
-                                  maps, centres, size, grow, fixed, swap, copies)
+                                  maps, centres, size, grow, swap, copies)
     finally:
         model.train(training)
     return examples
 
 
-def _examples(learn, images, chosen, maps, centres, size, grow, fixed, swap, copies):
+def _examples(learn, images, chosen, maps, centres, size, grow, swap, copies):
     """`intervention_examples` for the clusters `chosen` ({cluster row: (its example, an image
-    of another class, its image with a fixed part, with copies)}), the model in eval mode."""
+    of another class, its image whose copies are shown)}), the model in eval mode."""
     vocab = list(learn.dls.vocab)
     needed = sorted({n for ns in chosen.values() for n in ns if n is not None})
     dl = learn.dls.test_dl([Path(images["file"][n]) for n in needed])
     x = dict(zip(needed, torch.cat([xb.as_subclass(Tensor) for (xb,) in dl])[:, None]))
     shows = {}  # cluster row: (panels (n, C, H, W), names, outlines {panel: region})
-    for k, (i, j, f, c) in chosen.items():
+    for k, (i, j, c) in chosen.items():
         heat = place(torch.from_numpy(maps[i:i + 1]), size, centres)
         region = map_regions(heat, grow=grow).to(x[i].device)
         if not region.any():
@@ -149,11 +142,6 @@ def _examples(learn, images, chosen, maps, centres, size, grow, fixed, swap, cop
         parts = [x[i], fill(x[i], region), x[j], paste(x[j], x[i], region)]
         names = ["its region", "taken away", "another class", "region moved in"]
         outlines = {0: region[0]}
-        if f is not None and fixed is not None:
-            part = F.interpolate(fixed[f][None, None].float(), size=size)[0].bool()
-            outlines[len(parts)] = part[0]
-            parts += [x[f], paste(x[j], x[f], part.to(x[f].device))]
-            names += ["its fixed part", "fixed part moved in"]
         if c is not None and copies is not None:
             copy = copy_pixels(dl.decode((x[c],))[0].as_subclass(Tensor).cpu(), [copies[c]])
             outlines[len(parts)] = copy[0]
@@ -238,15 +226,11 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.removed_control)),
                             ("moved: others now this class", _number(row.moved),
                              _number(row.moved_control)),
-                            ("fixed part moved: others now this class",
-                             _number(row.fixed_moved), _number(row.fixed_control)),
                             ("its content swapped: now the other class",
                              _number(row.swapped), _number(row.swapped_chance) + " chance"),
                             ("its copies taken away: this class's probability",
                              _number(row.copy_removed_p, "{:.2f}"),
                              _number(row.copy_removed_control_p, "{:.2f}")),
-                            ("its copies moved: others now this class",
-                             _number(row.copy_moved), _number(row.copy_control)),
                             ("same place (x chance)", _number(row.same_place, "{:.1f}"),
                              "1: chance")],
                 "interventions": figures.get(k, []), "examples": shown})
@@ -256,7 +240,5 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
     return ENV.get_template("audit_report.html").render(
         images=images, clusters=clusters, n_classes=clusters["class"].nunique(),
         sections=sections, flagged=flagged, layer=layer, method=method, thumb=THUMB,
-        level=f"{REGION_LEVEL:.0%}", fixed_flag=_number(rule.get("fixed", np.nan)),
-        everywhere_flag=_number(rule.get("everywhere", np.nan)),
-        content_flag=_number(rule.get("content", np.nan)),
+        level=f"{REGION_LEVEL:.0%}", content_flag=_number(rule.get("content", np.nan)),
         copies_flag=_number(rule.get("copies", np.nan), "{:.2f}"))

@@ -11,21 +11,14 @@ without being its object.
 3. **Interventions** (`evidence`, `interventions`): each map's region (where it reaches half
    its maximum) is *taken away* (filled in from its surroundings) and *moved* (pasted at the
    same place into an image of another class), and the same is done to the region's shape
-   moved elsewhere in the image, the control. Its *fixed part*, the content that three in
-   four of its class's images hold at that place (up to mirrors) and other classes' do not,
-   is moved alone. And what its class holds at each place (a backdrop, a caption, a
-   watermark: the median of its images, objects lying anywhere) is *swapped* for another
-   class's, where its class holds it, the rest kept. Its *copies*, the colours near its peak
-   that its class's other images hold somewhere, pixel for pixel, and other classes' do not,
-   are taken away and moved alone. Forward passes only.
+   moved elsewhere in the image, the control. What its class holds at each place (a
+   backdrop, a caption, a watermark: the median of its images, objects lying anywhere) is
+   *swapped* for another class's, where its class holds it, the rest kept. Its *copies*, the
+   colours near its peak that its class's other images hold somewhere, pixel for pixel, and
+   other classes' do not, are taken away and moved alone. Forward passes only.
 4. **Flags** (`apply_rule`): a map says where; only an intervention says why. An object's
    region moves other images too (the fish is its class): that alone is no flag. An image is
    flagged when there is also a sign, without masks, that what decides is not its object:
-   - *fixed*: its map peaks on a fixed part (within a cell), and its class's fixed parts
-     alone turn other classes' images into it beyond their controls (by `RULE["fixed"]`);
-     objects lie anywhere, a mark, a caption or a watermark at one place;
-   - *everywhere*: even the controls of its class, shapes moved anywhere, do it
-     (`RULE["everywhere"]`): the class is written all over the picture, a backdrop or a tint;
    - *content*: its map peaks within a cell of what swapping its class's content changes
      (`swapped_at_peak`), and its class's content swapped for others' makes
      its images those classes beyond chance (`RULE["content"]`): a backdrop, a tint or a
@@ -36,14 +29,20 @@ without being its object.
      lies. (Moved alone, a copy also turns other images; but a network that reads a red
      label on red fish as the fish's colour does that too, and does not need the label.)
    The thresholds come from networks trained without any shortcut alone;
-   `benchmarks/bench_audit.py` scores them on six kinds of shortcut, and with each kind
-   left out in turn. Where maps peak (`same_place`) is reported, no sign: a cluster of maps on
-   an object peaks at one place by chance too (a network trained without any shortcut had up
-   to 17% of its images flagged that way), and a mark at one place is a fixed part and a copy.
+   `benchmarks/bench_audit.py` scores them on six kinds of shortcut, under three draws of the
+   tests, and with each kind left out in turn. Where maps peak (`same_place`) is reported, no
+   sign: a cluster of maps on an object peaks at one place by chance too (a network trained
+   without any shortcut had up to 17% of its images flagged that way), and a mark at one place
+   is content its class holds there and a copy. Two more signs were measured and dropped:
+   a class's *fixed parts* (what three in four of its images hold at one place, up to
+   mirrors) moved alone, and its controls turning other images *everywhere*. On the six
+   kinds they flagged no shortcut image that these two did not, and their false alarms (a
+   red label moved alone makes fish red enough, to a network that reads colour) broke the
+   goal on some draws.
 
 A flag asks a person to look; it is no verdict. The report says what to look for, and that
-no flag is no clean bill: a shortcut that is neither at one place nor a copy (a texture, a
-camera's colours) gives none of these signs.
+no flag is no clean bill: a shortcut that is neither at one place nor a copy (a texture that
+moves, a camera's colours) gives neither sign.
 
     audited/
       clusters.csv   one row per image: file, class, cluster, flagged, why, the numbers
@@ -90,7 +89,6 @@ from .interventions import (
     fixed_content,
     intervene,
     map_regions,
-    paste,
     probabilities,
     same_place,
     swap_content,
@@ -110,18 +108,11 @@ MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many
 EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
-            "same_place", "fixed_area",
-            "fixed_at_peak", "fixed_moved", "fixed_control", "swapped",
-            "swapped_chance", "swapped_at_peak", "copied", "copy_moved",
-            "copy_control", "copy_moved_p", "copy_control_p", "copy_removed_p",
-            "copy_removed_control_p")  # evidence's columns
+            "same_place", "swapped", "swapped_chance", "swapped_at_peak", "copied",
+            "copy_removed_p", "copy_removed_control_p")  # evidence's columns
 TESTED = 6  # the region's interventions run on up to this many images of each cluster
-TESTED_FIXED = 12  # fixed parts are moved from up to this many images of each class
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
 SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
-FIXED_LEVEL = 0.5  # a fixed part: 3 in 4 of its class within half the distance to the others
-MIN_FIXED = 0.005  # a fixed part smaller than this share of the image is not moved
-RECEIVERS = 3  # a fixed part is moved into this many images of other classes
 SWAP_LEVEL = 0.1  # the pixels whose content is swapped: fixed_content at least this
 TESTED_SWAP = 24  # the content is swapped on up to this many images of each class,
 SWAPS = 2  # each time with this many other classes' content (one, 24 a class, was too noisy)
@@ -130,13 +121,13 @@ HOLDS_SHARE = 0.5  # its content is swapped where at least this share of its cla
 CHANGED = 0.5  # a map on swapped content: near a pixel changed this share of the most
 COPY_LEVEL = 0.5  # a copy: a colour held by this share more of its class than of the others
 COPY_CONFIDENCE = 0.95  # what taking copies away costs: its lower bound at this confidence
+TESTED_COPIES = 24  # copies are taken away on up to this many images of each class
 # what `_Kept` keeps of the explain pass, beside the maps
 SMALL_INPUTS, PEAKS, NEAR, HELD = "<small>", "<peaks>", "<near>", "<held>"
-# The flag's thresholds (module), from networks trained without any shortcut alone: each of the
-# four signs flags at most a fifth of 10% of their images on every kind's fish, under each of
-# three draws of the tests (`seed`), a fifth of the budget kept for networks unlike those
-# (`benchmarks/bench_audit.py`, `calibrated_rule`)
-RULE = {"fixed": 0.37, "everywhere": 0.67, "content": 0.34, "copies": 0.02}
+# The flag's thresholds (module), from networks trained without any shortcut alone: each sign
+# flags at most a fifth of 10% of their images on every kind's fish, under each of three draws
+# of the tests (`seed`) (`benchmarks/bench_audit.py`, `calibrated_rule`)
+RULE = {"content": 0.34, "copies": 0.04}
 
 
 @dataclass
@@ -156,9 +147,8 @@ class Audit:
             what the explain pass keeps for them, `_Kept`) and "report".
         examples: {row of `clusters`: (image (H, W, 3), caption) pairs}: its example image
             with its region outlined, the region taken away, an image of another class, and
-            that image with the region moved in; then, where the cluster has a fixed part, the
-            image with it outlined, and it alone moved into the same image of another class
-            (`audit_report.intervention_examples`).
+            that image with the region moved in; then its copies and its class's content
+            swapped, where tested (`audit_report.intervention_examples`).
     """
 
     images: pd.DataFrame
@@ -168,30 +158,6 @@ class Audit:
     layer: str
     seconds: dict[str, float] = field(default_factory=dict)
     examples: dict[int, list] = field(default_factory=dict)
-
-
-def flag_reason(numbers: pd.Series | dict, cls: str, rule: dict = RULE) -> tuple[str, str]:
-    """Why a cluster is flagged, in a sentence a person can check, and what to look for; two
-    empty strings when it is not (see the module).
-
-    Args:
-        numbers: the cluster's `moved` and `moved_control` (shares of images of other classes
-            turned into `cls`) and `class_control` (the share its whole class's controls
-            turned): `cluster_numbers`.
-    """
-    moved, control = numbers["moved"], numbers["moved_control"]
-    if np.isnan(moved):
-        return "", ""
-    said = (f"Moved into images of other classes, its regions made {moved:.0%} of them "
-            f"{cls} (the same shapes moved elsewhere: {control:.0%})")
-    anywhere = numbers.get("class_control", control)
-    if anywhere >= rule["everywhere"]:
-        return (f"{said}. Even the shapes moved elsewhere, over all {cls} images, made "
-                f"{anywhere:.0%} of the images they were moved into {cls}: the class is "
-                "written all over the picture.",
-                f"Compare the backgrounds of these images with other classes': a colour, a "
-                f"backdrop or a texture that only {cls} photos have?")
-    return "", ""
 
 
 def default_layer(learn: Learner, x: Tensor) -> str:
@@ -327,13 +293,13 @@ def _audit(learn: Learner, items: Sequence[str | Path], *, out: str | Path | Non
         return Audit(images, pd.DataFrame(), features, maps, name, seconds)
 
     start = time.perf_counter() - keep.seconds  # what the explain pass kept for them
-    tested, fixed, swap, copies = evidence(
+    tested, swap, copies = evidence(
         learn, [Path(f) for f in images["file"]], images["class"], images["predicted"], maps,
         centres, size, kept, groups=images["cluster"], seed=seed)
     images, clusters = _flagged(pd.concat([images, tested], axis=1), features, members)
     shown = intervention_examples(learn, images, clusters, maps, centres, size,
-                                  grow=round(_cell(centres, size, maps) / 2), fixed=fixed,
-                                  swap=swap, copies=copies)
+                                  grow=round(_cell(centres, size, maps) / 2), swap=swap,
+                                  copies=copies)
     seconds["interventions"] = time.perf_counter() - start
     result = Audit(images, clusters, features, maps, name, seconds, shown)
     if out is not None:
@@ -353,12 +319,11 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
              predicted: Sequence[str], maps: np.ndarray, centres: CellCentres | None,
              size: tuple[int, int], kept: dict[str, np.ndarray],
              groups: Sequence | None = None, bs: int = 64, seed: int = 0
-             ) -> tuple[pd.DataFrame, Tensor, Swap | None, list[np.ndarray] | None]:
+             ) -> tuple[pd.DataFrame, Swap | None, list[np.ndarray] | None]:
     """What the network does when what a map points at is taken away, or moved into images
-    of other classes, one row per image in the order of `files` (columns `EVIDENCE`), each
-    image's fixed part, (N, h, w) bool on copies with a `SMALL` px side, the content swap
-    (`Swap`; None with a single class) and each image's copied colours (`colour_codes`;
-    None with a single class).
+    of other classes, one row per image in the order of `files` (columns `EVIDENCE`), the
+    content swap (`Swap`; None with a single class) and each image's copied colours
+    (`colour_codes`; None with a single class).
 
     - The map's region (`interventions.map_regions`: the map placed at its cells' receptive
       fields, where it reaches half its maximum, grown by half a cell), on up to `TESTED`
@@ -367,36 +332,27 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       `seed`: taken away (`removed_*`) and moved into an image of another class (`moved*`);
       the same for the region's shape moved elsewhere in the image (`*_control`) on every
       second of them.
-    - The region's fixed part (`fixed_area`), on every image: the pixels of the map's
-      region, grown by a whole cell (a coarse map peaks beside a thin mark), whose content
-      three in four of its class's images hold at that place, up to mirrors, and other
-      classes' images do not (`interventions.fixed_content` >= `FIXED_LEVEL`, compared on
-      copies with a `SMALL` px side, each other image mirrored to match the cells around the
-      map's peak): what no object placed anywhere gives. `fixed_at_peak`: the highest score
-      within a cell of the map's peak (the peak lies on a fixed part where >= `FIXED_LEVEL`).
-      On up to
-      `TESTED_FIXED` images of each class whose part covers at least `MIN_FIXED` of the
-      image, it alone is moved into `RECEIVERS` images of other classes (`fixed_moved`: the
-      share turned into the class) and, on every second of them, its shape elsewhere into
-      the first (`fixed_control`).
     - `same_place`: how much more often than by chance its class's maps peak where its map
       peaks (`interventions.same_place`), maps alone.
     - `swapped`, `swapped_chance` (`_swap_tests`), on up to `TESTED_SWAP` images of each
-      class: where `HOLDS_SHARE` of its class's images hold its content (`fixed_content` >=
-      `SWAP_LEVEL`), over its object too, that content exchanged for `SWAPS` other classes'
-      (the median of `MEDIAN_POOL` images of each), the rest kept: the share of swaps
-      predicted as the other class, beside chance.
+      class: where `HOLDS_SHARE` of its class's images hold its content (what three in four
+      of them hold at that place, up to mirrors, and other classes' do not:
+      `interventions.fixed_content` >= `SWAP_LEVEL`, compared on copies with a `SMALL` px
+      side, each other image mirrored to match the cells around the map's peak), over its
+      object too, that content exchanged for `SWAPS` other classes' (the median of
+      `MEDIAN_POOL` images of each), the rest kept: the share of swaps predicted as the
+      other class, beside chance.
     - `copied` (`_copies`), on every image: the most by which its class's other images hold
       a colour within a cell of its map's peak, anywhere, more often than other classes'
       images do (`interventions.copied_colours`): near 1 on a copy (a tag, a logo, a
       caption pasted into every photo of a class, wherever it lies), near 0 on objects.
-      On up to `TESTED_FIXED` images of each class with `copied` >= `COPY_LEVEL`, its
+      On up to `TESTED_COPIES` images of each class with `copied` >= `COPY_LEVEL`, its
       pixels of those colours, grown by a pixel (`interventions.copy_pixels`), are taken
-      away (`fill`), and so is their shape shifted
-      elsewhere (the control): its class's probability then (`copy_removed_p`,
-      `copy_removed_control_p`); and both are moved alone into an image of another class:
-      whether it is then the class (`copy_moved`, `copy_control`) and its probability
-      (`copy_moved_p`, `copy_control_p`).
+      away (`fill`), and so is their shape shifted elsewhere (the control): its class's
+      probability then (`copy_removed_p`, `copy_removed_control_p`). (Moved alone into other
+      images, a copy turns them too; but so does a red label on red fish, to a network that
+      reads colour: the flag asks what taking it away costs, the report's example shows it
+      moved.)
 
     NaN where a test did not run. The images regions are moved into are drawn from up to
     `POOL` images of each other class. `kept`: what the explain pass kept of every image
@@ -415,13 +371,12 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     pool = np.concatenate([rng.permutation(np.flatnonzero(label == c))[:POOL]
                            for c in np.unique(label)]).astype(int)
     others = [pool[label[pool] != c] for c in label]
-    no_part = torch.zeros((N, *_small(size)), dtype=torch.bool)  # one class: no fixed part
     if any(len(o) == 0 for o in others):  # one class: nothing to move a region into
-        return table, no_part, None, None
+        return table, None, None
     pool_x = _decoded(learn, [files[i] for i in pool], bs)
     where = torch.full((N,), -1, dtype=torch.long)
     where[torch.from_numpy(pool)] = torch.arange(len(pool))
-    receivers = where[torch.tensor(np.array([rng.choice(o, RECEIVERS) for o in others]))]
+    receivers = where[torch.tensor(np.array([rng.choice(o) for o in others]))]  # one each
     target = torch.tensor([vocab.index(c) for c in classes])
     before = np.array([vocab.index(p) for p in predicted])
     group = pd.Series(label if groups is None else list(zip(label, groups)))
@@ -434,31 +389,22 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
     try:
         model.eval()
         small = torch.from_numpy(kept[SMALL_INPUTS])
-        fixed, at_peak, held, near = _fixed_parts(small, label, maps, centres, size,
-                                                  round(cell), seed)
-        table["fixed_area"] = fixed.flatten(1).float().mean(1).numpy()
-        table["fixed_at_peak"] = at_peak.numpy()
+        held, near = _held(small, label, maps, centres, size, round(cell), seed)
         found = _region_tests(learn, files, tested, with_control, target, before, maps,
-                              centres, size, grow, pool_x, receivers[:, 0], bs, seed)
+                              centres, size, grow, pool_x, receivers, bs, seed)
         columns = [c for c in found.columns if c in EVIDENCE]
         table.loc[found.index, columns] = found[columns]
-        has = table["fixed_area"].to_numpy() >= MIN_FIXED
-        candidates = _drawn(rng, has, label, TESTED_FIXED)
-        moved = _fixed_tests(learn, files, candidates, target, fixed, size, pool_x,
-                             receivers, bs, seed)
-        table.loc[moved.index, moved.columns] = moved
         swapped, swap = _swap_tests(learn, files, label, held >= SWAP_LEVEL, near, bs, seed)
         table.loc[swapped.index, swapped.columns] = swapped
         table["copied"], colours = _copies(kept[NEAR], kept[HELD], label)
         table.loc[~points, "copied"] = np.nan  # no peak to be near
         candidates = _drawn(rng, (table["copied"] >= COPY_LEVEL).to_numpy(), label,
-                            TESTED_FIXED)
-        copies = _copy_tests(learn, files, candidates, target, colours, pool_x, receivers, bs,
-                             seed)
+                            TESTED_COPIES)
+        copies = _copy_tests(learn, files, candidates, target, colours, bs, seed)
         table.loc[copies.index, copies.columns] = copies
     finally:
         model.train(training)
-    return table, fixed, swap, colours
+    return table, swap, colours
 
 
 def _placed(maps: np.ndarray, size: tuple[int, int], centres: CellCentres | None) -> Tensor:
@@ -472,25 +418,19 @@ def _small(size: tuple[int, int]) -> tuple[int, int]:
     return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
 
 
-def _fixed_parts(small: Tensor, label: np.ndarray, maps: np.ndarray,
-                 centres: CellCentres | None, size: tuple[int, int], grow: int, seed: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each image's fixed part (see `evidence`) on its small copy (`small`: (N, C, h, w)),
-    (N, h, w) bool, its `fixed_at_peak` (N,) float32, how much each of its pixels holds its
-    class's content (`interventions.fixed_content`, (N, h, w), NaN where not known), and the
-    pixels within a cell of its map's peak, (N, h, w) bool."""
+def _held(small: Tensor, label: np.ndarray, maps: np.ndarray, centres: CellCentres | None,
+          size: tuple[int, int], grow: int, seed: int) -> tuple[Tensor, Tensor]:
+    """How much each pixel of each image's small copy (`small`: (N, C, h, w)) holds its
+    class's content (`interventions.fixed_content`, (N, h, w), NaN where not known; each other
+    image mirrored to match the cells around the map's peak), and those cells: the pixels
+    within a cell of its map's peak, (N, h, w) bool."""
     h, w = small.shape[-2:]
-    regions, near = [], []
+    near = []
     for chunk in np.array_split(maps, max(1, -(-len(maps) // 256))):  # 256 maps at a time
-        heat = _placed(chunk, size, centres)
-        region = map_regions(heat, grow=grow)[:, None].float()
-        peak = map_regions(heat, level=1.0, grow=grow)[:, None].float()  # a cell round the peak
-        regions.append(F.adaptive_max_pool2d(region, (h, w))[:, 0].bool())
-        near.append(F.adaptive_max_pool2d(peak, (h, w))[:, 0].bool())
-    region, at = torch.cat(regions), torch.cat(near)
-    score = fixed_content(small.float(), at, label, seed=seed)
-    at_peak = score.masked_fill(~at, float("-inf")).flatten(1).amax(1)
-    return region & (score >= FIXED_LEVEL), at_peak.nan_to_num(nan=0.0, neginf=0.0), score, at
+        peak = map_regions(_placed(chunk, size, centres), level=1.0, grow=grow)[:, None]
+        near.append(F.adaptive_max_pool2d(peak.float(), (h, w))[:, 0].bool())
+    at = torch.cat(near)
+    return fixed_content(small.float(), at, label, seed=seed), at
 
 
 @dataclass
@@ -608,35 +548,6 @@ def _region_tests(learn, files, tested, with_control, target, before, maps, cent
     return found
 
 
-def _fixed_tests(learn, files, candidates, target, fixed, size, pool_x, receivers, bs,
-                 seed) -> pd.DataFrame:
-    """Each candidate's fixed part (`fixed`: (N, h, w) bool, small) moved alone into its
-    `receivers`' images, and its shape elsewhere into the first of them on every second
-    candidate: `fixed_moved` and `fixed_control` (see `evidence`)."""
-    rows, done, model = [], 0, learn.model
-    if not len(candidates):  # fastai's test_dl cannot be empty
-        return pd.DataFrame(columns=["fixed_moved", "fixed_control"])
-    for (xb,) in learn.dls.test_dl([files[i] for i in candidates], bs=bs):
-        xb, ix = xb.as_subclass(Tensor), candidates[done:done + len(xb)]
-        part = F.interpolate(fixed[ix][:, None].float(), size=size, mode="nearest")[:, 0]
-        part = part.bool().to(xb.device)
-        c = np.arange(done, done + len(xb)) % 2 == 0  # the control
-        shifted = elsewhere(part[c].cpu(), seed=seed + done).to(xb.device)
-        rec = pool_x[receivers[ix]]  # (b, RECEIVERS, C, H, W)
-        batch = [paste(rec[:, r], xb, part) for r in range(rec.shape[1])]
-        batch.append(paste(rec[c, 0], xb[c], shifted))
-        preds = probabilities(model, torch.cat(batch), bs).argmax(1)
-        want = torch.cat([target[ix].repeat(rec.shape[1]), target[ix][torch.from_numpy(c)]])
-        hit = (preds.cpu() == want).float()
-        moved = hit[:len(xb) * rec.shape[1]].view(rec.shape[1], len(xb)).mean(0)
-        control = torch.full((len(xb),), float("nan"))
-        control[torch.from_numpy(c)] = hit[len(xb) * rec.shape[1]:]
-        rows.append(pd.DataFrame({"fixed_moved": moved.numpy(),
-                                  "fixed_control": control.numpy()}, index=ix))
-        done += len(xb)
-    return pd.concat(rows)
-
-
 def _drawn(rng: np.random.Generator, where: np.ndarray, label: np.ndarray, k: int
            ) -> np.ndarray:
     """Up to `k` of each class's images where `where` holds, drawn with `rng`, in order."""
@@ -694,36 +605,23 @@ def _copies(near: np.ndarray, held: np.ndarray, label: np.ndarray
 
 
 def _copy_tests(learn: Learner, files: Sequence[Path], candidates: np.ndarray, target: Tensor,
-                colours: Sequence[np.ndarray], pool_x: Tensor, receivers: Tensor, bs: int,
-                seed: int) -> pd.DataFrame:
+                colours: Sequence[np.ndarray], bs: int, seed: int) -> pd.DataFrame:
     """Each candidate's pixels of its copied `colours` (`copy_pixels`) taken away
     (`interventions.fill`), and the same shape shifted elsewhere (`interventions.elsewhere`):
-    its class's probability then, `copy_removed_p` and `copy_removed_control_p`; both moved
-    alone into the image of its first receiver: 1 where it is then its class, `copy_moved`
-    and `copy_control`, and the class's probability, `copy_moved_p` and `copy_control_p`."""
+    its class's probability then, `copy_removed_p` and `copy_removed_control_p`."""
     rows, done, model = [], 0, learn.model
     if not len(candidates):  # fastai's test_dl cannot be empty
-        return pd.DataFrame(columns=["copy_moved", "copy_control", "copy_moved_p",
-                                     "copy_control_p", "copy_removed_p",
-                                     "copy_removed_control_p"])
+        return pd.DataFrame(columns=["copy_removed_p", "copy_removed_control_p"])
     dl = learn.dls.test_dl([files[i] for i in candidates], bs=bs)
     for (xb,) in dl:
         ix = candidates[done:done + len(xb)]
         part = copy_pixels(dl.decode((xb,))[0].as_subclass(Tensor).cpu(), [colours[i] for i in ix])
         xb, shifted = xb.as_subclass(Tensor), elsewhere(part, seed=seed + done)
-        part, shifted = part.to(xb.device), shifted.to(xb.device)
-        rec = pool_x[receivers[ix, 0]]  # an image of another class for each
-        probs = probabilities(model, torch.cat([fill(xb, part), fill(xb, shifted),
-                                                paste(rec, xb, part), paste(rec, xb, shifted)]),
-                              bs)
-        want = target[ix].repeat(4)
-        p = probs.gather(1, want[:, None])[:, 0].view(4, -1)
-        hit = (probs.argmax(1) == want).float().view(4, -1)[2:]
+        probs = probabilities(model, torch.cat([fill(xb, part.to(xb.device)),
+                                                fill(xb, shifted.to(xb.device))]), bs)
+        p = probs.gather(1, target[ix].repeat(2)[:, None])[:, 0].view(2, -1)
         rows.append(pd.DataFrame({"copy_removed_p": p[0].numpy(),
-                                  "copy_removed_control_p": p[1].numpy(),
-                                  "copy_moved": hit[0].numpy(), "copy_control": hit[1].numpy(),
-                                  "copy_moved_p": p[2].numpy(), "copy_control_p": p[3].numpy()},
-                                 index=ix))
+                                  "copy_removed_control_p": p[1].numpy()}, index=ix))
         done += len(xb)
     return pd.concat(rows)
 
@@ -787,13 +685,10 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
     the interventions' numbers: `removed` and `moved` (the shares of its images whose
     prediction changed when the region was taken away, and of the images of other classes
     turned into its class when it was moved in), their controls, the median `same_place`,
-    `fixed_moved` and `fixed_control` (its fixed parts moved, `evidence`), `swapped` and
-    `swapped_chance` (its images' content swapped for other classes'), `copy_moved` and
-    `copy_control` (its copies moved), `copy_removed_p` and `copy_removed_control_p` (its
-    class's probability with them taken away), and
-    `class_control`: the share of images of other classes turned by every control of its
-    class (the region's and the fixed part's shapes moved elsewhere). A number whose column
-    `images` lacks (an older `clusters.csv`) is NaN: not measured.
+    `swapped` and `swapped_chance` (its images' content swapped for other classes',
+    `evidence`), and `copy_removed_p` and `copy_removed_control_p` (its class's probability
+    with its copies, and their controls, taken away). A number whose column `images` lacks (an
+    older `clusters.csv`) is NaN: not measured.
     """
     images = images.assign(**{c: np.nan for c in EVIDENCE if c not in images})
     groups = images.groupby(["class", "cluster"], sort=True)
@@ -802,30 +697,13 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
                          removed=("removed_changed", "mean"),
                          removed_control=("removed_control_changed", "mean"),
                          same_place=("same_place", "median"),
-                         fixed_moved=("fixed_moved", "mean"),
-                         fixed_control=("fixed_control", "mean"),
                          swapped=("swapped", "mean"),
                          swapped_chance=("swapped_chance", "mean"),
-                         copy_moved=("copy_moved", "mean"),
-                         copy_control=("copy_control", "mean"),
                          copy_removed_p=("copy_removed_p", "mean"),
                          copy_removed_control_p=("copy_removed_control_p", "mean"),
                          accuracy=("correct", lambda c: c.astype(float).mean()),
                          labelled=("correct", "count"))
-    numbers = numbers.reset_index()
-    controls = pd.concat([images[["class", "moved_control"]],
-                          images[["class", "fixed_control"]].set_axis(
-                              ["class", "moved_control"], axis=1)])
-    by_class = controls.groupby("class")["moved_control"].mean()
-    return numbers.assign(class_control=numbers["class"].map(by_class).astype(float))
-
-
-def fixed_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
-    """Per image, 1 where its class's fixed parts, moved alone, turn images of other classes
-    into it at least `rule["fixed"]` more often than the same shapes moved elsewhere (over all
-    the class's tested images) and its own map peaks on a fixed part (`fixed_at_peak`,
-    `evidence`)."""
-    return _class_sign(images, "fixed_moved", "fixed_control", rule["fixed"], FIXED_LEVEL)
+    return numbers.reset_index()
 
 
 def content_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
@@ -863,7 +741,7 @@ def copy_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
 
 
 def _class_sign(images: pd.DataFrame, test: str, control: str, lift: float, peak: float,
-                at_peak: str = "fixed_at_peak") -> pd.Series:
+                at_peak: str) -> pd.Series:
     """1 where the class's mean `test` less its mean `control` (0 where none ran) is at least
     `lift` and the image's `at_peak` at least `peak`; 0 for a column not measured."""
     tested = images.reindex(columns=[test, control, at_peak])  # NaN: not measured
@@ -882,15 +760,6 @@ def content_reason(images: pd.DataFrame, cls: str) -> str:
             f"{_percent(own['swapped_chance'].mean())}).")
 
 
-def fixed_reason(images: pd.DataFrame, cls: str) -> str:
-    """Why the images of `cls` whose maps peak on a fixed part are flagged (`fixed_sign`)."""
-    own = images[images["class"] == cls]
-    return (f"Its map peaks on what {cls} images hold at that place and other classes' do "
-            f"not; moved alone into images of other classes, such parts made "
-            f"{own['fixed_moved'].mean():.0%} of them {cls} (the same shapes moved elsewhere: "
-            f"{_percent(own['fixed_control'].mean())}).")
-
-
 def copy_reason(images: pd.DataFrame, cls: str) -> str:
     """Why the images of `cls` whose maps peak on a copy are flagged (`copy_sign`)."""
     own = images[images["class"] == cls]
@@ -899,38 +768,31 @@ def copy_reason(images: pd.DataFrame, cls: str) -> str:
             f"somewhere in the picture, and other classes' do not (a copy in every photo: a "
             f"tag, a logo, a caption); taken away, those pixels lowered the probability of "
             f"{cls} by {fall:.2f} more than the same shapes elsewhere did (at least "
-            f"{copy_lift(own).iloc[0]:.2f}, {COPY_CONFIDENCE:.0%} confidence), and moved "
-            f"alone into images of other classes they made {_percent(own['copy_moved'].mean())}"
-            f" of them {cls} (the same shapes: {_percent(own['copy_control'].mean())}).")
+            f"{copy_lift(own).iloc[0]:.2f}, {COPY_CONFIDENCE:.0%} confidence, over "
+            f"{own['copy_removed_p'].count()} {cls} images).")
 
 
-REASONS = {"fixed": fixed_reason, "content": content_reason, "copies": copy_reason}
+REASONS = {"content": content_reason, "copies": copy_reason}
 
 
 def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule`: the
-    images whose maps peak on a fixed part, of a class whose fixed parts alone turn images of
-    other classes into it (`fixed_sign`), or on what their class holds there, of a class
-    whose content exchanged for others' makes its images those classes (`content_sign`), or
-    on a copy, of a class that needs its copies (taken away, its probability falls beyond
-    their controls: `copy_sign`); all the images of a cluster flagged because its class is all
-    over the picture (`flag_reason`). A cluster is flagged when its numbers are, or any of its
-    images is; its `why` gives how many of its images each reason flagged."""
+    images whose maps peak on what their class holds there, of a class whose content
+    exchanged for others' makes its images those classes (`content_sign`), or on a copy, of a
+    class that needs its copies (taken away, its probability falls beyond their controls:
+    `copy_sign`). A cluster is flagged when any of its images is; its `why` gives how many of
+    its images each reason flagged, and `look_for` what to look at."""
     images, clusters = images.copy(), clusters.copy()
-    signs = {"fixed": fixed_sign(images, rule), "content": content_sign(images, rule),
-             "copies": copy_sign(images, rule)}
-    images["flagged"] = signs["fixed"] | signs["content"] | signs["copies"]
+    signs = {"content": content_sign(images, rule), "copies": copy_sign(images, rule)}
+    images["flagged"] = signs["content"] | signs["copies"]
     sign = np.select([v == 1 for v in signs.values()], list(signs), "")
     reasons = {(c, s): REASONS[s](images, c) for c, s in set(zip(images["class"], sign)) if s}
     images["why"] = [reasons.get((c, s), "") for c, s in zip(images["class"], sign)]
-    said = [flag_reason(row, row["class"], rule) for _, row in clusters.iterrows()]
-    clusters["why"], clusters["look_for"] = [w for w, _ in said], [lf for _, lf in said]
+    clusters["why"], clusters["look_for"] = "", ""
     for k, row in clusters.iterrows():
         own = (images["class"] == row["class"]) & (images["cluster"] == row["cluster"])
-        if row["why"]:
-            images.loc[own & (images["flagged"] == 0), ["flagged", "why"]] = 1, row["why"]
-        elif (own & (images["flagged"] == 1)).any():
+        if (own & (images["flagged"] == 1)).any():
             whys = images["why"][own & (images["flagged"] == 1)].value_counts()  # by sign
             clusters.loc[k, "why"] = " ".join(f"{n} of its {row['size']} images: {why}"
                                               for why, n in whys.items())
