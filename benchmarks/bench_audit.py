@@ -7,9 +7,10 @@ watermark band, a label a third of the picture high) trains (or reuses) a networ
 44). Audits each shortcut network on new fish with its shortcut, and each clean network on new
 fish with every kind, no mask given; where each map really lies is measured apart from the
 audit with the shortcut's own mask (`mini_fish.mark_mask`: the map's peak within one cell of
-it). Then leave one kind out: the flag's four thresholds (`audit.RULE`) are chosen on the other
-kinds (the best mean F1 with at most 10% of the clean networks' images flagged) and reported on
-the kind left out; then the shipped rule's own calibration (clean networks alone) and that
+it). Every audit runs under three draws of its tests (`DRAWS`: `audit(seed=)`), and the
+tables give the worst draw. Then leave one kind out: the flag's thresholds (`audit.RULE`) are
+chosen on the other kinds (the best mean F1 with at most 10% of the clean networks' images
+flagged) and reported on the kind left out; then the shipped rule's own calibration (clean networks alone) and that
 calibration with each kind left out. Rows in `results/audit_kinds.csv`, the tables in
 `results/audit_loko.csv`, `audit_calibrated.csv` and `audit_loko_calibrated.csv`.
 (2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
