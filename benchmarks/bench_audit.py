@@ -10,9 +10,10 @@ audit with the shortcut's own mask (`mini_fish.mark_mask`: the map's peak within
 it). Every audit runs under three draws of its tests (`DRAWS`: `audit(seed=)`), and the
 tables give the worst draw. Then leave one kind out: the flag's thresholds (`audit.RULE`) are
 chosen on the other kinds (the best mean F1 with at most 10% of the clean networks' images
-flagged) and reported on the kind left out; then the shipped rule's own calibration (clean networks alone) and that
-calibration with each kind left out. Rows in `results/audit_kinds.csv`, the tables in
-`results/audit_loko.csv`, `audit_calibrated.csv` and `audit_loko_calibrated.csv`.
+flagged) and reported on the kind left out; then the shipped rule's own calibration (clean
+networks alone) and that calibration with each kind left out. Rows in
+`results/audit_kinds.csv`, the tables in `results/audit_loko.csv`, `audit_calibrated.csv` and
+`audit_loko_calibrated.csv`.
 (2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
 explain, clustering, interventions and the report, per 1,000 images.
 (3) `--only scaling`: `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, dense and sparse.
