@@ -12,7 +12,7 @@ tables give the worst draw. Then leave one kind out: the flag's thresholds (`aud
 chosen on the other kinds (the best mean F1 with at most 10% of the clean networks' images
 flagged) and reported on the kind left out; then the shipped rule's own calibration (clean
 networks alone) and that calibration with each kind left out. Rows in
-`results/audit_kinds.csv`, the tables in `results/audit_loko.csv`, `audit_calibrated.csv` and
+`results/audit_kinds.csv.gz`, the tables in `results/audit_loko.csv`, `audit_calibrated.csv` and
 `audit_loko_calibrated.csv`.
 (2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
 explain, clustering, interventions and the report, per 1,000 images.
@@ -95,18 +95,20 @@ def audited_on_marks(job: tuple):
 def audit_one(job: tuple[str, str, int]):
     """(1), (7): `audited_on_marks` (model, kind, draw), with whether the mark decides each
     image and how often it moves other classes' fish alone (`shortcut.mark_decides`,
-    `mark_moved`)."""
+    `mark_moved`: the network's, whatever the draw, so on the first draw alone; NaN on the
+    others, `audited_rows` fills them in)."""
     import pandas as pd
 
     from gradcam_tut.tool.shortcut import mark_decides, mark_moved
 
     model, kind, draw = job
     learn, result, sets, truth = audited_on_marks(job)
-    decides = dict(zip(map(str, sets["marked"]), mark_decides(learn, sets)))
-    truth["mark decides"] = [decides[str(f)] for f in result.images["file"]]
+    first = draw == DRAWS[0]
+    decides = dict(zip(map(str, sets["marked"]), mark_decides(learn, sets))) if first else {}
+    truth["mark decides"] = [decides.get(str(f), np.nan) for f in result.images["file"]]
     return pd.concat([result.images, truth], axis=1).assign(
         model=model, kind=kind, draw=draw, shortcut=not model.startswith("clean"),
-        **{"mark moved": mark_moved(learn, sets["marked"])},
+        **{"mark moved": mark_moved(learn, sets["marked"]) if first else np.nan},
         **{f"seconds_{k}": v for k, v in result.seconds.items()})
 
 
@@ -117,6 +119,7 @@ GRID = {"content": [*np.round(np.arange(0.1, 0.65, 0.05), 2), np.inf],
 
 
 AUDITED = ["model", "kind", "draw"]  # one audit
+KIND_ROWS = "audit_kinds.csv.gz"  # (1)'s rows, one per image per audit (4 MB uncompressed)
 
 
 def with_cluster_numbers(rows):
@@ -290,6 +293,9 @@ def audited_rows(kinds: tuple[str, ...]):
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(train_one, jobs))
         rows = pd.concat(list(pool.map(audit_one, audits)), ignore_index=True)
+    for column, per in (("mark decides", "file"), ("mark moved", None)):  # the first draw's
+        rows[column] = rows.groupby(["model", "kind", *([per] if per else [])])[column] \
+            .transform("first")
     print("\n== what each shortcut network does with its shortcut (follows: the share of "
           "swapped test fish named by the shortcut's class, chance 0.11; mark moved: the mark "
           "alone pasted into other classes' fish, the share named by its class, and by the "
@@ -316,7 +322,8 @@ def kind_rows() -> None:
     from gradcam_tut.tool.mini_fish import SHORTCUT_KINDS
 
     rows = audited_rows(SHORTCUT_KINDS)
-    rows.to_csv(RESULTS / "audit_kinds.csv", index=False, float_format="%.4g")
+    rows.to_csv(RESULTS / KIND_ROWS, index=False, float_format="%.4g",
+                compression={"method": "gzip", "mtime": 0})  # the same bytes for the same rows
     report_rules(rows)
 
 
@@ -437,7 +444,7 @@ def canvas_rows() -> None:
         print(f"{sign}: clean max {per_class.loc[clean, sign].max():.2f}; " + ", ".join(
             f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])
             for m, part in per_class[~clean].groupby("model")))
-    rows = with_cluster_numbers(pd.read_csv(RESULTS / "audit_kinds.csv"))
+    rows = with_cluster_numbers(pd.read_csv(RESULTS / KIND_ROWS))
     rows = rows[rows["draw"] == DRAWS[0]].merge(per_class[["model", "kind", "class", "canvas"]],
                                                 how="left")
     base = flags(rows, RULE)
@@ -678,7 +685,7 @@ def main() -> None:
     if args.only == "loko":  # again, from the rows that `kinds` wrote
         import pandas as pd
 
-        report_rules(pd.read_csv(RESULTS / "audit_kinds.csv"))
+        report_rules(pd.read_csv(RESULTS / KIND_ROWS))
     if args.only in (None, "time"):
         time_rows(args.data, kind=args.kind)
     if args.only in (None, "scaling"):

@@ -15,7 +15,7 @@ without being its object.
    backdrop, a caption, a watermark: the median of its images, objects lying anywhere) is
    *swapped* for another class's, where its class holds it, the rest kept. Its *copies*, the
    colours near its peak that its class's other images hold somewhere, pixel for pixel, and
-   other classes' do not, are taken away and moved alone. Forward passes only.
+   other classes' do not, are taken away. Forward passes only.
 4. **Flags** (`apply_rule`): a map says where; only an intervention says why. An object's
    region moves other images too (the fish is its class): that alone is no flag. An image is
    flagged when there is also a sign, without masks, that what decides is not its object:
@@ -712,8 +712,10 @@ def content_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
     often than chance (`swapped` less `swapped_chance`, over the class's tested images), and
     its own map peaks within a cell of what the swap changes (`swapped_at_peak`): a
     backdrop, a tint, a caption, a watermark decides, wherever it lies."""
-    return _class_sign(images, "swapped", "swapped_chance", rule["content"], 1.0,
-                       at_peak="swapped_at_peak")
+    tested = images.reindex(columns=["swapped", "swapped_chance", "swapped_at_peak"])
+    by_class = tested[["swapped", "swapped_chance"]].groupby(images["class"]).transform("mean")
+    above = by_class["swapped"] - by_class["swapped_chance"].fillna(0) >= rule["content"]
+    return (above & (tested["swapped_at_peak"] >= 1)).astype(int)  # 0 where not measured
 
 
 def copy_lift(images: pd.DataFrame) -> pd.Series:
@@ -738,16 +740,6 @@ def copy_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
     or a caption decides, wherever it lies."""
     copied = images.reindex(columns=["copied"])["copied"]
     return ((copy_lift(images) >= rule["copies"]) & (copied >= COPY_LEVEL)).astype(int)
-
-
-def _class_sign(images: pd.DataFrame, test: str, control: str, lift: float, peak: float,
-                at_peak: str) -> pd.Series:
-    """1 where the class's mean `test` less its mean `control` (0 where none ran) is at least
-    `lift` and the image's `at_peak` at least `peak`; 0 for a column not measured."""
-    tested = images.reindex(columns=[test, control, at_peak])  # NaN: not measured
-    by_class = tested[[test, control]].groupby(images["class"]).transform("mean")
-    above = by_class[test] - by_class[control].fillna(0) >= lift
-    return (above & (tested[at_peak] >= peak)).astype(int)
 
 
 def content_reason(images: pd.DataFrame, cls: str) -> str:
