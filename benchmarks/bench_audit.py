@@ -114,7 +114,7 @@ def audit_one(job: tuple[str, str, int]):
 
 CLEAN_SEEDS = (42, 43, 44)
 DRAWS = (0, 1, 2)  # each network audited with each of these `audit(seed=)`s: its tests' draws
-GRID = {"content": [*np.round(np.arange(0.1, 0.65, 0.05), 2), np.inf],
+GRID = {"content": [*np.round(np.arange(1.0, 7.01, 0.25), 2), np.inf],
         "copies": [0.0, 0.01, 0.02, 0.05, 0.1, np.inf]}
 
 
@@ -125,15 +125,13 @@ KIND_ROWS = "audit_kinds.csv.gz"  # (1)'s rows, one per image per audit (4 MB un
 def with_cluster_numbers(rows):
     """Each image's row with its class's lifts, the numbers the signs compare with `RULE`:
     `c_content` (`audit.content_sign`'s) and `c_copies` (`audit.copy_sign`'s)."""
-    from gradcam_tut.tool.auditing import copy_lift
+    from gradcam_tut.tool.auditing import content_lift, copy_lift
 
     if "draw" not in rows:  # rows of before the draws: the audit's default seed
         rows = rows.assign(draw=0)
-    by_class = rows.groupby([*AUDITED, "class"])
-    rows["c_content"] = (by_class["swapped"].transform("mean")  # `audit.content_sign`'s lift
-                         - by_class["swapped_chance"].transform("mean").fillna(0))
-    rows["c_copies"] = rows.groupby(AUDITED, group_keys=False)[rows.columns].apply(
-        copy_lift)  # `audit.copy_sign`'s
+    audits = rows.groupby(AUDITED, group_keys=False)[rows.columns]
+    rows["c_content"] = audits.apply(content_lift)  # `audit.content_sign`'s
+    rows["c_copies"] = audits.apply(copy_lift)  # `audit.copy_sign`'s
     return rows
 
 

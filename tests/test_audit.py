@@ -22,6 +22,7 @@ from gradcam_tut.tool.auditing import (
     apply_rule,
     audit,
     cluster_numbers,
+    content_lift,
     copy_lift,
 )
 from gradcam_tut.tool.cli import main
@@ -114,6 +115,7 @@ def test_a_cluster_says_how_many_of_its_images_each_sign_flagged():
     reason flagged, and what to look for."""
     rows = {"class": ["Trout"] * 4 + ["Shrimp"] * 2, "cluster": [0] * 6, "file": list("abcdef"),
             "swapped": [1.0] * 4 + [np.nan] * 2, "swapped_chance": [0.0] * 4 + [np.nan] * 2,
+            "swapped_gain": [5.0] * 4 + [np.nan] * 2,
             "swapped_at_peak": [1, 1, 0, 0, 0, 0], "copied": [0.0, 0.0, 0.9, 0.9, 0.0, 0.0],
             "copy_removed_p": [np.nan, np.nan, 0.1, 0.2, np.nan, np.nan],
             "copy_removed_control_p": [np.nan, np.nan, 0.9, 0.9, np.nan, np.nan],
@@ -129,26 +131,28 @@ def test_a_cluster_says_how_many_of_its_images_each_sign_flagged():
 
 def test_images_are_flagged_when_their_class_s_content_swapped_makes_them_another_class():
     """A class whose content, exchanged for other classes' where its images hold it, makes
-    them those classes beyond chance flags its images whose maps peak on what it holds
-    there; a class that is called anything after any swap (a sink) is no more than chance."""
+    those classes far more probable than other swaps do flags its images whose maps peak on
+    what it holds there; a class whose swaps win answers by a hair (a network unsure of the
+    changed picture) is no flag."""
     rows = {"class": ["Trout"] * 3 + ["Shrimp"] * 3, "cluster": [0] * 6, "file": list("abcdef"),
             "swapped_at_peak": [1, 1, 0, 1, 1, 1],
             "swapped": [1.0, 0.5, np.nan, 1.0, 1.0, 0.5],
-            "swapped_chance": [0.1, 0.1, np.nan, 0.9, 0.8, 0.7], "same_place": [1.0] * 6,
+            "swapped_chance": [0.1, 0.1, np.nan, 0.2, 0.2, 0.2],
+            "swapped_gain": [5.0, 3.0, np.nan, 0.5, 0.2, 0.3], "same_place": [1.0] * 6,
             "moved": [0.0] * 6, "moved_control": [0.0] * 6, "correct": [1] * 6}
     images = pd.DataFrame(rows)
-    rule = RULE | {"content": 0.3}
+    rule = RULE | {"content": 3.0}
     flagged, clusters = apply_rule(images, cluster_numbers(images), rule)
-    assert flagged["flagged"].tolist() == [1, 1, 0, 0, 0, 0]  # lift 0.65; Shrimp: 0.07
+    assert flagged["flagged"].tolist() == [1, 1, 0, 0, 0, 0]  # Trout 4.0; Shrimp 0.33
     assert flagged["why"][0] == (
         "Its map peaks on what Trout images hold there and other classes' do not; exchanged for "
         "another class's content where at least half the Trout images hold it, the rest kept "
-        "as it was, Trout images "
-        "became that class 75% of the time (chance: 10%).")
+        "as it was, Trout images became that class 75% of the time (chance: 10%), and that "
+        "class 55 times as probable as other swaps made it (geometric mean).")
     assert clusters["flagged"].tolist() == [0, 1]
     assert clusters["why"][1].startswith("2 of its 3 images: Its map peaks on what Trout")
-    assert clusters["swapped"][1] == 0.75
-    old = images.drop(columns=["swapped", "swapped_chance"])  # an older clusters.csv
+    assert clusters["swapped"][1] == 0.75 and clusters["swapped_gain"][1] == 4.0
+    old = images.drop(columns=["swapped", "swapped_chance", "swapped_gain"])  # an older CSV
     assert not apply_rule(old, cluster_numbers(old), rule)[0]["flagged"].any()
 
 
@@ -264,14 +268,18 @@ def test_a_backdrop_is_flagged_by_what_its_content_does(tiny_learner, tmp_path):
     result = audit(learn, root, layer="body", examples=0)
     images, clusters = result.images, result.clusters
     assert images["correct"].mean() > 0.6  # mostly the backdrop's class, to this network
-    lift = images.groupby("class")[["swapped", "swapped_chance"]].mean()
-    above = (lift["swapped"] - lift["swapped_chance"]) >= RULE["content"]
-    assert above.mean() > 0.7 and lift["swapped_chance"].max() < 0.2  # one swap per image
+    lift = content_lift(images).groupby(images["class"]).first()
+    assert (lift >= RULE["content"]).mean() > 0.7
+    assert images.groupby("class")["swapped_chance"].mean().max() < 0.2
     said = images["why"].str.contains("exchanged for another class's content")
     assert said.mean() > 0.6 and (images["flagged"] == 1)[said].all()
     assert clusters["flagged"].mean() > 0.6
     captions = [c for panels in result.examples.values() for _, c in panels]
     assert sum(c.split(":")[0].endswith("'s content") for c in captions) == len(result.examples)
+    two = [root / c for c in ("Trout", "Shrimp")]
+    pair = audit(learn, two, layer="body", examples=0).images  # no third class's content
+    assert pair["swapped_chance"].isna().all()
+    assert (content_lift(pair).groupby(pair["class"]).first() >= RULE["content"]).all()
 
 
 class TagReader(nn.Module):
@@ -439,6 +447,7 @@ def synthetic_report(families):
                            "same_place": np.where(corner, 9.0, 1.0),
                            "swapped": np.where(corner, 0.9, np.nan),
                            "swapped_chance": np.where(corner, 0.0, np.nan),
+                           "swapped_gain": np.where(corner, 5.0, np.nan),
                            "swapped_at_peak": corner.astype(float)})
     return _flagged(pd.concat([images, tested], axis=1), features, members)
 

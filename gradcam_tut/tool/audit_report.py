@@ -228,6 +228,8 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                              _number(row.moved_control)),
                             ("its content swapped: now the other class",
                              _number(row.swapped), _number(row.swapped_chance) + " chance"),
+                            ("its content swapped: the other class, x as probable",
+                             _number(np.exp(row.swapped_gain), "{:,.0f}"), "1: other swaps"),
                             ("its copies taken away: this class's probability",
                              _number(row.copy_removed_p, "{:.2f}"),
                              _number(row.copy_removed_control_p, "{:.2f}")),
@@ -240,5 +242,6 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
     return ENV.get_template("audit_report.html").render(
         images=images, clusters=clusters, n_classes=clusters["class"].nunique(),
         sections=sections, flagged=flagged, layer=layer, method=method, thumb=THUMB,
-        level=f"{REGION_LEVEL:.0%}", content_flag=_number(rule.get("content", np.nan)),
+        level=f"{REGION_LEVEL:.0%}",
+        content_flag=_number(np.exp(rule.get("content", np.nan)), "{:,.0f}"),
         copies_flag=_number(rule.get("copies", np.nan), "{:.2f}"))

@@ -20,9 +20,9 @@ without being its object.
    region moves other images too (the fish is its class): that alone is no flag. An image is
    flagged when there is also a sign, without masks, that what decides is not its object:
    - *content*: its map peaks within a cell of what swapping its class's content changes
-     (`swapped_at_peak`), and its class's content swapped for others' makes
-     its images those classes beyond chance (`RULE["content"]`): a backdrop, a tint or a
-     watermark decides over the fish, wherever it lies;
+     (`swapped_at_peak`), and its class's content swapped for others' makes those classes
+     far more probable than other swaps do (`content_lift`, `RULE["content"]`): a backdrop,
+     a tint or a watermark decides over the fish, wherever it lies;
    - *copies*: its map peaks on a copy, and taking its class's copies away lowers the class's
      probability beyond their controls (`RULE["copies"]`): no two photographs of an object
      agree pixel for pixel, a tag, a logo or a caption pasted into each does, wherever it
@@ -108,7 +108,7 @@ MIN_CELLS = 7  # the default layer: the deepest whose map has at least this many
 EXAMPLES = 6  # example images per cluster in the report
 EVIDENCE = ("region_area", "removed_p", "removed_changed", "moved", "moved_p",
             "removed_control_p", "removed_control_changed", "moved_control", "moved_control_p",
-            "same_place", "swapped", "swapped_chance", "swapped_at_peak", "copied",
+            "same_place", "swapped", "swapped_chance", "swapped_gain", "swapped_at_peak", "copied",
             "copy_removed_p", "copy_removed_control_p")  # evidence's columns
 TESTED = 6  # the region's interventions run on up to this many images of each cluster
 POOL = 8  # the images a region is moved into are drawn from this many images of each class
@@ -116,6 +116,7 @@ SMALL = 32  # the side of the copies `fixed_content` compares, in pixels
 SWAP_LEVEL = 0.1  # the pixels whose content is swapped: fixed_content at least this
 TESTED_SWAP = 24  # the content is swapped on up to this many images of each class,
 SWAPS = 2  # each time with this many other classes' content (one, 24 a class, was too noisy)
+P_FLOOR = 1e-4  # a probability below this counts as this: its log compares swaps
 MEDIAN_POOL = 16  # what a class holds at each place: the median of this many of its images
 HOLDS_SHARE = 0.5  # its content is swapped where at least this share of its class holds it
 CHANGED = 0.5  # a map on swapped content: near a pixel changed this share of the most
@@ -127,7 +128,7 @@ SMALL_INPUTS, PEAKS, NEAR, HELD = "<small>", "<peaks>", "<near>", "<held>"
 # The flag's thresholds (module), from networks trained without any shortcut alone: each sign
 # flags at most a fifth of 10% of their images on every kind's fish, under each of three draws
 # of the tests (`seed`) (`benchmarks/bench_audit.py`, `calibrated_rule`)
-RULE = {"content": 0.34, "copies": 0.04}
+RULE = {"content": 3.35, "copies": 0.04}
 
 
 @dataclass
@@ -462,13 +463,17 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
     covers in part, is swapped whole. `swapped`: the share of its swaps predicted
     as the other class; `swapped_chance`: for the same classes, the share of all swaps not
     of their content predicted as them (what a picture changed that much is called anyway).
+    `swapped_gain`: how much more probable the other class is after its swaps than after
+    swaps not of that class's content, into images not of that class: the mean difference
+    of their log probabilities (each at least `P_FLOOR`); with two classes, the other
+    class's images as they are instead.
     NaN where its class holds nothing (no pixel to swap: not tested). On every image,
     `swapped_at_peak`: 1 where its map peaks within a cell (`near`, (N, h, w) bool, small)
     of a pixel the swap changes much (where its class holds its content, and that content
     differs from other classes' by at least `CHANGED` of the most it differs anywhere)."""
     vocab, classes = list(learn.dls.vocab), np.unique(label)
     out = pd.DataFrame(np.nan, index=range(len(files)),
-                       columns=["swapped", "swapped_chance", "swapped_at_peak"])
+                       columns=["swapped", "swapped_chance", "swapped_gain", "swapped_at_peak"])
     if len(classes) < 2:
         return out, None
     rng = np.random.default_rng(seed + 1)  # apart from `evidence`'s draws
@@ -492,24 +497,34 @@ def _swap_tests(learn: Learner, files: Sequence[Path], label: np.ndarray, holds:
         return out, swap
     contents = {i: rng.permutation(classes[classes != label[i]])[:SWAPS] for i in tested}
     swaps = [(i, d) for i in tested for d in contents[i]]
-    preds, done, model = [], 0, learn.model
+    probs, before, done, model = [], [], 0, learn.model
     for (xb,) in learn.dls.test_dl([files[i] for i in tested], bs=bs):
         xb, ix = xb.as_subclass(Tensor), tested[done:done + len(xb)]
         mine = [(k, i, d) for k, i in enumerate(ix) for d in contents[i]]
         k, i, d = (list(t) for t in zip(*mine))
         batch, _ = swap(xb[k], i, list(label[i]), d)
-        preds.append(probabilities(model, batch, bs).argmax(1))
+        probs.append(probabilities(model, batch, bs))
+        if len(classes) == 2:  # no swap of a third class's content to compare with
+            before.append(probabilities(model, xb[k], bs))
         done += len(xb)
-    found = pd.DataFrame(swaps, columns=["image", "content"]).assign(
-        said=[vocab[p] for p in torch.cat(preds).tolist()])
+    found = pd.DataFrame(swaps, columns=["image", "content"])
     receiver = label[found["image"].to_numpy()]
-    called = {c: (found["said"][(found["content"] != c) & (receiver != c)] == c).mean()
-              for c in classes}
+    log_p = torch.cat(probs).clamp_min(P_FLOOR).log().numpy()  # (swaps, vocab)
+    found["said"] = [vocab[p] for p in log_p.argmax(1)]
+    found["log_p"] = log_p[np.arange(len(found)), [vocab.index(c) for c in found["content"]]]
+    other = {c: ((found["content"] != c) & (receiver != c)).to_numpy() for c in classes}
+    called = {c: (found["said"][other[c]] == c).mean() for c in classes}
+    if before:  # two classes: no third class's content; the other class's images as they are
+        log_p = torch.cat(before).clamp_min(P_FLOOR).log().numpy()
+        other = {c: receiver != c for c in classes}
+    usual = {c: log_p[other[c], vocab.index(c)].mean() for c in classes}
     found["hit"] = found["said"] == found["content"]
     found["chance"] = found["content"].map(called)
-    per = found.groupby("image")[["hit", "chance"]].mean()
-    out.loc[per.index, "swapped"] = per["hit"].to_numpy(float)
-    out.loc[per.index, "swapped_chance"] = per["chance"].to_numpy(float)
+    found["gain"] = found["log_p"] - found["content"].map(usual)
+    per = found.groupby("image")[["hit", "chance", "gain"]].mean()
+    for column, value in (("swapped", "hit"), ("swapped_chance", "chance"),
+                          ("swapped_gain", "gain")):
+        out.loc[per.index, column] = per[value].to_numpy(float)
     return out, swap
 
 
@@ -699,6 +714,7 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
                          same_place=("same_place", "median"),
                          swapped=("swapped", "mean"),
                          swapped_chance=("swapped_chance", "mean"),
+                         swapped_gain=("swapped_gain", "mean"),
                          copy_removed_p=("copy_removed_p", "mean"),
                          copy_removed_control_p=("copy_removed_control_p", "mean"),
                          accuracy=("correct", lambda c: c.astype(float).mean()),
@@ -706,16 +722,25 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
     return numbers.reset_index()
 
 
+def content_lift(images: pd.DataFrame) -> pd.Series:
+    """Per image, how much its class's content decides: exchanged for another class's where
+    its class's images hold it (the rest kept), how much more probable that makes the other
+    class than other swaps do (`swapped_gain`: the log of the ratio), averaged over the
+    class's tested images. Its probability, not the share of answers it wins: a network
+    that never saw a tint, shown a picture tinted all over, is unsure of it, and a tint
+    tips it to the class of that colour without making it sure."""
+    gain = images.reindex(columns=["swapped_gain"])["swapped_gain"]
+    return gain.groupby(images["class"]).transform("mean")
+
+
 def content_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
-    """Per image, 1 where its class's content, exchanged for other classes' where its images
-    hold it (the rest kept), makes them those classes at least `rule["content"]` more
-    often than chance (`swapped` less `swapped_chance`, over the class's tested images), and
-    its own map peaks within a cell of what the swap changes (`swapped_at_peak`): a
-    backdrop, a tint, a caption, a watermark decides, wherever it lies."""
-    tested = images.reindex(columns=["swapped", "swapped_chance", "swapped_at_peak"])
-    by_class = tested[["swapped", "swapped_chance"]].groupby(images["class"]).transform("mean")
-    above = by_class["swapped"] - by_class["swapped_chance"].fillna(0) >= rule["content"]
-    return (above & (tested["swapped_at_peak"] >= 1)).astype(int)  # 0 where not measured
+    """Per image, 1 where its class's content decides at least `rule["content"]`
+    (`content_lift`: exchanged for another class's, the other class at least e ** that times
+    as probable as other swaps make it) and its own map peaks within a cell of what the swap
+    changes (`swapped_at_peak`): a backdrop, a tint, a caption, a watermark decides,
+    wherever it lies."""
+    at_peak = images.reindex(columns=["swapped_at_peak"])["swapped_at_peak"]
+    return ((content_lift(images) >= rule["content"]) & (at_peak >= 1)).astype(int)
 
 
 def copy_lift(images: pd.DataFrame) -> pd.Series:
@@ -745,11 +770,13 @@ def copy_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
 def content_reason(images: pd.DataFrame, cls: str) -> str:
     """Why the images of `cls` are flagged by `content_sign`."""
     own = images.reindex(columns=["swapped", "swapped_chance"])[images["class"] == cls]
+    lift = content_lift(images)[images["class"] == cls].iloc[0]
     return (f"Its map peaks on what {cls} images hold there and other classes' do not; "
             f"exchanged for another class's content where at least half the {cls} images hold "
             f"it, the rest kept as it was, {cls} images became that class "
             f"{_percent(own['swapped'].mean())} of the time (chance: "
-            f"{_percent(own['swapped_chance'].mean())}).")
+            f"{_percent(own['swapped_chance'].mean())}), and that class {np.exp(lift):,.0f} "
+            "times as probable as other swaps made it (geometric mean).")
 
 
 def copy_reason(images: pd.DataFrame, cls: str) -> str:
