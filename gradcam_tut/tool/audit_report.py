@@ -190,6 +190,12 @@ def _number(value: float, fmt: str = "{:.0%}") -> str:
     return "" if value is None or np.isnan(value) else fmt.format(value)
 
 
+def times(ratio: float) -> str:
+    """A ratio as a page says it: three figures below 100 (28.5, 1.81), whole above (391);
+    "" for NaN (not measured)."""
+    return "" if np.isnan(ratio) else f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.3g}"
+
+
 def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]],
                 examples: dict[int, list[tuple[np.ndarray, str]]] | None = None,
                 method: str = "gradcam", rule: dict | None = None) -> str:
@@ -229,7 +235,7 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
                             ("its content swapped: now the other class",
                              _number(row.swapped), _number(row.swapped_chance) + " chance"),
                             ("its content swapped: the other class, x as probable",
-                             _number(np.exp(row.swapped_gain), "{:,.0f}"), "1: other swaps"),
+                             times(np.exp(row.swapped_gain)), "1: other swaps"),
                             ("its copies taken away: this class's probability",
                              _number(row.copy_removed_p, "{:.2f}"),
                              _number(row.copy_removed_control_p, "{:.2f}")),
@@ -243,5 +249,5 @@ def report_html(images, clusters, layer: str, thumbs: dict[int, tuple[str, str]]
         images=images, clusters=clusters, n_classes=clusters["class"].nunique(),
         sections=sections, flagged=flagged, layer=layer, method=method, thumb=THUMB,
         level=f"{REGION_LEVEL:.0%}",
-        content_flag=_number(np.exp(rule.get("content", np.nan)), "{:,.0f}"),
+        content_flag=times(np.exp(rule.get("content", np.nan))),
         copies_flag=_number(rule.get("copies", np.nan), "{:.2f}"))

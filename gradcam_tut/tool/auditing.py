@@ -70,7 +70,7 @@ from torch import Tensor
 from ..cam import Layer, body_layers, grad_cam, normalize_maps, resolve_layers
 from ..metrics import peak_points
 from ..receptive_field import CellCentres, cell_centres, place
-from .audit_report import example_thumbnails, intervention_examples, report_html
+from .audit_report import example_thumbnails, intervention_examples, report_html, times
 from .explaining import (
     csv_safe,
     explain_maps,
@@ -335,14 +335,16 @@ def evidence(learn: Learner, files: Sequence[Path], classes: Sequence[str],
       second of them.
     - `same_place`: how much more often than by chance its class's maps peak where its map
       peaks (`interventions.same_place`), maps alone.
-    - `swapped`, `swapped_chance` (`_swap_tests`), on up to `TESTED_SWAP` images of each
+    - `swapped`, `swapped_chance`, `swapped_gain` (`_swap_tests`), on up to `TESTED_SWAP`
+      images of each
       class: where `HOLDS_SHARE` of its class's images hold its content (what three in four
       of them hold at that place, up to mirrors, and other classes' do not:
       `interventions.fixed_content` >= `SWAP_LEVEL`, compared on copies with a `SMALL` px
       side, each other image mirrored to match the cells around the map's peak), over its
       object too, that content exchanged for `SWAPS` other classes' (the median of
       `MEDIAN_POOL` images of each), the rest kept: the share of swaps predicted as the
-      other class, beside chance.
+      other class, beside chance, and how many times as probable they make it as other
+      swaps do (its log: what `content_sign` asks).
     - `copied` (`_copies`), on every image: the most by which its class's other images hold
       a colour within a cell of its map's peak, anywhere, more often than other classes'
       images do (`interventions.copied_colours`): near 1 on a copy (a tag, a logo, a
@@ -700,10 +702,10 @@ def cluster_numbers(images: pd.DataFrame) -> pd.DataFrame:
     the interventions' numbers: `removed` and `moved` (the shares of its images whose
     prediction changed when the region was taken away, and of the images of other classes
     turned into its class when it was moved in), their controls, the median `same_place`,
-    `swapped` and `swapped_chance` (its images' content swapped for other classes',
-    `evidence`), and `copy_removed_p` and `copy_removed_control_p` (its class's probability
-    with its copies, and their controls, taken away). A number whose column `images` lacks (an
-    older `clusters.csv`) is NaN: not measured.
+    `swapped`, `swapped_chance` and `swapped_gain` (its images' content swapped for other
+    classes', `evidence`), and `copy_removed_p` and `copy_removed_control_p` (its class's
+    probability with its copies, and their controls, taken away). A number whose column
+    `images` lacks (an older `clusters.csv`) is NaN: not measured.
     """
     images = images.assign(**{c: np.nan for c in EVIDENCE if c not in images})
     groups = images.groupby(["class", "cluster"], sort=True)
@@ -775,7 +777,7 @@ def content_reason(images: pd.DataFrame, cls: str) -> str:
             f"exchanged for another class's content where at least half the {cls} images hold "
             f"it, the rest kept as it was, {cls} images became that class "
             f"{_percent(own['swapped'].mean())} of the time (chance: "
-            f"{_percent(own['swapped_chance'].mean())}), and that class {np.exp(lift):,.0f} "
+            f"{_percent(own['swapped_chance'].mean())}), and that class {times(np.exp(lift))} "
             "times as probable as other swaps made it (geometric mean).")
 
 
@@ -798,7 +800,8 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule`: the
     images whose maps peak on what their class holds there, of a class whose content
-    exchanged for others' makes its images those classes (`content_sign`), or on a copy, of a
+    exchanged for others' makes those classes far more probable than other swaps do
+    (`content_sign`), or on a copy, of a
     class that needs its copies (taken away, its probability falls beyond their controls:
     `copy_sign`). A cluster is flagged when any of its images is; its `why` gives how many of
     its images each reason flagged, and `look_for` what to look at."""
