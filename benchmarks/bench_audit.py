@@ -3,17 +3,18 @@
 (1) `--only kinds`: for each kind of planted shortcut (`mini_fish.SHORTCUT_KINDS`: a corner
 square, a strip along the bottom edge, a tag beside the fish, a tinted backdrop, a faint
 watermark band, a label a third of the picture high) trains (or reuses) a network with notebook
-06's recipe on mini fish carrying it, and three networks without any shortcut (seeds 42, 43,
-44). Audits each shortcut network on new fish with its shortcut, and each clean network on new
-fish with every kind, no mask given; where each map really lies is measured apart from the
-audit with the shortcut's own mask (`mini_fish.mark_mask`: the map's peak within one cell of
-it). Every audit runs under three draws of its tests (`DRAWS`: `audit(seed=)`), and the
-tables give the worst draw. Then leave one kind out: the flag's thresholds (`audit.RULE`) are
-chosen on the other kinds (the best mean F1 with at most 10% of the clean networks' images
+06's recipe on mini fish carrying it, and seven networks without any shortcut: three of that
+recipe (seeds 42, 43, 44) and four of others (`CLEAN_RECIPES`: resnet34, 96 px, 10 epochs,
+densenet121). Audits each shortcut network on new fish with its shortcut, and each clean
+network on new fish with every kind, no mask given; where each map really lies is measured
+apart from the audit with the shortcut's own mask (`mini_fish.mark_mask`: the map's peak within
+one cell of it). Every audit runs under three draws of its tests (`DRAWS`: `audit(seed=)`), and
+the tables give the worst draw. Then leave one kind out: the flag's thresholds (`audit.RULE`)
+are chosen on the other kinds (the best mean F1 with at most 10% of the clean networks' images
 flagged) and reported on the kind left out; then the shipped rule's own calibration (clean
-networks alone) and that calibration with each kind left out. Rows in
-`results/audit_kinds.csv.gz`, the tables in `results/audit_loko.csv`, `audit_calibrated.csv` and
-`audit_loko_calibrated.csv`.
+networks alone, five of them: `CALIBRATION`; the other two, seed 44 and the densenet121,
+scored) and that calibration with each kind left out. Rows in `results/audit_kinds.csv.gz`, the
+tables in `results/audit_loko.csv`, `audit_calibrated.csv` and `audit_loko_calibrated.csv`.
 (2) `--only time`: `audit` on 1,008 mini fish at 128 px (resnet34, random weights), split into
 explain, clustering, interventions and the report, per 1,000 images.
 (3) `--only scaling`: `cluster_maps` on 1k, 5k and 20k synthetic 8x8 maps, dense and sparse.
@@ -54,21 +55,27 @@ RESULTS = HERE / "results"
 SEED = 42
 
 
-def train_one(job: tuple[str, int]) -> Path:
-    """Notebook 06's recipe on mini fish with a `kind` of shortcut ("clean": none), exported to
-    `data/bench_audit/<kind>-<seed>.pkl`; reused when there (in a worker, one thread)."""
+def train_one(job: tuple) -> Path:
+    """Notebook 06's recipe (or, for a clean network, one of `CLEAN_RECIPES`) on mini fish with
+    a `kind` of shortcut ("clean": none), exported to `data/bench_audit/<kind>-<seed>.pkl`
+    (`<kind>-<recipe>-<seed>.pkl`); reused when there (in a worker, one thread). `job`: kind,
+    seed and, optionally, the recipe's name."""
     import torch
+    import torchvision.models
 
     torch.set_num_threads(1)
     from gradcam_tut.tool.shortcut import shortcut_recipe, training_sets
     from gradcam_tut.tool.train import train_fish
 
-    kind, seed = job
-    model = DATA / f"{kind}-{seed}.pkl"
+    kind, seed, *recipe = job
+    model = DATA / f"{'-'.join([kind, *recipe, str(seed)])}.pkl"
     if not model.is_file():
+        settings = shortcut_recipe(cuda=False) | (CLEAN_RECIPES[recipe[0]] if recipe else {})
+        if isinstance(settings["arch"], str):
+            settings["arch"] = getattr(torchvision.models, settings["arch"])
         train = training_sets(SETS, 72, seed, "corner" if kind == "clean" else kind)
-        train_fish(train["clean" if kind == "clean" else "marked"], **shortcut_recipe(),
-                   seed=seed, export_to=model)
+        train_fish(train["clean" if kind == "clean" else "marked"], **settings, seed=seed,
+                   export_to=model)
     return model
 
 
@@ -112,7 +119,12 @@ def audit_one(job: tuple[str, str, int]):
         **{f"seconds_{k}": v for k, v in result.seconds.items()})
 
 
-CLEAN_SEEDS = (42, 43, 44)
+CLEAN_SEEDS = (42, 43, 44)  # networks without a shortcut, notebook 06's recipe
+CLEAN_RECIPES = {"r34": {"arch": "resnet34"}, "96px": {"size": 96}, "10ep": {"epochs": 10},
+                 "densenet": {"arch": "densenet121"}}  # and of other recipes, with RECIPE_SEED
+RECIPE_SEED = 45
+CLEAN = [f"clean-{s}" for s in CLEAN_SEEDS] + [f"clean-{r}-{RECIPE_SEED}" for r in CLEAN_RECIPES]
+CALIBRATION = ("clean-42", "clean-43", "clean-r34-45", "clean-96px-45", "clean-10ep-45")
 DRAWS = (0, 1, 2)  # each network audited with each of these `audit(seed=)`s: its tests' draws
 GRID = {"content": [*np.round(np.arange(1.0, 7.01, 0.25), 2), np.inf],
         "copies": [0.0, 0.01, 0.02, 0.05, 0.1, np.inf]}
@@ -149,8 +161,10 @@ def flags(rows, rule: dict) -> np.ndarray:
 def scores(rows, rule: dict) -> dict:
     """Precision and recall of the flags on the shortcut networks' images (truth: the map's
     peak near the shortcut), the recall on those of them whose prediction the shortcut decides
-    (`shortcut.mark_decides`: all an intervention could prove), and the share of the clean
-    networks' images flagged."""
+    (`shortcut.mark_decides`: all an intervention could prove), and the share of a clean
+    network's images flagged, the most flagged clean network's (the goal holds for each)."""
+    import pandas as pd
+
     flagged = flags(rows, rule)
     short, truth = rows["shortcut"].to_numpy(), (rows["near mark"] == 1).to_numpy()
     proven = truth & short & (rows["mark decides"] == 1).to_numpy()
@@ -158,7 +172,8 @@ def scores(rows, rule: dict) -> dict:
     return {"precision": tp / max((flagged & short).sum(), 1),
             "recall": tp / max((truth & short).sum(), 1),
             "recall where it decides": (flagged & proven).sum() / max(proven.sum(), 1),
-            "flagged clean": flagged[~short].mean() if (~short).any() else np.nan,
+            "flagged clean": (pd.Series(flagged[~short]).groupby(rows["model"].to_numpy()[~short])
+                              .mean().max() if (~short).any() else np.nan),
             "flagged shortcut": flagged[short].mean() if short.any() else np.nan}
 
 
@@ -230,16 +245,18 @@ def calibrated_rule(clean, budget: float = 0.10, share: float = 0.2) -> dict:
     return rule
 
 
-def calibrated_table(rows, seeds: tuple[int, ...] = (42, 43), leave_out: bool = False):
-    """(b): the rule from the clean networks of `seeds` alone (`calibrated_rule`), scored on
-    every kind (none of which chose it) and on the other clean networks. (c) `leave_out`: for
-    each kind, that rule from those networks on the other kinds' fish alone (nothing of the
-    kind chose it: the shipped rule's own way, one kind left out), scored on the kind."""
+def calibrated_table(rows, calibration: tuple[str, ...] = CALIBRATION,
+                     leave_out: bool = False):
+    """(b): the rule from the clean networks of `calibration` alone (`calibrated_rule`), scored
+    on every kind (none of which chose it) and on the other clean networks (`flagged clean`:
+    the most flagged of them; `flagged <network>`: each). (c) `leave_out`: for each kind,
+    that rule from those networks on the other kinds' fish alone (nothing of the kind chose
+    it: the shipped rule's own way, one kind left out), scored on the kind."""
     import pandas as pd
 
     rows = with_cluster_numbers(rows)
     clean = rows[~rows["shortcut"]]
-    chosen = clean["model"].isin([f"clean-{s}" for s in seeds])
+    chosen = clean["model"].isin(calibration)
     held_clean = clean[~chosen]
     kinds = rows["kind"].unique()
     rules = ({k: calibrated_rule(clean[chosen & (clean["kind"] != k)]) for k in kinds}
@@ -247,10 +264,12 @@ def calibrated_table(rows, seeds: tuple[int, ...] = (42, 43), leave_out: bool = 
     table = []
     for k, rule in rules.items():
         short = rows[rows["shortcut"] & (rows["kind"] == k)]
+        mine = held_clean[held_clean["kind"] == k]
         table.append({"left out" if leave_out else "kind": k,
                       **{f"rule {n}": v for n, v in rule.items()},
-                      **worst_scores(pd.concat([short, held_clean[held_clean["kind"] == k]]),
-                                     rule),
+                      **worst_scores(pd.concat([short, mine]), rule),
+                      **{f"flagged {m}": worst_scores(part, rule)["flagged clean"]
+                         for m, part in mine.groupby("model")},
                       **what_it_does(rows[rows["kind"] == k])})
     return pd.DataFrame(table)
 
@@ -284,9 +303,10 @@ def audited_rows(kinds: tuple[str, ...]):
     from gradcam_tut.tool.shortcut import counterfactual_sets, shortcut_scores
     from gradcam_tut.tool.train import load_fish_learner
 
-    jobs = [(k, SEED) for k in kinds] + [("clean", s) for s in CLEAN_SEEDS]
+    jobs = [(k, SEED) for k in kinds] + [("clean", s) for s in CLEAN_SEEDS] + \
+        [("clean", RECIPE_SEED, r) for r in CLEAN_RECIPES]
     audits = [(f"{k}-{SEED}", k, d) for k in kinds for d in DRAWS] + \
-        [(f"clean-{s}", k, d) for s in CLEAN_SEEDS for k in kinds for d in DRAWS]
+        [(m, k, d) for m in CLEAN for k in kinds for d in DRAWS]
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(train_one, jobs))
@@ -339,9 +359,8 @@ def heldout_rows() -> None:
     for k in HELD_OUT_KINDS:
         part = rows[rows["kind"] == k]
         table.append({"kind": k, **worst_scores(part, RULE), **{
-            f"flagged clean-{s}": worst_scores(part[part["model"] == f"clean-{s}"],
-                                               RULE)["flagged clean"]
-            for s in CLEAN_SEEDS}, **what_it_does(part)})
+            f"flagged {m}": worst_scores(part[part["model"] == m], RULE)["flagged clean"]
+            for m in CLEAN}, **what_it_does(part)})
     table = pd.DataFrame(table)
     table.to_csv(RESULTS / "audit_heldout.csv", index=False, float_format="%.4g")
     print("\n== (7) kinds held out of the audit's design, the shipped rule:", RULE)
@@ -358,9 +377,9 @@ def report_rules(rows) -> None:
     print(table.round(3).to_string(index=False))
     table = calibrated_table(rows)
     table.to_csv(RESULTS / "audit_calibrated.csv", index=False)
-    print("\n== (b) thresholds from the clean networks of seeds 42 and 43 alone (each sign "
-          "flagging at most a fifth of 10% of their images; no shortcut kind), scored on every "
-          "kind; flagged clean: the clean network of seed 44")
+    print(f"\n== (b) thresholds from the clean networks {', '.join(CALIBRATION)} alone (each "
+          "sign flagging at most a fifth of 10% of their images; no shortcut kind), scored on "
+          "every kind; flagged clean: the most flagged of the other clean networks")
     print(table.round(3).to_string(index=False))
     table = calibrated_table(rows, leave_out=True)
     table.to_csv(RESULTS / "audit_loko_calibrated.csv", index=False)
