@@ -30,7 +30,7 @@ frame round the picture, dots scattered on the water, a tag large enough to be r
 to design a sign or choose a threshold, scored with the shipped rule like (1)'s kinds. Table in
 `results/audit_heldout.csv`.
 
-    .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~25 min on 2 busy cores
+    .venv/bin/python benchmarks/bench_audit.py --only kinds    # ~10 min on 2 quiet cores
 """
 
 from __future__ import annotations
