@@ -462,8 +462,8 @@ def canvas_rows() -> None:
             f"{m} " + " ".join(f"{v:.2f}" for v in part[sign])
             for m, part in per_class[~clean].groupby("model")))
     rows = with_cluster_numbers(pd.read_csv(RESULTS / KIND_ROWS))
-    rows = rows[rows["draw"] == DRAWS[0]].merge(per_class[["model", "kind", "class", "canvas"]],
-                                                how="left")
+    rows = rows[(rows["draw"] == DRAWS[0]) & rows["model"].isin(per_class["model"])].merge(
+        per_class[["model", "kind", "class", "canvas"]], how="left")  # the networks of `jobs`
     base = flags(rows, RULE)
     table = []
     for t in (0.3, 0.4, 0.5, 0.6, 0.7):

@@ -772,8 +772,9 @@ def copy_sign(images: pd.DataFrame, rule: dict = RULE) -> pd.Series:
 
 def content_reason(images: pd.DataFrame, cls: str) -> str:
     """Why the images of `cls` are flagged by `content_sign`."""
-    own = images.reindex(columns=["swapped", "swapped_chance"])[images["class"] == cls]
-    lift = content_lift(images)[images["class"] == cls].iloc[0]
+    own = images.reindex(columns=["swapped", "swapped_chance", "swapped_gain"])[
+        images["class"] == cls].assign(**{"class": cls})
+    lift = content_lift(own).iloc[0]
     return (f"Its map peaks on what {cls} images hold there and other classes' do not; "
             f"exchanged for another class's content where at least half the {cls} images hold "
             f"it, the rest kept as it was, {cls} images became that class "
@@ -802,10 +803,10 @@ def apply_rule(images: pd.DataFrame, clusters: pd.DataFrame, rule: dict = RULE
     """`images` and `clusters` (`cluster_numbers`) with `flagged` and `why` by `rule`: the
     images whose maps peak on what their class holds there, of a class whose content
     exchanged for others' makes those classes far more probable than other swaps do
-    (`content_sign`), or on a copy, of a
-    class that needs its copies (taken away, its probability falls beyond their controls:
-    `copy_sign`). A cluster is flagged when any of its images is; its `why` gives how many of
-    its images each reason flagged, and `look_for` what to look at."""
+    (`content_sign`), or on a copy, of a class that needs its copies (taken away, its
+    probability falls beyond their controls: `copy_sign`). A cluster is flagged when any of
+    its images is; its `why` gives how many of its images each reason flagged, and `look_for`
+    what to look at."""
     images, clusters = images.copy(), clusters.copy()
     signs = {"content": content_sign(images, rule), "copies": copy_sign(images, rule)}
     images["flagged"] = signs["content"] | signs["copies"]
